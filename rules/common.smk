@@ -1,0 +1,69 @@
+# Validation, the subject table, wildcard constraints, input functions and the one path helper.
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+# The library lives beside the workflow; make it importable when Snakemake runs without `pip install`.
+sys.path.insert(0, workflow.basedir)
+
+from virtual_contrast.atlas import ATLAS_FILES  # noqa: E402
+from virtual_contrast.subjects import SUBJECT_ID_PATTERN, flowchart_counts  # noqa: E402
+from virtual_contrast.workflow import BIDS_FILES, cohort_lesion_table, plan_study  # noqa: E402
+
+
+validate(config, "../virtual_contrast/schemas/config.schema.yaml")
+
+STUDY = plan_study(config)
+SUBJECTS = STUDY.subjects
+CHANNELS = ["T1w", "FLAIR", "ADC", "lowT1c", "refT1c"]
+# The atlas volumes on the working grid, as written by rule `atlas`.
+ATLAS = {key: f"results/atlas/{name}" for key, name in ATLAS_FILES.items()}
+
+
+wildcard_constraints:
+    subject=SUBJECT_ID_PATTERN,
+    channel="|".join(CHANNELS),
+    fold=r"\d+",
+    session=r"\d+",
+
+
+def sub(subject, step, name):
+    """Path of a per-subject file: results/sub-{subject}/{step}/sub-{subject}_{name}."""
+    return f"results/sub-{subject}/{step}/sub-{subject}_{name}"
+
+
+def get_raw(wildcards):
+    """The raw sequences of one subject (dict for unpack())."""
+    return STUDY.raw_inputs(wildcards.subject)
+
+
+def get_final_outputs():
+    outputs = [
+        "results/tables/exclusions.tsv",
+        "results/figures/flowchart.png",
+    ]
+    outputs += expand("results/sub-{subject}/sub-{subject}_qc.png", subject=SUBJECTS)
+    outputs += expand("results/sub-{subject}/provenance.json", subject=SUBJECTS)
+    if STUDY.embedded:
+        outputs.append("results/cohort/lesions.tsv")
+    return outputs
+
+
+def get_dwi(wildcards):
+    raw = STUDY.raw_inputs(wildcards.subject)
+    return {"dwi": raw["dwi"], "bval": raw["bval"]}
+
+
+def get_register_inputs(wildcards):
+    """Native sequences, and the image each is aligned with (the DWI's mean b0 stands in for the ADC)."""
+    raw = STUDY.raw_inputs(wildcards.subject)
+    adc = rules.adc.output
+    return {
+        "T1w": raw["t1"],
+        "FLAIR": raw["flair"],
+        "lowT1c": raw["low"],
+        "refT1c": raw["ref"],
+        "ADC": adc.adc.format(subject=wildcards.subject),
+        "b0": adc.b0.format(subject=wildcards.subject),
+    }

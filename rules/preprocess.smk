@@ -1,0 +1,95 @@
+# Per-subject pre-processing (paper, "Pre-processing"): ADC from DWI -> 12-DOF affine registration to the
+# ICBM 2009a atlas and one spline resampling onto its grid -> skull stripping -> crop -> percentile normalisation.
+
+
+rule adc:
+    input:
+        unpack(get_dwi),
+    output:
+        adc=sub("{subject}", "adc", "space-dwi_ADC.nii.gz"),
+        b0=sub("{subject}", "adc", "space-dwi_desc-b0_dwi.nii.gz"),
+    log:
+        "logs/adc/sub-{subject}.log",
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../workflow_scripts/adc.py"
+
+
+rule register:
+    input:
+        unpack(get_register_inputs),
+        atlas=rules.atlas.output,
+    output:
+        **{c: sub("{subject}", "register", f"space-ICBM09a_{c}.nii.gz") for c in CHANNELS},
+        transforms=expand(
+            sub("{{subject}}", "register", "from-{channel}_to-ICBM09a_xfm.txt"), channel=CHANNELS
+        ),
+        provenance=sub("{subject}", "register", "register.json"),
+    params:
+        backend=config["preprocess"]["register_backend"],
+        channels=CHANNELS,
+    threads: 2
+    resources:
+        mem_mb=4000,
+    log:
+        "logs/register/sub-{subject}.log",
+    conda:
+        "../envs/registration.yaml"
+    script:
+        "../workflow_scripts/register.py"
+
+
+rule skull_strip:
+    input:
+        t1=rules.register.output.T1w,
+        atlas_brain_mask=ATLAS["brain_mask"],
+    output:
+        mask=sub("{subject}", "skull_strip", "space-ICBM09a_desc-brain_mask.nii.gz"),
+        provenance=sub("{subject}", "skull_strip", "skull_strip.json"),
+    params:
+        backend=config["preprocess"]["skull_strip_backend"],
+        hdbet_weights=config["preprocess"]["hdbet_weights"],
+    log:
+        "logs/skull_strip/sub-{subject}.log",
+    conda:
+        "../envs/hdbet.yaml"
+    script:
+        "../workflow_scripts/skull_strip.py"
+
+
+rule crop:
+    input:
+        **{c: rules.register.output[c] for c in CHANNELS},
+        mask=rules.skull_strip.output.mask,
+        atlas_brain_mask=ATLAS["brain_mask"],
+    output:
+        **{c: sub("{subject}", "crop", f"desc-crop_{c}.nii.gz") for c in CHANNELS},
+        mask=sub("{subject}", "crop", "desc-brain_mask.nii.gz"),
+    params:
+        shape=config["grid"]["crop_shape"],
+        channels=CHANNELS,
+    log:
+        "logs/crop/sub-{subject}.log",
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../workflow_scripts/crop.py"
+
+
+rule normalize:
+    input:
+        **{c: rules.crop.output[c] for c in CHANNELS},
+        mask=rules.crop.output.mask,
+    output:
+        **{c: sub("{subject}", "normalize", f"desc-norm_{c}.nii.gz") for c in CHANNELS},
+        mask=sub("{subject}", "normalize", "desc-brain_mask.nii.gz"),
+    params:
+        percentiles=config["preprocess"]["normalize_percentiles"],
+        channels=CHANNELS,
+    log:
+        "logs/normalize/sub-{subject}.log",
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../workflow_scripts/normalize.py"

@@ -1,0 +1,36 @@
+"""Shared fixtures: the real public MRI files in ../shared/data, and small synthetic images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VC_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _require_shared() -> bool:
+    return os.environ.get("VC_REQUIRE_SHARED_DATA", "") == "1"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data; skips (or fails when VC_REQUIRE_SHARED_DATA=1) when it is absent."""
+    if not (SHARED_DATA / "SOURCES.md").exists():
+        msg = f"real MRI files not found at {SHARED_DATA} (set VC_SHARED_DATA to their folder)"
+        if _require_shared():
+            pytest.fail(msg + " and VC_REQUIRE_SHARED_DATA=1")
+        pytest.skip(msg)
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def atlas_masks(shared_data: Path) -> dict[str, Path]:
+    """The official ICBM 2009a brain and head masks (NIAK distribution)."""
+    folder = shared_data / "mni_icbm152_09a_sym_masks_niak"
+    return {
+        "brain_mask": folder / "mni_icbm152_t1_tal_nlin_sym_09a_mask.mnc.gz",
+        "head_mask": folder / "mni_icbm152_t1_tal_nlin_sym_09a_headmask.mnc.gz",
+    }

@@ -1,0 +1,141 @@
+"""Subjects table, BIDS discovery, exclusions and the train/test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from virtual_contrast.io import InputError
+from virtual_contrast.subjects import (
+    assign_split,
+    check_subject_id,
+    discover_bids,
+    flowchart_counts,
+    read_subjects_table,
+    select_exams,
+)
+from virtual_contrast.workflow import plan_cohort, plan_study
+
+SEQ_FILES = {
+    "t1": "anat/{p}_T1w.nii.gz",
+    "flair": "anat/{p}_FLAIR.nii.gz",
+    "low": "anat/{p}_ce-low_T1w.nii.gz",
+    "ref": "anat/{p}_ce-full_T1w.nii.gz",
+    "dwi": "dwi/{p}_dwi.nii.gz",
+    "bval": "dwi/{p}_dwi.bval",
+}
+
+
+def _touch_exam(root: Path, subject: str, session: str = "", skip: tuple[str, ...] = ()) -> None:
+    folder = root / f"sub-{subject}" / (f"ses-{session}" if session else "")
+    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    for key, pattern in SEQ_FILES.items():
+        if key in skip:
+            continue
+        path = folder / pattern.format(p=prefix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("bad", ["a/b", "..", "a..b", "sub_1", "x y", ""])
+def test_invalid_subject_ids_are_rejected_with_the_reason(bad):
+    with pytest.raises(InputError) as err:
+        check_subject_id(bad)
+    assert repr(bad) in str(err.value)
+    if "/" in bad:
+        assert "path separator" in str(err.value)
+    if ".." in bad:
+        assert "'..'" in str(err.value)
+
+
+def test_bids_discovery_keeps_the_earliest_exam_and_excludes_incomplete_ones(tmp_path):
+    _touch_exam(tmp_path, "p01")
+    _touch_exam(tmp_path, "p02", "01")
+    _touch_exam(tmp_path, "p02", "02")
+    _touch_exam(tmp_path, "p03", skip=("flair",))
+    _touch_exam(tmp_path, "p04", skip=("bval",))
+    exams = discover_bids(tmp_path)
+    assert len(exams) == 5
+    selection = select_exams(exams)
+    assert list(selection.included["subject"]) == ["p01", "p02"]
+    assert selection.included.set_index("subject").loc["p02", "session"] == "01"
+    reasons = selection.excluded.set_index("subject")["reason"].to_dict()
+    assert reasons["p02"].startswith("later visit (session 02)")
+    assert reasons["p03"] == "missing FLAIR"
+    assert reasons["p04"] == "missing DWI b-values"
+    assert flowchart_counts(selection) == [
+        ("exams", 5),
+        ("later visits excluded", 1),
+        ("patients (one exam each)", 4),
+        ("excluded: missing sequence", 2),
+        ("included patients", 2),
+    ]
+
+
+def test_subjects_table_resolves_paths_and_flags_absent_files(tmp_path):
+    _touch_exam(tmp_path, "p01")
+    table = tmp_path / "subjects.tsv"
+    rows = [
+        {"subject": "p01", **{k: f"sub-p01/{v.format(p='sub-p01')}" for k, v in SEQ_FILES.items()}},
+        {"subject": "p02", **{k: f"sub-p02/{v.format(p='sub-p02')}" for k, v in SEQ_FILES.items()}},
+    ]
+    pd.DataFrame(rows).to_csv(table, sep="\t", index=False)
+    exams = read_subjects_table(table)
+    assert Path(exams.loc[0, "t1"]).is_absolute()
+    selection = select_exams(exams)
+    assert list(selection.included["subject"]) == ["p01"]
+    assert selection.excluded.iloc[0]["reason"].startswith("missing T1w, FLAIR")
+
+
+def test_subjects_table_errors_name_the_file_and_the_problem(tmp_path):
+    table = tmp_path / "subjects.tsv"
+    pd.DataFrame([{"subject": "p01", "t1": "x"}]).to_csv(table, sep="\t", index=False)
+    with pytest.raises(InputError, match=r"subjects.tsv.*lacks column\(s\) flair"):
+        read_subjects_table(table)
+    pd.DataFrame([{"subject": "../etc", **dict.fromkeys(SEQ_FILES, "x")}]).to_csv(
+        table, sep="\t", index=False
+    )
+    with pytest.raises(InputError, match=r"'\.\./etc'.*subjects.tsv.*contains '\.\.'"):
+        read_subjects_table(table)
+
+
+def test_split_is_stable_when_subjects_are_added():
+    first = [f"s{i:03d}" for i in range(40)]
+    split = assign_split(first, test_fraction=0.25, seed=3)
+    more = assign_split(first + [f"t{i:03d}" for i in range(60)], test_fraction=0.25, seed=3)
+    assert all(more[s] == split[s] for s in first)
+    n_test = sum(v == "test" for v in more.values())
+    assert 10 <= n_test <= 40  # about a quarter of 100
+    assert assign_split(first, test_fraction=0.25, seed=4) != split
+
+
+def test_small_cohorts_hold_out_one_and_train_on_two():
+    for seed in range(20):
+        split = assign_split(["a", "b", "c"], test_fraction=0.25, seed=seed)
+        assert sorted(split.values()).count("test") >= 1
+        assert sorted(split.values()).count("train") >= 2
+
+
+def test_cohort_plan_is_deterministic_and_has_the_planned_exclusions():
+    plan = plan_cohort(10, 7, extra_visits=2, missing_sequence=3)
+    assert plan == plan_cohort(10, 7, extra_visits=2, missing_sequence=3)
+    assert len(plan) == 12
+    assert sum(bool(e.missing) for e in plan) == 3
+    assert sum(e.session == "02" for e in plan) == 2
+    config = {
+        "subjects": "",
+        "bids_dir": "",
+        "cohort": {"n_subjects": 10, "seed": 7, "extra_visits": 2, "missing_sequence": 3},
+        "split": {"test_fraction": 0.25, "seed": 1},
+    }
+    study = plan_study(config)
+    assert len(study.subjects) == 7
+    assert set(study.train_subjects) | set(study.test_subjects) == set(study.subjects)
+    assert len(study.selection.excluded) == 5
+    lacking = [e for e in plan if e.missing]
+    assert all(
+        Path(study.raw_inputs(s)["t1"]).name.endswith("_T1w.nii.gz") for s in study.subjects
+    )
+    assert not {e.subject for e in lacking} & set(study.subjects)

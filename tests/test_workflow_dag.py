@@ -1,0 +1,62 @@
+"""The workflow's DAG, config validation and lint, checked with real Snakemake dry runs (no job runs)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+from workflow_helpers import REPO, job_counts, snakemake
+
+PER_SUBJECT = ["adc", "register", "skull_strip", "crop", "normalize", "qc"]
+
+
+def test_default_config_has_one_job_per_subject_for_each_per_subject_rule(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    proc = snakemake(tmp_path, "-n", overlays=())
+    counts = job_counts(proc.stdout)
+    cohort = config["cohort"]
+    n_included = cohort["n_subjects"] - cohort["missing_sequence"]
+    for rule in PER_SUBJECT:
+        assert counts.get(rule) == n_included, (rule, counts)
+    assert counts["cohort"] == n_included  # only the complete, first exams are generated
+    assert counts["atlas"] == 1 and counts["exclusions"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overlay", "key"),
+    [
+        ({"grid": {"voxel_mm": -1}}, "voxel_mm"),
+        ({"preprocess": {"register_backend": "ants"}}, "register_backend"),
+        ({"grid": {"crop_shape": [40, 48]}}, "crop_shape"),
+        ({"trian": {"epochs": 3}}, "trian"),
+    ],
+)
+def test_invalid_config_stops_before_any_job_and_names_the_key(tmp_path, overlay, key):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(overlay))
+    proc = snakemake(tmp_path, "-n", overlays=("tests/tiny.yaml", bad), check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert key in out
+    assert "Job stats" not in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_subject_id_with_path_separator_stops_the_run_naming_it(tmp_path):
+    table = tmp_path / "subjects.tsv"
+    row = {"subject": "a/../b", "t1": "t1.nii.gz", "flair": "f.nii.gz", "dwi": "d.nii.gz",
+           "bval": "d.bval", "low": "l.nii.gz", "ref": "r.nii.gz"}
+    pd.DataFrame([row]).to_csv(table, sep="\t", index=False)
+    overlay = tmp_path / "data.yaml"
+    overlay.write_text(yaml.safe_dump({"subjects": str(table)}))
+    proc = snakemake(tmp_path, "-n", overlays=("tests/tiny.yaml", overlay), check=False)
+    assert proc.returncode != 0
+    assert "invalid subject id" in proc.stderr + proc.stdout
+    assert "'a/../b'" in proc.stderr + proc.stdout
+
+
+def test_lint_reports_nothing_serious(tmp_path):
+    proc = snakemake(tmp_path, "--lint", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Lints for rule" not in out, out

@@ -1,0 +1,50 @@
+"""Run the real Snakemake workflow of this repository in a temporary working directory."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(
+    workdir: Path, *args: str, overlays: tuple[str | Path, ...] = ("tests/tiny.yaml",), check: bool = True
+) -> subprocess.CompletedProcess:
+    """``snakemake -s REPO/Snakefile --directory WORKDIR --configfile config.yaml [overlays] ARGS``."""
+    configfiles = [str(REPO / "config.yaml")]
+    configfiles += [str(o) if Path(o).is_absolute() else str(REPO / o) for o in overlays]
+    cmd = [
+        *SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        *configfiles,
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table (dry run or real run) into {rule: count}."""
+    counts: dict[str, int] = {}
+    block = output.split("Job stats:", 1)[-1]
+    for line in block.splitlines()[2:]:
+        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+        if not m:
+            if counts:
+                break
+            continue
+        if m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts

@@ -1,0 +1,170 @@
+"""Figures of the evaluation: the mean ROC curves with a 95 % band (paper, Figure 5) and a per-subject montage
+of the inputs, the prediction and the reference (paper, Figure 4).
+
+Matplotlib runs headless (Agg) and every figure is written atomically (temporary file beside, then renamed).
+Montages assume arrays in RAS voxel order (our atlas space): axial slices are ``[:, :, k]``, shown with anterior
+up and the subject's right on the viewer's left (radiological convention, as radiologists read).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from virtual_contrast.io import InputError, atomic_path  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+#: Column order and titles of the Figure-4 montage.
+MONTAGE_COLUMNS = (
+    ("t1", "T1"),
+    ("flair", "FLAIR"),
+    ("adc", "ADC"),
+    ("low", "low-T1c"),
+    ("vir", "vir-T1c"),
+    ("ref", "ref-T1c"),
+)
+MODALITY_LABELS = {"low": "low-T1c", "vir": "vir-T1c", "ref": "ref-T1c"}
+MODALITY_COLORS = {"low": "tab:orange", "vir": "tab:blue"}
+
+
+def _save(fig: plt.Figure, path: Path | str, *, dpi: int = 150) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
+def mean_roc(curves: pd.DataFrame, *, confidence: float = 0.95) -> pd.DataFrame:
+    """Point-wise mean TPR across subjects per (modality, fpr), with a Student-t confidence band.
+
+    ``curves`` has columns subject, modality, fpr, tpr with every subject on the same FPR grid (as
+    :func:`virtual_contrast.evaluate.metrics.evaluate_subject` writes them). The band is mean ± t·sd/√n,
+    clipped to [0, 1]; with one subject it collapses onto the mean.
+    """
+    missing = {"subject", "modality", "fpr", "tpr"} - set(curves.columns)
+    if missing:
+        raise InputError(f"ROC table lacks columns {sorted(missing)}")
+    g = curves.groupby(["modality", "fpr"])["tpr"]
+    out = g.agg(["mean", "std", "count"]).reset_index()
+    tcrit = stats.t.ppf(0.5 + confidence / 2, np.maximum(out["count"] - 1, 1))
+    half = np.where(out["count"] > 1, tcrit * out["std"].fillna(0) / np.sqrt(out["count"]), 0.0)
+    out["low"] = np.clip(out["mean"] - half, 0, 1)
+    out["high"] = np.clip(out["mean"] + half, 0, 1)
+    return out.rename(columns={"mean": "tpr", "count": "n"}).drop(columns="std")
+
+
+def plot_mean_roc(
+    curves: pd.DataFrame,
+    path: Path | str,
+    *,
+    metrics: pd.DataFrame | None = None,
+    modalities: Sequence[str] = ("low", "vir"),
+    youden_modality: str = "vir",
+) -> Path:
+    """Figure 5: mean ROC curve of each modality with its 95 % band, AUC in the legend, Youden point marked.
+
+    The legend's AUC is mean ± sd of the per-subject AUCs when ``metrics`` (the voxel metrics table) is given,
+    else the area under the mean curve. The Youden point is the one of the mean ``youden_modality`` curve.
+    """
+    table = mean_roc(curves)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for modality in modalities:
+        sub = table[table["modality"] == modality].sort_values("fpr")
+        if sub.empty:
+            continue
+        label = MODALITY_LABELS.get(modality, modality)
+        if metrics is not None and (metrics["modality"] == modality).any():
+            auc = metrics.loc[metrics["modality"] == modality, "auc"]
+            label += f" (AUC {100 * auc.mean():.1f} ± {100 * auc.std(ddof=1) if len(auc) > 1 else 0:.1f} %)"
+        else:
+            label += f" (AUC of mean curve {100 * np.trapezoid(sub['tpr'], sub['fpr']):.1f} %)"
+        color = MODALITY_COLORS.get(modality)
+        ax.plot(sub["fpr"], sub["tpr"], color=color, label=label)
+        ax.fill_between(sub["fpr"], sub["low"], sub["high"], color=color, alpha=0.25, linewidth=0)
+        if modality == youden_modality:
+            i = int(np.argmax(sub["tpr"].to_numpy() - sub["fpr"].to_numpy()))
+            fpr, tpr = float(sub["fpr"].iloc[i]), float(sub["tpr"].iloc[i])
+            ax.plot([fpr], [tpr], "o", color="black")
+            ax.annotate(
+                f"Youden: SE {100 * tpr:.1f} %, SP {100 * (1 - fpr):.1f} %",
+                (fpr, tpr),
+                xytext=(fpr + 0.08, tpr - 0.12),
+                arrowprops={"arrowstyle": "-", "color": "black"},
+            )
+    ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=1)
+    n = curves["subject"].nunique()
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        xlabel="1 - specificity (voxel-wise)",
+        ylabel="sensitivity (voxel-wise)",
+        title=f"Mean ROC over {n} test subjects (95 % band)",
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def select_axial_slice(ref: np.ndarray, pre: np.ndarray, mask: np.ndarray) -> int:
+    """Axial slice (last axis) with the most reference enhancement in the brain; the mask's largest slice
+    when nothing enhances."""
+    mask = np.asarray(mask) > 0
+    enh = np.clip(np.asarray(ref, dtype=np.float32) - np.asarray(pre, dtype=np.float32), 0, None) * mask
+    per_slice = enh.sum(axis=(0, 1))
+    if per_slice.max() > 0:
+        return int(np.argmax(per_slice))
+    return int(np.argmax(mask.sum(axis=(0, 1))))
+
+
+def plot_montage(
+    images: Mapping[str, np.ndarray],
+    path: Path | str,
+    *,
+    slice_index: int | None = None,
+    mask: np.ndarray | None = None,
+    title: str | None = None,
+) -> Path:
+    """Figure 4 for one subject: one axial slice of T1, FLAIR, ADC, low, vir and ref side by side.
+
+    ``images`` maps keys of :data:`MONTAGE_COLUMNS` (t1, flair, adc, low, vir, ref) to 3D arrays on one grid;
+    missing keys are left out. Intensities are shown on [0, 1] (normalised images); ADC on its own 1st-99th
+    percentile window. The slice defaults to :func:`select_axial_slice` (needs t1 and ref).
+    """
+    present = [(k, label) for k, label in MONTAGE_COLUMNS if k in images]
+    if not present:
+        raise InputError(f"no image to show; expected some of {[k for k, _ in MONTAGE_COLUMNS]}")
+    shapes = {k: np.shape(images[k]) for k, _ in present}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 3:
+        raise InputError(f"montage images must be 3D arrays on one grid, got shapes {shapes}")
+    shape = next(iter(shapes.values()))
+    if mask is None:
+        mask = np.ones(shape, dtype=bool)
+    if slice_index is None:
+        if "ref" in images and "t1" in images:
+            slice_index = select_axial_slice(images["ref"], images["t1"], mask)
+        else:
+            slice_index = shape[2] // 2
+    fig, axes = plt.subplots(1, len(present), figsize=(2.2 * len(present), 2.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], present, strict=True):
+        # Transpose so rows run posterior→anterior; flip x so the subject's right is on the viewer's left.
+        plane = np.asarray(images[key][:, :, slice_index], dtype=np.float32).T[::-1, ::-1]
+        if key == "adc":
+            vmin, vmax = np.percentile(plane, [1, 99]) if np.ptp(plane) > 0 else (0.0, 1.0)
+        else:
+            vmin, vmax = 0.0, 1.0
+        ax.imshow(plane, cmap="gray", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1, origin="upper")
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    axes[0][0].text(0.02, 0.5, "R", color="yellow", transform=axes[0][0].transAxes, fontsize=8)
+    fig.suptitle(f"{title + ': ' if title else ''}axial slice {slice_index}", fontsize=10)
+    return _save(fig, path)

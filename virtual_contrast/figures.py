@@ -1,0 +1,108 @@
+"""Figures of the cohort and of the per-subject pre-processing (fMRIPrep-style reportlets, as PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from virtual_contrast.io import atomic_path  # noqa: E402
+
+
+def save_figure(fig: plt.Figure, path: Path | str, dpi: int = 110) -> Path:
+    """Save and close ``fig`` atomically (PNG)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_flowchart(counts: list[tuple[str, int]], path: Path | str) -> Path:
+    """A flow chart of the exam counts through the exclusions, like the paper's Figure 2.
+
+    ``counts`` alternates main boxes and exclusion boxes: (exams, excluded, patients, excluded, included).
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 1.3 * len(counts)))
+    ax.set_axis_off()
+    main = [c for i, c in enumerate(counts) if i % 2 == 0]
+    side = [c for i, c in enumerate(counts) if i % 2 == 1]
+    ys = np.linspace(0.9, 0.1, len(main))
+    box = {"boxstyle": "round,pad=0.5", "fc": "#e8f0fb", "ec": "#2b5d9b"}
+    for y, (label, n) in zip(ys, main, strict=True):
+        ax.text(0.3, y, f"{label}\nn = {n}", ha="center", va="center", fontsize=11, bbox=box)
+    for i, (label, n) in enumerate(side):
+        y_mid = (ys[i] + ys[i + 1]) / 2
+        ax.annotate("", xy=(0.3, ys[i + 1] + 0.06), xytext=(0.3, ys[i] - 0.06),
+                    arrowprops={"arrowstyle": "->", "color": "#2b5d9b"})
+        ax.annotate("", xy=(0.58, y_mid), xytext=(0.3, y_mid),
+                    arrowprops={"arrowstyle": "->", "color": "#9b2b2b"})
+        ax.text(0.78, y_mid, f"{label}\nn = {n}", ha="center", va="center", fontsize=10,
+                bbox={"boxstyle": "round,pad=0.4", "fc": "#fbe8e8", "ec": "#9b2b2b"})
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("Exams and exclusions", fontsize=12)
+    return save_figure(fig, path)
+
+
+def _mid_slices(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
+    """Sagittal, coronal, axial slices through ``centre``, oriented for display (RAS arrays)."""
+    i, j, k = centre
+    return [volume[i, :, :].T, volume[:, j, :].T, volume[:, :, k].T]
+
+
+def _robust_limits(volume: np.ndarray) -> tuple[float, float]:
+    values = volume[volume > 0]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(values, [1, 99.5])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def plot_subject_qc(
+    *,
+    t1: np.ndarray,
+    atlas_brain: np.ndarray,
+    brain_mask: np.ndarray,
+    channels: dict[str, np.ndarray],
+    subject: str,
+    backends: dict[str, str],
+    path: Path | str,
+) -> Path:
+    """One PNG per subject: registered T1 with the atlas brain contour (registration), the brain-mask outline on
+    the T1 (skull stripping), and the normalised channels side by side (axial mid-slice of the crop).
+    """
+    centre = tuple(int(c) for c in np.round(np.argwhere(atlas_brain > 0.5).mean(axis=0)))
+    n_chan = len(channels)
+    fig, axes = plt.subplots(3, max(3, n_chan), figsize=(2.6 * max(3, n_chan), 8.2))
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    lo, hi = _robust_limits(t1)
+    views = ("sagittal", "coronal", "axial")
+    for col, (img, atl, msk, view) in enumerate(
+        zip(_mid_slices(t1, centre), _mid_slices(atlas_brain, centre), _mid_slices(brain_mask, centre), views,
+            strict=True)
+    ):
+        ax = axes[0, col]
+        ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        ax.contour(atl, levels=[0.5], colors="#ff5050", linewidths=0.9)
+        ax.set_title(f"registration, {view}", fontsize=9)
+        ax = axes[1, col]
+        ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        ax.contour(msk, levels=[0.5], colors="#40c0ff", linewidths=0.9)
+        ax.set_title(f"brain mask, {view}", fontsize=9)
+    for col, (name, vol) in enumerate(channels.items()):
+        k = vol.shape[2] // 2
+        ax = axes[2, col]
+        ax.imshow(vol[:, :, k].T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        ax.set_title(f"{name} (normalised)", fontsize=9)
+    info = ", ".join(f"{k}: {v}" for k, v in backends.items())
+    fig.suptitle(
+        f"sub-{subject}  |  red: atlas brain outline on the registered T1; blue: brain mask  |  {info}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,146 @@
+"""Image I/O with validation and atomic writes.
+
+Every reader names the subject and the file in its error, so that a bad input in a cohort of hundreds is found
+at once; every writer writes to a temporary file in the destination folder and renames it, so that an
+interrupted job never leaves a half-written output that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+
+class InputError(ValueError):
+    """A problem with a user-provided input, naming the subject and the file."""
+
+    def __init__(self, message: str, *, subject: str | None = None, path: Path | str | None = None):
+        self.subject = subject
+        self.path = None if path is None else Path(path)
+        where = []
+        if subject is not None:
+            where.append(f"subject {subject!r}")
+        if path is not None:
+            where.append(f"file {str(path)!r}")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+def load_image(
+    path: Path | str,
+    *,
+    subject: str | None = None,
+    ndim: int | None = 3,
+    allow_nan: bool = False,
+) -> nib.Nifti1Image:
+    """Load a NIfTI (or MINC) image, fully decoding its data, and check it.
+
+    Raises :class:`InputError` for a missing file, a file that cannot be decoded (truncated gzip or header),
+    the wrong number of dimensions, or non-finite voxels. The data are read eagerly so that truncation is
+    detected here and not in the middle of a computation.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file not found", subject=subject, path=path)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
+        raise InputError(
+            f"cannot be read as an image (truncated or corrupt?): {exc}", subject=subject, path=path
+        ) from exc
+    # Drop trailing singleton dimensions (some converters write X×Y×Z×1).
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if ndim is not None and data.ndim != ndim:
+        raise InputError(
+            f"expected a {ndim}D image, got {data.ndim}D with shape {tuple(data.shape)}",
+            subject=subject,
+            path=path,
+        )
+    data = np.asarray(data, dtype=np.float32)
+    if not allow_nan:
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raise InputError(
+                f"{int(bad.sum())} voxels are NaN or infinite", subject=subject, path=path
+            )
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError("has no valid voxel-to-world affine", subject=subject, path=path)
+    return nib.Nifti1Image(data, affine)
+
+
+def load_array(path: Path | str, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Load an image as (float32 data, 4×4 affine); see :func:`load_image`."""
+    img = load_image(path, **kwargs)
+    return np.asanyarray(img.dataobj, dtype=np.float32), img.affine
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Keep the full suffix (.nii.gz) so that writers that dispatch on it still work.
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_image(
+    data: np.ndarray, affine: np.ndarray, path: Path | str, *, dtype: Any = np.float32
+) -> Path:
+    """Write ``data`` with ``affine`` as NIfTI, atomically. Returns ``path``."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def write_text(text: str, path: Path | str) -> Path:
+    """Write text atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json(obj: Any, path: Path | str) -> Path:
+    """Write JSON (indented, sorted keys) atomically."""
+    return write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", path)
+
+
+def write_table(df: Any, path: Path | str) -> Path:
+    """Write a pandas DataFrame as TSV atomically (no index)."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep="\t", index=False)
+    return Path(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

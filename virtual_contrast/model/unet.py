@@ -1,0 +1,188 @@
+"""The paper's full-resolution 3D UNet (Ammari, Bône et al. 2021, Fig. 3; Bône et al. ISBI 2021).
+
+Level ``l`` (0 = full resolution) has ``width * 2**l`` feature maps. The contracting path alternates
+kernel-3 convolutions with kernel-2 stride-2 convolutions (the down-sampling is learnt, no pooling); the
+expanding path alternates kernel-2 stride-2 transposed convolutions with kernel-3 convolutions. Each level has
+a short additive (residual) skip around two kernel-3 convolutions, and every encoder level is concatenated onto
+the decoder level of the same resolution (long skip). LeakyReLU(0.2) follows every convolution; a 1×1×1
+convolution and a sigmoid give the output in [0, 1], the range of the normalised reference T1c.
+
+With 4 inputs, width 16 and depth 5 this network has 7.8 M parameters and costs 0.81 TFLOP per forward pass at
+160×192×160 (DESIGN §7; :func:`count_flops`). There is no normalisation layer: the paper names none, and the
+inputs are already mapped to [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from virtual_contrast.io import InputError
+
+NEGATIVE_SLOPE = 0.2
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """Everything needed to rebuild a :class:`UNet3D` (stored in every checkpoint)."""
+
+    in_channels: int = 4
+    width: int = 16
+    depth: int = 5
+    out_channels: int = 1
+    negative_slope: float = NEGATIVE_SLOPE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _conv3(cin: int, cout: int) -> nn.Conv3d:
+    return nn.Conv3d(cin, cout, kernel_size=3, padding=1)
+
+
+class ResidualBlock(nn.Module):
+    """``act(x + conv(act(conv(x))))``: the short additive skip inside a level."""
+
+    def __init__(self, channels: int, negative_slope: float):
+        super().__init__()
+        self.conv1 = _conv3(channels, channels)
+        self.conv2 = _conv3(channels, channels)
+        self.act = nn.LeakyReLU(negative_slope, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv1(x))
+        return self.act(x + self.conv2(h))
+
+
+class EncoderLevel(nn.Module):
+    """Entry (kernel-3 convolution at level 0, kernel-2 stride-2 convolution below) then a residual block."""
+
+    def __init__(self, cin: int, cout: int, *, downsample: bool, negative_slope: float):
+        super().__init__()
+        if downsample:
+            self.entry = nn.Conv3d(cin, cout, kernel_size=2, stride=2)
+        else:
+            self.entry = _conv3(cin, cout)
+        self.act = nn.LeakyReLU(negative_slope, inplace=True)
+        self.block = ResidualBlock(cout, negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.act(self.entry(x)))
+
+
+class DecoderLevel(nn.Module):
+    """Transposed convolution up, concatenation with the encoder's map, kernel-3 fusion, residual block."""
+
+    def __init__(self, cin: int, cout: int, *, negative_slope: float):
+        super().__init__()
+        self.up = nn.ConvTranspose3d(cin, cout, kernel_size=2, stride=2)
+        self.fuse = _conv3(2 * cout, cout)
+        self.act = nn.LeakyReLU(negative_slope, inplace=True)
+        self.block = ResidualBlock(cout, negative_slope)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        up = self.act(self.up(x))
+        return self.block(self.act(self.fuse(torch.cat([up, skip], dim=1))))
+
+
+class UNet3D(nn.Module):
+    """Residual 3D UNet mapping ``(N, in_channels, X, Y, Z)`` to ``(N, out_channels, X, Y, Z)`` in [0, 1].
+
+    Every spatial size must be a multiple of ``2 ** (depth - 1)`` (see :func:`check_grid`).
+    """
+
+    def __init__(self, spec: UNetSpec | None = None, **kwargs):
+        super().__init__()
+        spec = spec if spec is not None else UNetSpec(**kwargs)
+        if spec.depth < 1 or spec.width < 1 or spec.in_channels < 1 or spec.out_channels < 1:
+            raise ValueError(f"invalid UNet specification: {spec}")
+        self.spec = spec
+        widths = [spec.width * 2**level for level in range(spec.depth)]
+        slope = spec.negative_slope
+        self.encoders = nn.ModuleList(
+            EncoderLevel(
+                spec.in_channels if level == 0 else widths[level - 1],
+                widths[level],
+                downsample=level > 0,
+                negative_slope=slope,
+            )
+            for level in range(spec.depth)
+        )
+        self.decoders = nn.ModuleList(
+            DecoderLevel(widths[level + 1], widths[level], negative_slope=slope)
+            for level in range(spec.depth - 1)
+        )
+        self.head = nn.Conv3d(widths[0], spec.out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != self.spec.in_channels:
+            raise ValueError(
+                f"UNet3D expects (N, {self.spec.in_channels}, X, Y, Z), got {tuple(x.shape)}"
+            )
+        check_grid(tuple(x.shape[2:]), self.spec.depth)
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+        x = skips.pop()
+        for level in reversed(range(self.spec.depth - 1)):
+            x = self.decoders[level](x, skips.pop())
+        return torch.sigmoid(self.head(x))
+
+
+def max_depth_for_grid(shape: Sequence[int]) -> int:
+    """The deepest UNet that a grid allows: 1 + the smallest power of 2 dividing every dimension."""
+    depth = 1
+    while all(s % 2**depth == 0 and s // 2**depth >= 1 for s in shape):
+        depth += 1
+    return depth
+
+
+def check_grid(shape: Sequence[int], depth: int) -> None:
+    """Raise :class:`InputError` if a UNet of ``depth`` levels cannot process a grid of ``shape``.
+
+    Each of the ``depth - 1`` stride-2 convolutions halves the grid, and each transposed convolution doubles it,
+    so the output matches the input only when every dimension is a multiple of ``2 ** (depth - 1)``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3:
+        raise InputError(f"the UNet needs a 3D grid, got shape {shape}")
+    factor = 2 ** (depth - 1)
+    bad = sorted({s for s in shape if s % factor != 0 or s < factor})
+    if not bad:
+        return
+    grid = "×".join(map(str, shape))
+    nearest = "×".join(str(max(factor, round(s / factor) * factor)) for s in shape)
+    raise InputError(
+        f"a depth-{depth} UNet cannot process a {grid} grid: every dimension must be a positive multiple of "
+        f"2**(depth-1) = {factor} ({' and '.join(map(str, bad))} {'is' if len(bad) == 1 else 'are'} not). Crop or pad to e.g. {nearest}, "
+        f"or use depth <= {max_depth_for_grid(shape)}."
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_flops(spec: UNetSpec, shape: Sequence[int], batch: int = 1, backward: bool = False) -> int:
+    """FLOPs (2 per multiply-add, torch's FLOP counter) of one pass at ``shape``, on the meta device.
+
+    Counted without allocating memory, so the full 160×192×160 grid is cheap to count anywhere. With
+    ``backward`` the count covers forward plus backward (about 3× forward), the cost of one training step.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    check_grid(shape, spec.depth)
+    with torch.device("meta"):
+        model = UNet3D(spec)
+        x = torch.zeros(batch, spec.in_channels, *shape)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        y = model(x)
+        if backward:
+            y.sum().backward()
+    return int(counter.get_total_flops())

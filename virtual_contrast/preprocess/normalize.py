@@ -1,0 +1,83 @@
+"""Intensity normalisation to [0, 1], as in the paper: clip at the 1st/99th percentiles, map linearly.
+
+The percentiles are taken over brain voxels only (the mask), so the amount of background in the crop does not
+move them. Voxels outside the brain are set to 0: they were already zeroed by the skull stripping, and 0 is
+also where the lowest brain intensity maps, so the network sees no step at the brain outline.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from virtual_contrast.io import InputError, load_image, save_image
+
+log = logging.getLogger(__name__)
+
+
+def normalize(
+    data: np.ndarray, mask: np.ndarray, low: float = 1.0, high: float = 99.0
+) -> np.ndarray:
+    """``data`` clipped to its [``low``, ``high``] percentiles over ``mask`` > 0, mapped to [0, 1], 0 outside.
+
+    Raises :class:`InputError` when the mask is empty or the brain intensities are constant (there is no
+    range to map: a blank or corrupted image).
+    """
+    if not 0.0 <= low < high <= 100.0:
+        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
+    data = np.asarray(data, dtype=np.float32)
+    brain = np.asarray(mask) > 0
+    if brain.shape != data.shape:
+        raise InputError(f"mask shape {brain.shape} differs from image shape {data.shape}")
+    if not brain.any():
+        raise InputError("the brain mask is empty")
+    values = data[brain]
+    lo, hi = np.percentile(values, [low, high])
+    if not hi > lo:
+        raise InputError(
+            f"the image is constant inside the brain mask ({lo:g} at both the {low:g}th and the "
+            f"{high:g}th percentile): nothing to normalise"
+        )
+    out = (np.clip(data, lo, hi) - lo) / (hi - lo)
+    out[~brain] = 0.0
+    return out.astype(np.float32)
+
+
+def normalize_image(
+    image: Path | str,
+    mask: Path | str,
+    out: Path | str,
+    *,
+    low: float = 1.0,
+    high: float = 99.0,
+    subject: str | None = None,
+) -> dict:
+    """File version of :func:`normalize`; returns the percentile values used (provenance)."""
+    img = load_image(image, subject=subject)
+    mask_img = load_image(mask, subject=subject)
+    data = np.asanyarray(img.dataobj)
+    brain = np.asanyarray(mask_img.dataobj) > 0.5
+    if brain.shape != data.shape or not np.allclose(img.affine, mask_img.affine, atol=1e-3):
+        raise InputError(
+            f"the mask (shape {brain.shape}) is not on the image grid (shape {data.shape})",
+            subject=subject,
+            path=mask,
+        )
+    try:
+        result = normalize(data, brain, low=low, high=high)
+    except InputError as exc:
+        raise InputError(str(exc), subject=subject, path=image) from exc
+    lo, hi = np.percentile(data[brain], [low, high])
+    save_image(result, img.affine, out)
+    log.info(
+        "%snormalised %s: [%g, %g] (percentiles %g, %g) -> [0, 1]",
+        f"{subject}: " if subject else "",
+        Path(image).name,
+        lo,
+        hi,
+        low,
+        high,
+    )
+    return {"low_percentile": low, "high_percentile": high, "low_value": float(lo), "high_value": float(hi)}

@@ -1,0 +1,195 @@
+"""The exams of a study: a subjects table or a BIDS-like folder, and the paper's exclusion rules.
+
+One row per *exam* (a subject's session). The paper keeps one exam per patient (the earliest; later visits are
+excluded) and excludes exams that lack any of DWI, FLAIR, T1, low-dose T1c and full-dose T1c. Every exclusion
+keeps its reason, for ``results/tables/exclusions.tsv`` and the flow chart (the paper's Figure 2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from virtual_contrast.io import InputError
+
+#: Subject ids become file-name entities (``sub-{id}_...``): BIDS labels, letters and digits only, so no path
+#: separator, no ``..`` and no ``_`` that would break the entity parsing.
+SUBJECT_ID_PATTERN = r"[A-Za-z0-9]+"
+_SUBJECT_ID = re.compile(rf"^{SUBJECT_ID_PATTERN}$")
+
+#: Sequence columns of the subjects table, in the order of the paper's inputs.
+SEQUENCES = ("t1", "flair", "dwi", "bval", "low", "ref")
+SEQUENCE_LABELS = {
+    "t1": "T1w",
+    "flair": "FLAIR",
+    "dwi": "DWI",
+    "bval": "DWI b-values",
+    "low": "low-dose T1c",
+    "ref": "full-dose T1c",
+}
+#: BIDS-like file patterns (relative to ``sub-X[/ses-Y]``), keyed by sequence column.
+BIDS_PATTERNS = {
+    "t1": "anat/*_T1w.nii*",
+    "flair": "anat/*_FLAIR.nii*",
+    "low": "anat/*_ce-low_T1w.nii*",
+    "ref": "anat/*_ce-full_T1w.nii*",
+    "dwi": "dwi/*_dwi.nii*",
+    "bval": "dwi/*_dwi.bval",
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Included exams (one row per subject) and excluded exams with their reason."""
+
+    included: pd.DataFrame
+    excluded: pd.DataFrame
+    n_exams: int
+    n_patients: int
+
+
+def check_subject_id(subject: str, *, source: str | Path | None = None) -> str:
+    """Return ``subject`` if it is a valid id, else raise an :class:`InputError` saying why."""
+    subject = str(subject)
+    if not _SUBJECT_ID.match(subject):
+        why = "contains a path separator" if ("/" in subject or "\\" in subject) else ""
+        if ".." in subject:
+            why = "contains '..'"
+        why = why or "must be letters and digits only (BIDS label)"
+        raise InputError(f"invalid subject id ({why})", subject=subject, path=source)
+    return subject
+
+
+def discover_bids(root: Path | str) -> pd.DataFrame:
+    """One row per exam found under ``root`` (``sub-*/[ses-*/]anat|dwi``); missing sequences are empty."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("BIDS folder not found", path=root)
+    rows = []
+    for sub_dir in sorted(root.glob("sub-*")):
+        if not sub_dir.is_dir():
+            continue
+        subject = check_subject_id(sub_dir.name[4:], source=sub_dir)
+        sessions = sorted(p for p in sub_dir.glob("ses-*") if p.is_dir()) or [sub_dir]
+        for ses_dir in sessions:
+            row = {"subject": subject, "session": ses_dir.name[4:] if ses_dir != sub_dir else ""}
+            for column, pattern in BIDS_PATTERNS.items():
+                found = sorted(ses_dir.glob(pattern))
+                row[column] = str(found[0]) if found else ""
+            rows.append(row)
+    if not rows:
+        raise InputError("no sub-* folders found", path=root)
+    return pd.DataFrame(rows)
+
+
+def read_subjects_table(path: Path | str) -> pd.DataFrame:
+    """Read a subjects TSV; relative file paths are taken relative to the table's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("subjects table not found", path=path)
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    missing = [c for c in ("subject", *SEQUENCES) if c not in table.columns]
+    if missing:
+        raise InputError(f"subjects table lacks column(s) {', '.join(missing)}", path=path)
+    if "session" not in table.columns:
+        table["session"] = ""
+    for subject in table["subject"]:
+        check_subject_id(subject, source=path)
+    for column in SEQUENCES:
+        table[column] = [
+            str(p if not p or Path(p).is_absolute() else path.parent / p) for p in table[column]
+        ]
+    return table
+
+
+def select_exams(exams: pd.DataFrame, *, check_files: bool = True) -> Selection:
+    """Apply the paper's exclusions: missing sequences first, then one exam per patient (the earliest).
+
+    ``check_files`` also treats a listed but absent file as missing (off for the embedded cohort, whose files
+    are made by the workflow). Sessions sort as strings, so use sortable labels (``01``, ``02`` or dates).
+    """
+    exams = exams.copy()
+    for subject in exams["subject"]:
+        check_subject_id(subject)
+    if "session" not in exams.columns:
+        exams["session"] = ""
+    n_exams, n_patients = len(exams), exams["subject"].nunique()
+    excluded = []
+
+    def missing_of(row) -> list[str]:
+        return [
+            SEQUENCE_LABELS[c]
+            for c in SEQUENCES
+            if not row[c] or (check_files and not Path(row[c]).exists())
+        ]
+
+    # One exam per patient: the earliest session is the patient's exam (the paper excluded later visits).
+    keep = []
+    for _, group in exams.sort_values(["subject", "session"]).groupby("subject", sort=True):
+        first, later = group.iloc[0], group.iloc[1:]
+        for _, row in later.iterrows():
+            excluded.append(
+                {
+                    "subject": row["subject"],
+                    "session": row["session"],
+                    "step": "later visit",
+                    "reason": f"later visit (session {row['session']}); kept session {first['session']}",
+                }
+            )
+        missing = missing_of(first)
+        if missing:
+            excluded.append(
+                {
+                    "subject": first["subject"],
+                    "session": first["session"],
+                    "step": "missing sequence",
+                    "reason": "missing " + ", ".join(missing),
+                }
+            )
+        else:
+            keep.append(first)
+    included = pd.DataFrame(keep).reset_index(drop=True) if keep else exams.iloc[:0].copy()
+    excluded_df = pd.DataFrame(excluded, columns=["subject", "session", "step", "reason"])
+    return Selection(included, excluded_df, n_exams=n_exams, n_patients=n_patients)
+
+
+def flowchart_counts(selection: Selection) -> list[tuple[str, int]]:
+    """The boxes of the flow chart, top to bottom: (label, count)."""
+    ex = selection.excluded
+    n_later = int((ex["step"] == "later visit").sum())
+    n_missing = int((ex["step"] == "missing sequence").sum())
+    return [
+        ("exams", selection.n_exams),
+        ("later visits excluded", n_later),
+        ("patients (one exam each)", selection.n_patients),
+        ("excluded: missing sequence", n_missing),
+        ("included patients", len(selection.included)),
+    ]
+
+
+def assign_split(subjects: list[str], *, test_fraction: float, seed: int) -> dict[str, str]:
+    """Hold out about ``test_fraction`` of subjects as ``test``, the rest ``train``.
+
+    Each subject's split depends only on (seed, subject id), through a hash mapped to [0, 1): adding subjects
+    never moves an existing one between train and test, so a held-out subject stays held out (the paper kept its
+    test set untouched until everything was fixed). With few subjects the fraction is approximate; at least
+    one subject is held out and at least two are kept for training when there are three or more.
+    """
+    import hashlib
+
+    def u(subject: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{subject}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    scores = {s: u(s) for s in subjects}
+    split = {s: ("test" if scores[s] < test_fraction else "train") for s in subjects}
+    ranked = sorted(subjects, key=scores.get)
+    if len(subjects) >= 3 and test_fraction > 0:
+        if "test" not in split.values():
+            split[ranked[0]] = "test"
+        while sum(v == "train" for v in split.values()) < 2:
+            split[max((s for s in subjects if split[s] == "test"), key=scores.get)] = "train"
+    return split

@@ -1,0 +1,155 @@
+"""What the Snakemake workflow needs at parse time: the study's exams, exclusions, split and file layout.
+
+Kept out of the rule files so that it is typed, tested, and shared by the CLI and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from virtual_contrast.subjects import (
+    SEQUENCES,
+    Selection,
+    assign_split,
+    discover_bids,
+    read_subjects_table,
+    select_exams,
+)
+
+COHORT_DIR = Path("results/cohort")
+#: Sequences a cohort exam may lack (to exercise the exclusions), in the order they are dropped.
+DROPPABLE = ("flair", "dwi", "low")
+#: File of each sequence column inside a BIDS exam folder, given the entity prefix (sub-X[_ses-Y]).
+BIDS_FILES = {
+    "t1": "anat/{p}_T1w.nii.gz",
+    "flair": "anat/{p}_FLAIR.nii.gz",
+    "low": "anat/{p}_ce-low_T1w.nii.gz",
+    "ref": "anat/{p}_ce-full_T1w.nii.gz",
+    "dwi": "dwi/{p}_dwi.nii.gz",
+    "bval": "dwi/{p}_dwi.bval",
+    "bvec": "dwi/{p}_dwi.bvec",
+}
+
+
+@dataclass(frozen=True)
+class CohortExam:
+    """One planned exam of the embedded cohort."""
+
+    subject: str
+    session: str  # "01" for the first visit, "02" for a later one
+    missing: tuple[str, ...] = ()
+
+    def files(self, root: Path = COHORT_DIR) -> dict[str, Path]:
+        """Path of each sequence file of this exam (those in ``missing`` are not written)."""
+        prefix = f"sub-{self.subject}_ses-{self.session}"
+        folder = root / f"sub-{self.subject}" / f"ses-{self.session}"
+        absent = set(self.missing) | ({"bval", "bvec"} if "dwi" in self.missing else set())
+        return {
+            key: folder / pattern.format(p=prefix)
+            for key, pattern in BIDS_FILES.items()
+            if key not in absent
+        }
+
+
+def cohort_lesion_table(subject: str, session: str, root: Path = COHORT_DIR) -> Path:
+    """The true lesions of one cohort exam, written by the ``cohort`` rule."""
+    return root / f"sub-{subject}" / f"ses-{session}" / f"sub-{subject}_ses-{session}_lesions.tsv"
+
+
+def cohort_subject_id(index: int) -> str:
+    """Id of the ``index``-th (1-based) cohort patient."""
+    return f"vc{index:03d}"
+
+
+def plan_cohort(n: int, seed: int, *, extra_visits: int, missing_sequence: int) -> list[CohortExam]:
+    """The exams of the embedded cohort, decided from the config alone (no image is needed).
+
+    Which patients get a later visit or lack a sequence is drawn from ``seed``, among the patients in a seeded
+    order, so the plan (and so the DAG) is known before any image exists.
+    """
+    rng = np.random.default_rng([seed, 7919])
+    order = [cohort_subject_id(i + 1) for i in rng.permutation(n)]
+    revisit = set(order[:extra_visits])
+    lacking = order[extra_visits : extra_visits + missing_sequence]
+    missing = {s: (DROPPABLE[i % len(DROPPABLE)],) for i, s in enumerate(lacking)}
+    exams = []
+    for i in range(n):
+        subject = cohort_subject_id(i + 1)
+        exams.append(CohortExam(subject, "01", missing.get(subject, ())))
+        if subject in revisit:
+            exams.append(CohortExam(subject, "02"))
+    return exams
+
+
+@dataclass
+class Study:
+    """The study as the workflow sees it at parse time."""
+
+    exams: pd.DataFrame  # one row per exam, sequence columns hold paths ("" when missing)
+    selection: Selection
+    split: dict[str, str]
+    embedded: bool
+    cohort_plan: list[CohortExam] = field(default_factory=list)
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self.selection.included["subject"])
+
+    @property
+    def train_subjects(self) -> list[str]:
+        return [s for s in self.subjects if self.split[s] == "train"]
+
+    @property
+    def test_subjects(self) -> list[str]:
+        return [s for s in self.subjects if self.split[s] == "test"]
+
+    def cohort_lesion_tables(self) -> list[str]:
+        """True-lesion tables of the included cohort exams (empty for real data)."""
+        if not self.embedded:
+            return []
+        inc = self.selection.included
+        return [str(cohort_lesion_table(s, ses)) for s, ses in zip(inc["subject"], inc["session"])]
+
+    def raw_inputs(self, subject: str) -> dict[str, str]:
+        row = self.selection.included.set_index("subject").loc[subject]
+        return {key: str(row[key]) for key in SEQUENCES}
+
+
+def _cohort_exams(plan: list[CohortExam]) -> pd.DataFrame:
+    rows = []
+    for exam in plan:
+        files = exam.files()
+        row = {"subject": exam.subject, "session": exam.session}
+        row.update({key: str(files.get(key, "")) for key in SEQUENCES})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plan_study(config: dict) -> Study:
+    """Read the configured inputs (or plan the embedded cohort), apply exclusions, assign the split."""
+    if config.get("subjects"):
+        exams, embedded, plan = read_subjects_table(config["subjects"]), False, []
+    elif config.get("bids_dir"):
+        exams, embedded, plan = discover_bids(config["bids_dir"]), False, []
+    else:
+        c = config["cohort"]
+        plan = plan_cohort(
+            c["n_subjects"],
+            c["seed"],
+            extra_visits=c["extra_visits"],
+            missing_sequence=c["missing_sequence"],
+        )
+        exams, embedded = _cohort_exams(plan), True
+    selection = select_exams(exams, check_files=not embedded)
+    subjects = list(selection.included["subject"])
+    s = config["split"]
+    split = assign_split(subjects, test_fraction=s["test_fraction"], seed=s["seed"])
+    if "split" in selection.included.columns:
+        for subject, value in zip(subjects, selection.included["split"], strict=True):
+            if value in ("train", "test"):
+                split[subject] = value
+    return Study(exams, selection, split, embedded, plan)

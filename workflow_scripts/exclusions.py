@@ -1,0 +1,12 @@
+import pandas as pd
+from _common import setup
+
+from virtual_contrast.figures import plot_flowchart
+from virtual_contrast.io import write_table
+
+log = setup(snakemake)
+excluded = pd.DataFrame(snakemake.params.excluded, columns=["subject", "session", "step", "reason"])
+write_table(excluded, snakemake.output.table)
+plot_flowchart(snakemake.params.counts, snakemake.output.flowchart)
+for row in excluded.itertuples():
+    log.info("excluded sub-%s ses-%s: %s", row.subject, row.session, row.reason)

@@ -1,0 +1,29 @@
+from pathlib import Path
+
+from _common import setup
+
+from virtual_contrast.atlas import load_atlas
+from virtual_contrast.io import write_json
+from virtual_contrast.preprocess.register import register_subject
+
+log = setup(snakemake)
+inp, out = snakemake.input, snakemake.output
+# Each channel: (image to resample, image its rigid alignment to the T1 is estimated on).
+others = {
+    "FLAIR": (inp.FLAIR, inp.FLAIR),
+    "ADC": (inp.ADC, inp.b0),
+    "lowT1c": (inp.lowT1c, inp.lowT1c),
+    "refT1c": (inp.refT1c, inp.refT1c),
+}
+transforms = dict(zip(snakemake.params.channels, out.transforms, strict=True))
+provenance = register_subject(
+    Path(inp.T1w),
+    {name: (Path(a), Path(b)) for name, (a, b) in others.items()},
+    load_atlas(Path(inp.atlas[0]).parent),
+    out_images={"T1": Path(out.T1w), **{name: Path(out[name]) for name in others}},
+    out_transforms={"T1": Path(transforms["T1w"]), **{n: Path(transforms[n]) for n in others}},
+    backend=snakemake.params.backend,
+    subject=snakemake.wildcards.subject,
+)
+write_json(provenance, out.provenance)
+log.info("registered with %s", provenance["backend"])
