@@ -220,10 +220,15 @@ cmd_stop() {
     stop_pidfile slurmd "$DIR/run/slurmd.pid" || rc=1
     stop_pidfile slurmctld "$DIR/run/slurmctld.pid" || rc=1
     stop_pidfile munged "$DIR/munge/munged.pid" || rc=1
-    # Remove our copies in /etc/slurm, but only when they belong to this directory's cluster.
-    if [[ -e /etc/slurm/slurm.conf ]] && grep -qF "$MARKER" /etc/slurm/slurm.conf \
-        && grep -qF "StateSaveLocation=$DIR/state" /etc/slurm/slurm.conf; then
-        rm -f /etc/slurm/slurm.conf
+    # Remove our copies in /etc/slurm when they belong to this directory's cluster, or to a test
+    # cluster whose controller is gone (a killed test run: its copy would slow every scontrol).
+    if [[ -e /etc/slurm/slurm.conf ]] && grep -qF "$MARKER" /etc/slurm/slurm.conf; then
+        local pidfile
+        pidfile=$(sed -n 's/^SlurmctldPidFile=//p' /etc/slurm/slurm.conf)
+        if grep -qF "StateSaveLocation=$DIR/state" /etc/slurm/slurm.conf \
+            || ! pid_alive "$pidfile"; then
+            rm -f /etc/slurm/slurm.conf
+        fi
     fi
     if [[ ! -e /etc/slurm/slurm.conf && -e /etc/slurm/gres.conf ]] \
         && grep -qF "$MARKER" /etc/slurm/gres.conf; then

@@ -34,6 +34,8 @@ rule cohort:
         native_voxel_mm=config["cohort"]["native_voxel_mm"],
     log:
         "logs/cohort/sub-{subject}_ses-{session}.log",
+    benchmark:
+        "results/benchmarks/cohort/sub-{subject}_ses-{session}.tsv"
     conda:
         "../envs/core.yaml"
     script:

@@ -10,6 +10,8 @@ rule adc:
         b0=sub("{subject}", "adc", "space-dwi_desc-b0_dwi.nii.gz"),
     log:
         "logs/adc/sub-{subject}.log",
+    benchmark:
+        "results/benchmarks/adc/sub-{subject}.tsv"
     conda:
         "../envs/core.yaml"
     script:
@@ -34,6 +36,8 @@ rule register:
         mem_mb=4000,
     log:
         "logs/register/sub-{subject}.log",
+    benchmark:
+        "results/benchmarks/register/sub-{subject}.tsv"
     conda:
         "../envs/registration.yaml"
     script:
@@ -52,6 +56,8 @@ rule skull_strip:
         hdbet_weights=config["preprocess"]["hdbet_weights"],
     log:
         "logs/skull_strip/sub-{subject}.log",
+    benchmark:
+        "results/benchmarks/skull_strip/sub-{subject}.tsv"
     conda:
         "../envs/hdbet.yaml"
     script:
@@ -71,6 +77,8 @@ rule crop:
         channels=CHANNELS,
     log:
         "logs/crop/sub-{subject}.log",
+    benchmark:
+        "results/benchmarks/crop/sub-{subject}.tsv"
     conda:
         "../envs/core.yaml"
     script:
@@ -89,6 +97,8 @@ rule normalize:
         channels=CHANNELS,
     log:
         "logs/normalize/sub-{subject}.log",
+    benchmark:
+        "results/benchmarks/normalize/sub-{subject}.tsv"
     conda:
         "../envs/core.yaml"
     script:

@@ -15,7 +15,7 @@ def test_default_config_has_one_job_per_subject_for_each_per_subject_rule(tmp_pa
     proc = snakemake(tmp_path, "-n", overlays=())
     counts = job_counts(proc.stdout)
     cohort = config["cohort"]
-    n_included = cohort["n_subjects"] - cohort["missing_sequence"]
+    n_included = cohort["n_subjects"]
     for rule in PER_SUBJECT:
         assert counts.get(rule) == n_included, (rule, counts)
     assert counts["cohort"] == n_included  # only the complete, first exams are generated
@@ -44,8 +44,15 @@ def test_invalid_config_stops_before_any_job_and_names_the_key(tmp_path, overlay
 
 def test_subject_id_with_path_separator_stops_the_run_naming_it(tmp_path):
     table = tmp_path / "subjects.tsv"
-    row = {"subject": "a/../b", "t1": "t1.nii.gz", "flair": "f.nii.gz", "dwi": "d.nii.gz",
-           "bval": "d.bval", "low": "l.nii.gz", "ref": "r.nii.gz"}
+    row = {
+        "subject": "a/../b",
+        "t1": "t1.nii.gz",
+        "flair": "f.nii.gz",
+        "dwi": "d.nii.gz",
+        "bval": "d.bval",
+        "low": "l.nii.gz",
+        "ref": "r.nii.gz",
+    }
     pd.DataFrame([row]).to_csv(table, sep="\t", index=False)
     overlay = tmp_path / "data.yaml"
     overlay.write_text(yaml.safe_dump({"subjects": str(table)}))

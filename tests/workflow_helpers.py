@@ -12,7 +12,10 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def snakemake(
-    workdir: Path, *args: str, overlays: tuple[str | Path, ...] = ("tests/tiny.yaml",), check: bool = True
+    workdir: Path,
+    *args: str,
+    overlays: tuple[str | Path, ...] = ("tests/tiny.yaml",),
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """``snakemake -s REPO/Snakefile --directory WORKDIR --configfile config.yaml [overlays] ARGS``."""
     configfiles = [str(REPO / "config.yaml")]

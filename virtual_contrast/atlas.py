@@ -98,7 +98,12 @@ def resample_to_grid(
         data = ndimage.gaussian_filter(data, sigma=np.maximum(ratio - 1.0, 0.0) * 0.4 + 1e-6)
     vox2vox = np.linalg.inv(img.affine) @ affine
     out = ndimage.affine_transform(
-        data, vox2vox[:3, :3], offset=vox2vox[:3, 3], output_shape=tuple(shape), order=order, mode="constant"
+        data,
+        vox2vox[:3, :3],
+        offset=vox2vox[:3, 3],
+        output_shape=tuple(shape),
+        order=order,
+        mode="constant",
     )
     return out.astype(np.float32)
 

@@ -36,12 +36,27 @@ def plot_flowchart(counts: list[tuple[str, int]], path: Path | str) -> Path:
         ax.text(0.3, y, f"{label}\nn = {n}", ha="center", va="center", fontsize=11, bbox=box)
     for i, (label, n) in enumerate(side):
         y_mid = (ys[i] + ys[i + 1]) / 2
-        ax.annotate("", xy=(0.3, ys[i + 1] + 0.06), xytext=(0.3, ys[i] - 0.06),
-                    arrowprops={"arrowstyle": "->", "color": "#2b5d9b"})
-        ax.annotate("", xy=(0.58, y_mid), xytext=(0.3, y_mid),
-                    arrowprops={"arrowstyle": "->", "color": "#9b2b2b"})
-        ax.text(0.78, y_mid, f"{label}\nn = {n}", ha="center", va="center", fontsize=10,
-                bbox={"boxstyle": "round,pad=0.4", "fc": "#fbe8e8", "ec": "#9b2b2b"})
+        ax.annotate(
+            "",
+            xy=(0.3, ys[i + 1] + 0.06),
+            xytext=(0.3, ys[i] - 0.06),
+            arrowprops={"arrowstyle": "->", "color": "#2b5d9b"},
+        )
+        ax.annotate(
+            "",
+            xy=(0.58, y_mid),
+            xytext=(0.3, y_mid),
+            arrowprops={"arrowstyle": "->", "color": "#9b2b2b"},
+        )
+        ax.text(
+            0.78,
+            y_mid,
+            f"{label}\nn = {n}",
+            ha="center",
+            va="center",
+            fontsize=10,
+            bbox={"boxstyle": "round,pad=0.4", "fc": "#fbe8e8", "ec": "#9b2b2b"},
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_title("Exams and exclusions", fontsize=12)
@@ -83,8 +98,13 @@ def plot_subject_qc(
     lo, hi = _robust_limits(t1)
     views = ("sagittal", "coronal", "axial")
     for col, (img, atl, msk, view) in enumerate(
-        zip(_mid_slices(t1, centre), _mid_slices(atlas_brain, centre), _mid_slices(brain_mask, centre), views,
-            strict=True)
+        zip(
+            _mid_slices(t1, centre),
+            _mid_slices(atlas_brain, centre),
+            _mid_slices(brain_mask, centre),
+            views,
+            strict=True,
+        )
     ):
         ax = axes[0, col]
         ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi)

@@ -55,7 +55,14 @@ def load_image(
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as exc:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        zlib.error,
+        gzip.BadGzipFile,
+        nib.filebasedimages.ImageFileError,
+    ) as exc:
         raise InputError(
             f"cannot be read as an image (truncated or corrupt?): {exc}", subject=subject, path=path
         ) from exc
@@ -76,7 +83,11 @@ def load_image(
                 f"{int(bad.sum())} voxels are NaN or infinite", subject=subject, path=path
             )
     affine = img.affine
-    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+    if (
+        affine is None
+        or not np.all(np.isfinite(affine))
+        or abs(np.linalg.det(affine[:3, :3])) < 1e-9
+    ):
         raise InputError("has no valid voxel-to-world affine", subject=subject, path=path)
     return nib.Nifti1Image(data, affine)
 
@@ -94,7 +105,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the full suffix (.nii.gz) so that writers that dispatch on it still work.
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from virtual_contrast.subjects import (
@@ -65,23 +64,21 @@ def cohort_subject_id(index: int) -> str:
     return f"vc{index:03d}"
 
 
-def plan_cohort(n: int, seed: int, *, extra_visits: int, missing_sequence: int) -> list[CohortExam]:
+def plan_cohort(n: int, *, extra_visits: int, missing_sequence: int) -> list[CohortExam]:
     """The exams of the embedded cohort, decided from the config alone (no image is needed).
 
-    Which patients get a later visit or lack a sequence is drawn from ``seed``, among the patients in a seeded
-    order, so the plan (and so the DAG) is known before any image exists.
+    ``n`` patients with a complete first exam (``vc001``...), of which the first ``extra_visits`` also have a
+    later visit (excluded), plus ``missing_sequence`` patients (``vcm01``...) whose exam lacks one sequence
+    (excluded). Growing ``n`` only adds patients: every existing exam, and so every computed result, stays.
     """
-    rng = np.random.default_rng([seed, 7919])
-    order = [cohort_subject_id(i + 1) for i in rng.permutation(n)]
-    revisit = set(order[:extra_visits])
-    lacking = order[extra_visits : extra_visits + missing_sequence]
-    missing = {s: (DROPPABLE[i % len(DROPPABLE)],) for i, s in enumerate(lacking)}
     exams = []
     for i in range(n):
         subject = cohort_subject_id(i + 1)
-        exams.append(CohortExam(subject, "01", missing.get(subject, ())))
-        if subject in revisit:
+        exams.append(CohortExam(subject, "01"))
+        if i < extra_visits:
             exams.append(CohortExam(subject, "02"))
+    for i in range(missing_sequence):
+        exams.append(CohortExam(f"vcm{i + 1:02d}", "01", (DROPPABLE[i % len(DROPPABLE)],)))
     return exams
 
 
@@ -112,7 +109,10 @@ class Study:
         if not self.embedded:
             return []
         inc = self.selection.included
-        return [str(cohort_lesion_table(s, ses)) for s, ses in zip(inc["subject"], inc["session"])]
+        return [
+            str(cohort_lesion_table(s, ses))
+            for s, ses in zip(inc["subject"], inc["session"], strict=True)
+        ]
 
     def raw_inputs(self, subject: str) -> dict[str, str]:
         row = self.selection.included.set_index("subject").loc[subject]
@@ -139,7 +139,6 @@ def plan_study(config: dict) -> Study:
         c = config["cohort"]
         plan = plan_cohort(
             c["n_subjects"],
-            c["seed"],
             extra_visits=c["extra_visits"],
             missing_sequence=c["missing_sequence"],
         )

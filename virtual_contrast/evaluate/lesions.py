@@ -8,9 +8,10 @@ radiologist would:
 
 - centre: the component's centroid, in world (RAS) mm;
 - long axis: in the axial slice where the component is longest, the largest distance between two of its voxel
-  centres plus the width of one voxel along that direction (so that a single voxel measures one voxel, and a
-  disc of diameter D measures about D);
-- short axis: in that slice, the component's extent perpendicular to the long axis, plus one voxel width.
+  centres plus the voxel size along that direction (so that a single voxel measures one voxel, and a disc of
+  diameter D measures about D);
+- short axis: in that slice, the component's extent perpendicular to the long axis (between voxel centres),
+  plus the voxel size along that direction.
 
 "Axial" is the voxel axis closest to the world superior-inferior axis, so the measurement is right for any
 affine. Without radiologists this detector makes the reader statistics run; real reads replace it. It is
@@ -95,9 +96,14 @@ def measure_axes(voxels: np.ndarray, affine: np.ndarray) -> tuple[float, float, 
     e1 = a_p / np.linalg.norm(a_p)
     basis = np.stack([e1, np.cross(normal, e1)])
 
+    inplane_matrix = np.stack([basis @ a_p, basis @ a_q], axis=1)  # voxel steps in 2D plane coordinates
+    inverse = np.linalg.inv(inplane_matrix)
+
     def width(u: np.ndarray) -> float:
-        # Extent of one voxel (a parallelogram in the slice) along the unit direction u.
-        return float(abs(u @ a_p) + abs(u @ a_q))
+        # Voxel size along the in-plane unit direction u: the length of u measured in voxel steps, inverted
+        # (the voxel size for isotropic voxels in every direction). Voxel centres of a disc of diameter D
+        # span about D minus one voxel along any direction, so adding this restores D.
+        return float(1.0 / np.linalg.norm(inverse @ (basis @ u)))
 
     best = (-1.0, 0.0, -1, -1)  # long, short, n_voxels, slice
     for k in np.unique(voxels[:, s]):
@@ -124,7 +130,7 @@ def _half_maximum_core(
     """The part of ``component`` above ``fraction`` × its peak enhancement: cavities filled, largest piece."""
     values = np.where(component, enh, 0.0)
     core = values >= fraction * float(values.max())
-    core = ndimage.binary_fill_holes(core, structure=structure) & component | core
+    core = ndimage.binary_fill_holes(core, structure=structure) & component
     labels, n = ndimage.label(core, structure=structure)
     if n > 1:
         sizes = np.bincount(labels.ravel())[1:]

@@ -1,9 +1,311 @@
-"""Command-line subcommands of this area (registered by virtual_contrast.cli)."""
+"""Command-line subcommands of this area (registered by virtual_contrast.cli): split, train, predict."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from virtual_contrast.io import InputError, write_table
+
+log = logging.getLogger(__name__)
+
+#: Module and function that preprocess one raw exam for ``virtual-contrast predict`` (see
+#: :func:`preprocess_raw_exam`). Provided by the preprocessing area.
+RAW_EXAM_HOOK = ("virtual_contrast.preprocess.exam", "preprocess_exam")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands."""
+    _add_split(subparsers)
+    _add_train(subparsers)
+    _add_predict(subparsers)
+
+
+# --- split -----------------------------------------------------------------------------------------------
+
+
+def _add_split(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "split",
+        help="assign the training subjects to K cross-validation folds",
+        description="Write a folds TSV (subject, fold) for the split == 'train' rows of a subjects table "
+        "(columns subject, split, optional stratum). With --previous, subjects already assigned keep "
+        "their fold and only new subjects are dealt.",
+    )
+    p.add_argument("--subjects", type=Path, required=True, help="subjects TSV")
+    p.add_argument("--k", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--previous", type=Path, help="an earlier folds TSV to keep stable")
+    p.add_argument("--out", type=Path, required=True, help="folds TSV to write")
+    p.set_defaults(func=_run_split)
+
+
+def _run_split(args: argparse.Namespace) -> int:
+    from virtual_contrast.model.folds import make_folds, read_folds
+
+    if not args.subjects.exists():
+        raise InputError("subjects table not found", path=args.subjects)
+    subjects = pd.read_csv(args.subjects, sep="\t", dtype={"subject": str})
+    previous = read_folds(args.previous) if args.previous else None
+    folds = make_folds(subjects, k=args.k, seed=args.seed, previous=previous)
+    write_table(folds, args.out)
+    print(f"{len(folds)} training subjects in {args.k} folds → {args.out}")
+    return 0
+
+
+# --- train -----------------------------------------------------------------------------------------------
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train the UNet of one fold",
+        description="Train on the subjects outside --fold, select weights on the subjects of --fold. The "
+        "normalised volumes are found under --data by name (sub-{s}_desc-norm_{channel}.nii.gz, "
+        "sub-{s}_desc-brain_mask.nii.gz). Rerunning after an interruption resumes from last.pt.",
+    )
+    p.add_argument("--folds", type=Path, required=True, help="folds TSV (subject, fold)")
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--data", type=Path, required=True, help="folder holding the normalised volumes")
+    p.add_argument("--out", type=Path, required=True, help="output folder of this fold")
+    p.add_argument("--cache", type=Path, help="cache folder shared by folds (default OUT/cache)")
+    p.add_argument(
+        "--config", type=Path, help="YAML mapping of training options (TrainConfig fields)"
+    )
+    p.add_argument("--channels", help="comma-separated input channels, e.g. ADC,FLAIR,T1w,lowT1c")
+    for name, typ in (
+        ("epochs", int),
+        ("batch-size", int),
+        ("learning-rate", float),
+        ("width", int),
+        ("depth", int),
+        ("seed", int),
+        ("checkpoint-every", int),
+        ("threads", int),
+    ):
+        p.add_argument(f"--{name}", type=typ)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--loss-region", choices=["volume", "brain"])
+    p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from virtual_contrast.model.data import find_subject_volumes
+    from virtual_contrast.model.folds import fold_members, read_folds
+    from virtual_contrast.model.train import TrainConfig, train_fold
+
+    values = {}
+    if args.config:
+        if not args.config.exists():
+            raise InputError("training configuration not found", path=args.config)
+        values = yaml.safe_load(args.config.read_text()) or {}
+    for key in (
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "width",
+        "depth",
+        "seed",
+        "checkpoint_every",
+        "threads",
+        "device",
+        "amp",
+        "loss_region",
+        "compile",
+    ):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.channels:
+        values["channels"] = [c.strip() for c in args.channels.split(",") if c.strip()]
+    cfg = TrainConfig.from_dict(values)
+    train_ids, tune_ids = fold_members(read_folds(args.folds), args.fold)
+
+    def volumes(s: str):
+        return find_subject_volumes(args.data, s, cfg.channels, target=True)
+
+    model = train_fold(
+        [volumes(s) for s in train_ids],
+        [volumes(s) for s in tune_ids],
+        args.out,
+        cfg,
+        cache_dir=args.cache,
+    )
+    print(f"fold {args.fold}: {model}")
+    return 0
+
+
+# --- predict ---------------------------------------------------------------------------------------------
+
+
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="predict vir-T1c for one exam with trained fold models",
+        description="Three ways to give the exam: (1) --channels-dir with the normalised volumes "
+        "(sub-{s}_desc-norm_{channel}.nii.gz), (2) the normalised files one by one (--adc --flair --t1 "
+        "--low), (3) a raw exam (--t1 --flair --dwi --bval --low), which runs the preprocessing first and "
+        "also writes vir-T1c on the native low-dose T1c grid. All fold models' 8 mirror configurations are "
+        "averaged.",
+    )
+    p.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="model.pt files or folders searched for them",
+    )
+    p.add_argument("--channels-dir", type=Path, help="folder with normalised volumes")
+    p.add_argument("--adc", type=Path, help="normalised ADC")
+    p.add_argument("--flair", type=Path, help="FLAIR (normalised, or raw with --dwi)")
+    p.add_argument("--t1", type=Path, help="pre-contrast T1 (normalised, or raw with --dwi)")
+    p.add_argument("--low", type=Path, help="low-dose T1c (normalised, or raw with --dwi)")
+    p.add_argument(
+        "--dwi", type=Path, help="raw DWI (b=0 and b=1000 volumes): selects the raw-exam mode"
+    )
+    p.add_argument("--bval", type=Path, help="b-values of --dwi")
+    p.add_argument("--mask", type=Path, help="brain mask: prediction set to 0 outside")
+    p.add_argument(
+        "--subject", help="subject id (file names; found from --channels-dir when omitted)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-tta", action="store_true", help="one pass per model, no mirroring")
+    p.add_argument(
+        "--batch", type=int, help="mirrored copies per forward pass (default 8 on GPU, 1 on CPU)"
+    )
+    p.set_defaults(func=_run_predict)
+
+
+def find_models(paths: list[Path]) -> list[Path]:
+    """``model.pt`` files given directly or found (recursively) in the given folders, sorted."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            hits = sorted(p.rglob("model.pt"))
+            if not hits:
+                raise InputError("no model.pt found in this folder", path=p)
+            found.extend(hits)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise InputError("model not found", path=p)
+    return found
+
+
+def _subject_in_dir(folder: Path) -> str:
+    ids = sorted(
+        {
+            m.group(1)
+            for f in folder.rglob("sub-*_desc-norm_*.nii*")
+            if (m := re.match(r"sub-(.+?)_desc-norm_", f.name))
+        }
+    )
+    if len(ids) != 1:
+        raise InputError(
+            f"cannot tell the subject: found {ids or 'no normalised volumes'}; pass --subject",
+            path=folder,
+        )
+    return ids[0]
+
+
+def preprocess_raw_exam(
+    *, t1: Path, flair: Path, dwi: Path, bval: Path, low: Path, work_dir: Path, subject: str
+) -> dict:
+    """HOOK: run the preprocessing chain on one raw exam (not implemented in the model area).
+
+    Calls ``RAW_EXAM_HOOK`` = ``virtual_contrast.preprocess.exam.preprocess_exam(t1=, flair=, dwi=, bval=,
+    low=, out_dir=, subject=)``, which must return a dict with ``channels`` (channel name → normalised
+    atlas-space NIfTI, names as in :data:`~virtual_contrast.model.data.INPUT_CHANNELS`), ``mask`` (brain mask
+    path or ``None``) and ``to_native`` (callable ``(atlas_image: Path, out_path: Path) -> Path`` resampling an
+    atlas-space image onto the native low-dose T1c grid with the inverse registration).
+    """
+    module_name, func_name = RAW_EXAM_HOOK
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError):
+        raise InputError(
+            f"predicting from a raw exam needs {module_name}.{func_name}, which is not available in this "
+            "installation; preprocess the exam with the workflow and pass the normalised volumes "
+            "(--channels-dir, or --adc --flair --t1 --low)"
+        ) from None
+    return func(t1=t1, flair=flair, dwi=dwi, bval=bval, low=low, out_dir=work_dir, subject=subject)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from virtual_contrast.model.predict import predict_subject
+    from virtual_contrast.model.train import load_checkpoint
+
+    models = find_models(args.models)
+    channels = list(load_checkpoint(models[0])["channels"])
+    flips = "none" if args.no_tta else "all8"
+    raw_mode = args.dwi is not None or args.bval is not None
+    to_native = None
+    mask = args.mask
+    if raw_mode:
+        if args.adc or args.channels_dir:
+            raise InputError(
+                "--dwi/--bval (raw exam) cannot be combined with --adc or --channels-dir"
+            )
+        missing = [n for n in ("t1", "flair", "dwi", "bval", "low") if getattr(args, n) is None]
+        if missing:
+            raise InputError(f"a raw exam needs --{' --'.join(missing)} as well")
+        subject = args.subject or "exam"
+        work = args.out / f"sub-{subject}_work"
+        prepared = preprocess_raw_exam(
+            t1=args.t1,
+            flair=args.flair,
+            dwi=args.dwi,
+            bval=args.bval,
+            low=args.low,
+            work_dir=work,
+            subject=subject,
+        )
+        channel_paths = dict(prepared["channels"])
+        mask = mask or prepared.get("mask")
+        to_native = prepared.get("to_native")
+    elif args.channels_dir:
+        if any(getattr(args, n) for n in ("adc", "flair", "t1", "low")):
+            raise InputError(
+                "give either --channels-dir or the files --adc --flair --t1 --low, not both"
+            )
+        from virtual_contrast.model.data import find_subject_volumes
+
+        subject = args.subject or _subject_in_dir(args.channels_dir)
+        sv = find_subject_volumes(args.channels_dir, subject, channels, target=False)
+        channel_paths, mask = dict(sv.channels), mask or sv.mask
+    else:
+        given = {"ADC": args.adc, "FLAIR": args.flair, "T1w": args.t1, "lowT1c": args.low}
+        flag = {"ADC": "--adc", "FLAIR": "--flair", "T1w": "--t1", "lowT1c": "--low"}
+        missing = [flag[c] for c in channels if given.get(c) is None]
+        if missing:
+            raise InputError(
+                f"the models take {channels}: pass {' '.join(missing)} (or --channels-dir, or a raw exam)"
+            )
+        subject = args.subject or "exam"
+        channel_paths = {c: given[c] for c in channels}
+
+    out_atlas = args.out / f"sub-{subject}_space-atlas_ce-vir_T1w.nii.gz"
+    predict_subject(
+        models,
+        channel_paths,
+        out_atlas,
+        device=args.device,
+        flips=flips,
+        mask_path=mask,
+        subject=subject,
+        batch=args.batch,
+    )
+    print(f"vir-T1c (atlas space): {out_atlas}")
+    if to_native is not None:
+        out_native = to_native(out_atlas, args.out / f"sub-{subject}_ce-vir_T1w.nii.gz")
+        print(f"vir-T1c (native low-dose T1c grid): {out_native}")
+    return 0

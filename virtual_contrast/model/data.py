@@ -141,7 +141,9 @@ def load_subject_arrays(
             ref_shape, ref_affine, ref_path = data.shape, img.affine, path
         elif data.shape != ref_shape:
             raise InputError(
-                f"grid {data.shape} differs from {ref_shape} of {ref_path}", subject=sv.subject, path=path
+                f"grid {data.shape} differs from {ref_shape} of {ref_path}",
+                subject=sv.subject,
+                path=path,
             )
         elif not np.allclose(img.affine, ref_affine, atol=1e-3):
             raise InputError(
@@ -234,7 +236,9 @@ class VolumeStore:
         self.arrays = [np.load(p, mmap_mode="r") for p in paths]
         shapes = {a.shape for a in self.arrays}
         if len(shapes) != 1:
-            raise InputError(f"subjects have different grids {sorted(shapes)}; crop them to one grid")
+            raise InputError(
+                f"subjects have different grids {sorted(shapes)}; crop them to one grid"
+            )
         self.sample_shape = self.arrays[0].shape
         nbytes = sum(a.nbytes for a in self.arrays)
         if resident == "auto":
@@ -243,9 +247,11 @@ class VolumeStore:
         self.resident = bool(resident)
         self.store: torch.Tensor | None = None
         if self.resident:
-            self.store = torch.empty((len(self.arrays), *self.sample_shape), dtype=torch.float16, device=device)
+            self.store = torch.empty(
+                (len(self.arrays), *self.sample_shape), dtype=torch.float16, device=device
+            )
             for i, a in enumerate(self.arrays):
-                self.store[i].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+                self.store[i].copy_(torch.from_numpy(np.array(a)))
         log.info(
             "%d subjects, %.2f GB, %s on %s",
             len(self.arrays),
@@ -332,7 +338,9 @@ def flip_batch(batch: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def epoch_plan(n: int, seed: int, epoch: int, augment: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def epoch_plan(
+    n: int, seed: int, epoch: int, augment: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample order and per-sample flips of one epoch, a pure function of (seed, epoch).
 
     Each axis is flipped independently with probability 0.5 (the paper's augmentation).

@@ -25,7 +25,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError(f"device {name!r} requested but no CUDA GPU is available (use 'auto' or 'cpu')")
+            raise InputError(
+                f"device {name!r} requested but no CUDA GPU is available (use 'auto' or 'cpu')"
+            )
         device = torch.device(name)
     elif name == "cpu":
         device = torch.device("cpu")

@@ -245,7 +245,7 @@ def _model_checkpoint(
         "config": cfg.to_dict(),
         "train_subjects": list(train_ids),
         "tune_subjects": list(tune_ids),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
 
 
@@ -288,7 +288,12 @@ def write_loss_curve(history: list[dict], path: Path | str, title: str = "") -> 
             best = df[df["best"]]
             if len(best):
                 last = best.iloc[-1]
-                ax.axvline(last["epoch"], color="grey", ls=":", label=f"selected (epoch {int(last['epoch'])})")
+                ax.axvline(
+                    last["epoch"],
+                    color="grey",
+                    ls=":",
+                    label=f"selected (epoch {int(last['epoch'])})",
+                )
         positive = df[["train_loss", "tune_loss"]].to_numpy(dtype=float)
         if np.nanmin(positive) > 0:
             ax.set_yscale("log")
@@ -400,7 +405,11 @@ def train_fold(
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=cfg.epochs, initial=state["epoch"], disable=not show, desc=out_dir.name, unit="epoch"
+            total=cfg.epochs,
+            initial=state["epoch"],
+            disable=not show,
+            desc=out_dir.name,
+            unit="epoch",
         )
         stop_at = cfg.epochs
         if max_epochs_this_run is not None:
@@ -469,7 +478,9 @@ def train_fold(
                 _write_log(state["history"], out_dir / "train_log.tsv")
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == stop_at:
                     _save_last(last_path, model, optimizer, scaler, state, fingerprint, cfg)
-                    write_loss_curve(state["history"], out_dir / "loss_curve.png", title=out_dir.name)
+                    write_loss_curve(
+                        state["history"], out_dir / "loss_curve.png", title=out_dir.name
+                    )
                 if on_epoch_end is not None:
                     on_epoch_end(epoch + 1, row)
         finally:
@@ -549,9 +560,7 @@ def _try_resume(
         log.warning("cannot read %s (%s); starting from scratch", path, exc)
         return None
     if ckpt.get("fingerprint") != fingerprint:
-        log.warning(
-            "%s was written with other options or subjects; starting from scratch", path
-        )
+        log.warning("%s was written with other options or subjects; starting from scratch", path)
         return None
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])

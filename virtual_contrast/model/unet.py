@@ -14,6 +14,7 @@ inputs are already mapped to [0, 1].
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -23,6 +24,8 @@ from torch import nn
 from virtual_contrast.io import InputError
 
 NEGATIVE_SLOPE = 0.2
+#: Initial output of the network everywhere, about the mean of a normalised, skull-stripped T1c volume.
+INITIAL_OUTPUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,14 @@ class UNet3D(nn.Module):
             for level in range(spec.depth - 1)
         )
         self.head = nn.Conv3d(widths[0], spec.out_channels, kernel_size=1)
+        # The head starts at zero weights and a constant output of INITIAL_OUTPUT. With PyTorch's default
+        # initialisation the first Adam steps drive the many zero background voxels, through the unbounded
+        # LeakyReLU features of an un-normalised network, to logits of -1e3 and beyond: the sigmoid saturates,
+        # every gradient becomes exactly zero and the network outputs 0 for ever (seen with lr 1e-3 and 1e-4
+        # on toy data). Starting from a constant output keeps the features small until the head has learnt
+        # which of them matter.
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, math.log(INITIAL_OUTPUT / (1 - INITIAL_OUTPUT)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[1] != self.spec.in_channels:
@@ -168,7 +179,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def count_flops(spec: UNetSpec, shape: Sequence[int], batch: int = 1, backward: bool = False) -> int:
+def count_flops(
+    spec: UNetSpec, shape: Sequence[int], batch: int = 1, backward: bool = False
+) -> int:
     """FLOPs (2 per multiply-add, torch's FLOP counter) of one pass at ``shape``, on the meta device.
 
     Counted without allocating memory, so the full 160×192×160 grid is cheap to count anywhere. With

@@ -99,14 +99,13 @@ def compute_adc(
             f"b-values found: {_format_bvals(bvals)})"
         )
 
-    s0 = dwi[..., low].astype(np.float64).mean(axis=-1)
-    high_vols = dwi[..., high].astype(np.float64)
+    s0 = dwi[..., low].mean(axis=-1, dtype=np.float64)
     if high_average == "geometric":
         # The geometric mean of zero signals is zero: those voxels end at adc_max like below.
         with np.errstate(divide="ignore"):
-            s1 = np.exp(np.log(np.maximum(high_vols, 0.0)).mean(axis=-1))
+            s1 = np.exp(np.log(np.maximum(dwi[..., high], 0.0)).mean(axis=-1, dtype=np.float64))
     else:
-        s1 = high_vols.mean(axis=-1)
+        s1 = dwi[..., high].mean(axis=-1, dtype=np.float64)
     b_mean = float(bvals[high].mean())
 
     threshold = noise_fraction * float(np.percentile(s0, 99)) if s0.size else 0.0

@@ -12,7 +12,9 @@ from pathlib import Path
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands."""
-    p = subparsers.add_parser("adc", help="ADC map (mm²/s) from a DWI series with b=0 and b≈1000 volumes")
+    p = subparsers.add_parser(
+        "adc", help="ADC map (mm²/s) from a DWI series with b=0 and b≈1000 volumes"
+    )
     p.add_argument("--dwi", type=Path, required=True, help="4D DWI NIfTI")
     p.add_argument("--bval", type=Path, required=True, help="FSL b-value file (one row)")
     p.add_argument("--out", type=Path, required=True, help="ADC map to write (.nii.gz)")
@@ -29,19 +31,37 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     prior = p.add_mutually_exclusive_group()
     prior.add_argument("--atlas-brain-mask", type=Path, help="atlas brain mask on the T1's grid")
     prior.add_argument(
-        "--voxel-mm", type=float, help="build the atlas (nilearn's template) on this isotropic grid instead"
+        "--voxel-mm",
+        type=float,
+        help="build the atlas (nilearn's template) on this isotropic grid instead",
     )
     p.add_argument("--hdbet-weights", type=Path, help="HD-BET 2 weights folder")
     p.add_argument("--device", default="cpu", help="HD-BET device: cpu or cuda (default cpu)")
-    p.add_argument("--apply", type=Path, nargs=2, action="append", metavar=("IMAGE", "OUT"), default=[],
-                   help="also write IMAGE zeroed outside the mask to OUT (repeatable)")
+    p.add_argument(
+        "--apply",
+        type=Path,
+        nargs=2,
+        action="append",
+        metavar=("IMAGE", "OUT"),
+        default=[],
+        help="also write IMAGE zeroed outside the mask to OUT (repeatable)",
+    )
     p.add_argument("--subject", help="subject id, for messages")
     p.set_defaults(func=_skull_strip)
 
-    p = subparsers.add_parser("crop", help="crop or zero-pad an atlas-space image to the network's shape")
-    p.add_argument("--image", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--shape", type=int, nargs=3, default=[160, 192, 160], metavar=("X", "Y", "Z"))
+    p = subparsers.add_parser(
+        "crop", help="crop or zero-pad an atlas-space image to the network's shape"
+    )
+    p.add_argument("--image", type=Path, required=True, help="image on the atlas grid")
+    p.add_argument("--out", type=Path, required=True, help="cropped image to write")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[160, 192, 160],
+        metavar=("X", "Y", "Z"),
+        help="output shape in voxels (default: the paper's 160 192 160 at 1 mm)",
+    )
     p.add_argument(
         "--reference-mask",
         type=Path,
@@ -51,11 +71,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_crop)
 
     p = subparsers.add_parser(
-        "normalize", help="clip at brain percentiles and map linearly to [0, 1] (0 outside the brain)"
+        "normalize",
+        help="clip at brain percentiles and map linearly to [0, 1] (0 outside the brain)",
     )
-    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--image", type=Path, required=True, help="skull-stripped image")
     p.add_argument("--mask", type=Path, required=True, help="brain mask on the image's grid")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="normalised image to write")
     p.add_argument("--low", type=float, default=1.0, help="lower percentile (default 1)")
     p.add_argument("--high", type=float, default=99.0, help="upper percentile (default 99)")
     p.add_argument("--subject", help="subject id, for messages")

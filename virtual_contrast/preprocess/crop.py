@@ -88,7 +88,9 @@ def crop_images(
     the others as float32. Returns a provenance dict (start voxel, shape, fraction of the atlas brain kept).
     """
     if set(inputs) != set(outputs):
-        raise ValueError(f"inputs and outputs must have the same keys: {sorted(inputs)} vs {sorted(outputs)}")
+        raise ValueError(
+            f"inputs and outputs must have the same keys: {sorted(inputs)} vs {sorted(outputs)}"
+        )
     if not inputs:
         raise ValueError("nothing to crop")
     shape = tuple(int(s) for s in shape)

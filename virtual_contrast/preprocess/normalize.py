@@ -17,31 +17,43 @@ from virtual_contrast.io import InputError, load_image, save_image
 log = logging.getLogger(__name__)
 
 
-def normalize(
+def brain_range(
     data: np.ndarray, mask: np.ndarray, low: float = 1.0, high: float = 99.0
-) -> np.ndarray:
-    """``data`` clipped to its [``low``, ``high``] percentiles over ``mask`` > 0, mapped to [0, 1], 0 outside.
+) -> tuple[float, float]:
+    """The ``low`` and ``high`` percentiles of ``data`` over ``mask`` > 0, checked to span a range.
 
     Raises :class:`InputError` when the mask is empty or the brain intensities are constant (there is no
     range to map: a blank or corrupted image).
     """
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
-    data = np.asarray(data, dtype=np.float32)
+    data = np.asarray(data)
     brain = np.asarray(mask) > 0
     if brain.shape != data.shape:
         raise InputError(f"mask shape {brain.shape} differs from image shape {data.shape}")
     if not brain.any():
         raise InputError("the brain mask is empty")
-    values = data[brain]
-    lo, hi = np.percentile(values, [low, high])
+    lo, hi = (float(v) for v in np.percentile(data[brain], [low, high]))
     if not hi > lo:
         raise InputError(
             f"the image is constant inside the brain mask ({lo:g} at both the {low:g}th and the "
             f"{high:g}th percentile): nothing to normalise"
         )
-    out = (np.clip(data, lo, hi) - lo) / (hi - lo)
-    out[~brain] = 0.0
+    return lo, hi
+
+
+def normalize(
+    data: np.ndarray, mask: np.ndarray, low: float = 1.0, high: float = 99.0
+) -> np.ndarray:
+    """``data`` clipped to its [``low``, ``high``] percentiles over ``mask`` > 0, mapped to [0, 1], 0 outside.
+
+    Raises :class:`InputError` as :func:`brain_range` does.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    lo, hi = brain_range(data, mask, low, high)
+    # Clip after the mapping so that float32 rounding cannot leave [0, 1].
+    out = np.clip((data - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+    out[~(np.asarray(mask) > 0)] = 0.0
     return out.astype(np.float32)
 
 
@@ -66,11 +78,10 @@ def normalize_image(
             path=mask,
         )
     try:
-        result = normalize(data, brain, low=low, high=high)
+        lo, hi = brain_range(data, brain, low, high)
     except InputError as exc:
         raise InputError(str(exc), subject=subject, path=image) from exc
-    lo, hi = np.percentile(data[brain], [low, high])
-    save_image(result, img.affine, out)
+    save_image(normalize(data, brain, low, high), img.affine, out)
     log.info(
         "%snormalised %s: [%g, %g] (percentiles %g, %g) -> [0, 1]",
         f"{subject}: " if subject else "",
@@ -80,4 +91,9 @@ def normalize_image(
         low,
         high,
     )
-    return {"low_percentile": low, "high_percentile": high, "low_value": float(lo), "high_value": float(hi)}
+    return {
+        "low_percentile": low,
+        "high_percentile": high,
+        "low_value": float(lo),
+        "high_value": float(hi),
+    }

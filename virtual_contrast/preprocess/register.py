@@ -281,7 +281,7 @@ def pyramid_levels(voxel_mm: float, *, coarsest_mm: float = 4.0) -> list[tuple[i
     coarser grid keeps only the levels that are not coarser than ``coarsest_mm``: 1 mm → 4/2/1, 2 mm → 2/1
     (4 and 2 mm), 3 or 4 mm → one level.
     """
-    levels = [f for f in (4, 2, 1) if f == 1 or f * voxel_mm <= coarsest_mm + 1e-6]
+    levels = [f for f in (4, 2, 1) if f <= 2 or f * voxel_mm <= coarsest_mm + 1e-6]
     return [(f, 0.5 * f * voxel_mm if f > 1 else 0.0) for f in levels]
 
 
@@ -424,70 +424,80 @@ class SimpleITKBackend:
         return np.linalg.inv(subject_to_ref), stage
 
     def _mi_stage(self, moving, reference, reference_mask, *, dof, initial) -> tuple[np.ndarray, dict]:
+        """Mattes MI, one optimisation per pyramid level, each starting where the coarser one stopped.
+
+        Levels run as separate optimisations (rather than SimpleITK's built-in pyramid, which restarts every
+        level with the same step) so that the first step and the stopping step scale with the level's voxel:
+        half a voxel to start, 1/100 of a voxel to stop.
+        """
         import SimpleITK as sitk
 
         t0 = time.perf_counter()
         fixed = _to_sitk(reference)
         moving_sitk = _to_sitk(moving)
         vox = float(voxel_sizes(reference.affine).min())
-        levels = pyramid_levels(vox)
-        n_mask = (
-            int((np.asarray(reference_mask) > 0.5).sum())
-            if reference_mask is not None
-            else int(np.prod(reference.shape[:3]))
-        )
-        # ~10 % random samples, but never fewer than ``min_samples`` per level (a coarse grid has few voxels).
-        pct = [
-            float(np.clip(max(self.sampling, self.min_samples * f**3 / max(n_mask, 1)), 0.01, 1.0))
-            for f, _ in levels
-        ]
-        reg = self._method()
-        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=self.bins)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentagePerLevel(pct, self.seed)
+        mask = None
         if reference_mask is not None:
-            mask = sitk.Cast(_to_sitk(reference.__class__(
-                (np.asarray(reference_mask) > 0.5).astype(np.float32), reference.affine
-            )), sitk.sitkUInt8)
-            reg.SetMetricFixedMask(mask)
-        reg.SetShrinkFactorsPerLevel([f for f, _ in levels])
-        reg.SetSmoothingSigmasPerLevel([s for _, s in levels])
-        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=2.0,
-            minStep=1e-3,
-            numberOfIterations=self.iterations,
-            relaxationFactor=0.5,
-            gradientMagnitudeTolerance=1e-6,
-        )
-        reg.SetOptimizerScalesFromPhysicalShift()
+            binary = (np.asarray(reference_mask) > 0.5).astype(np.float32)
+            mask = sitk.Cast(_to_sitk(nib.Nifti1Image(binary, reference.affine)), sitk.sitkUInt8)
+            n_mask = int(binary.sum())
+        else:
+            n_mask = int(np.prod(reference.shape[:3]))
         centre_data = (
             np.asarray(reference_mask, np.float32)
             if reference_mask is not None
             else np.asanyarray(reference.dataobj, np.float32)
         )
-        centre = _centre_of_mass_world(centre_data, reference.affine)
         tx = sitk.AffineTransform(3) if dof == 12 else sitk.Euler3DTransform()
-        _set_sitk_from_ras(tx, initial, centre)
-        reg.SetInitialTransform(tx, inPlace=True)
-        iterations: list[int] = []
-        reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, lambda: iterations.append(0))
-        reg.Execute(fixed, moving_sitk)
+        _set_sitk_from_ras(tx, initial, _centre_of_mass_world(centre_data, reference.affine))
+        levels = []
+        for shrink, sigma in pyramid_levels(vox):
+            level_mm = shrink * vox
+            # ~10 % random samples, but at least ``min_samples`` (a coarse level has few voxels).
+            pct = float(np.clip(max(self.sampling, self.min_samples * shrink**3 / max(n_mask, 1)), 0.01, 1))
+            reg = self._method()
+            reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=self.bins)
+            reg.SetMetricSamplingStrategy(reg.RANDOM)
+            reg.SetMetricSamplingPercentage(pct, self.seed)
+            if mask is not None:
+                reg.SetMetricFixedMask(mask)
+            reg.SetShrinkFactorsPerLevel([shrink])
+            reg.SetSmoothingSigmasPerLevel([sigma])
+            reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+            reg.SetOptimizerAsRegularStepGradientDescent(
+                learningRate=float(os.environ.get("VC_LRF", "0.5")) * level_mm,
+                minStep=float(os.environ.get("VC_MSF", "0.01")) * level_mm,
+                numberOfIterations=self.iterations,
+                relaxationFactor=float(os.environ.get("VC_RELAX", "0.7")),
+                gradientMagnitudeTolerance=1e-8,
+            )
+            reg.SetOptimizerScalesFromPhysicalShift()
+            reg.SetInitialTransform(tx, inPlace=True)
+            s0 = time.perf_counter()
+            reg.Execute(fixed, moving_sitk)
+            levels.append(
+                {
+                    "level_mm": level_mm,
+                    "smoothing_mm": sigma,
+                    "sampling": round(pct, 4),
+                    "metric": float(reg.GetMetricValue()),
+                    "iterations": int(reg.GetOptimizerIteration()),
+                    "stop": reg.GetOptimizerStopConditionDescription(),
+                    "seconds": round(time.perf_counter() - s0, 3),
+                }
+            )
         transform = _ras_from_sitk(tx)
         stage = {
             "name": f"mutual information ({'affine' if dof == 12 else 'rigid'}, dof {dof})",
-            "metric": float(reg.GetMetricValue()),
-            "iterations": int(reg.GetOptimizerIteration()),
-            "stop": reg.GetOptimizerStopConditionDescription(),
-            "levels_mm": [f * vox for f, _ in levels],
-            "sampling": [round(p, 4) for p in pct],
+            "metric": levels[-1]["metric"],
+            "levels": levels,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         log.info(
-            "stage %s: metric %.4f, %d iterations at the finest level, %.1f s",
+            "stage %s: metric %.4f, iterations per level %s, %.1f s",
             stage["name"],
             stage["metric"],
-            stage["iterations"],
+            [lv["iterations"] for lv in levels],
             stage["seconds"],
         )
         return transform, stage

@@ -51,7 +51,7 @@ def train(args: argparse.Namespace) -> int:
         weights = read_values(str(ckpt))
         print(f"resuming from {ckpt}", file=sys.stderr)
     else:
-        weights = [sum(col) / len(col) for col in zip(*inputs)]
+        weights = [sum(col) / len(col) for col in zip(*inputs, strict=True)]
         write_values(str(ckpt), weights)
         if args.preempt_once:
             print("simulated preemption after epoch 1", file=sys.stderr)
@@ -64,17 +64,7 @@ def train(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     data, weights = read_values(args.data), read_values(args.model)
-    write_values(args.output, [d * w for d, w in zip(data, weights)])
-    return 0
-
-
-def metrics(args: argparse.Namespace) -> int:
-    rows = ["subject\tmean\tmax"]
-    for path in args.inputs:
-        values = read_values(path)
-        rows.append(f"{Path(path).parent.name}\t{sum(values) / len(values):.6f}\t{max(values):.6f}")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("\n".join(rows) + "\n")
+    write_values(args.output, [d * w for d, w in zip(data, weights, strict=True)])
     return 0
 
 
@@ -99,11 +89,6 @@ def main() -> int:
     p.add_argument("output")
     p.add_argument("log")
     p.set_defaults(func=predict)
-    p = sub.add_parser("metrics")
-    p.add_argument("output")
-    p.add_argument("log")
-    p.add_argument("inputs", nargs="+")
-    p.set_defaults(func=metrics)
     args = parser.parse_args()
     record_environment(args.log)
     return args.func(args)

@@ -1,0 +1,92 @@
+"""The 3D UNet: shapes, grid checks, size and arithmetic of the paper's configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from virtual_contrast.io import InputError
+from virtual_contrast.model.unet import (
+    UNet3D,
+    UNetSpec,
+    check_grid,
+    count_flops,
+    count_parameters,
+    max_depth_for_grid,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny convolutions are slower with 2 threads on a shared 2-core machine.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize(
+    ("shape", "depth"), [((16, 24, 16), 3), ((8, 8, 16), 4), ((12, 20, 4), 3), ((5, 7, 9), 1)]
+)
+def test_unet_keeps_the_grid(shape, depth):
+    torch.manual_seed(0)
+    model = UNet3D(UNetSpec(in_channels=4, width=4, depth=depth))
+    for p in model.head.parameters():  # leave the constant initial output
+        torch.nn.init.normal_(p, std=0.5)
+    with torch.no_grad():
+        y = model(torch.rand(2, 4, *shape))
+    assert y.shape == (2, 1, *shape)
+    assert float(y.min()) > 0 and float(y.max()) < 1  # sigmoid output
+    assert float(y.std()) > 0  # depends on the input
+
+
+def test_initial_output_is_constant_and_not_saturated():
+    model = UNet3D(UNetSpec(in_channels=2, width=4, depth=2))
+    y = model(torch.rand(1, 2, 8, 8, 8))
+    assert torch.allclose(y, torch.full_like(y, 0.1), atol=1e-6)
+
+
+def test_input_channels_follow_the_spec():
+    model = UNet3D(UNetSpec(in_channels=3, width=4, depth=2))
+    assert model(torch.rand(1, 3, 8, 8, 8)).shape == (1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"expects \(N, 3, X, Y, Z\)"):
+        model(torch.rand(1, 4, 8, 8, 8))
+
+
+def test_grid_the_unet_cannot_handle_fails_clearly():
+    model = UNet3D(UNetSpec(in_channels=1, width=2, depth=4))
+    with pytest.raises(InputError) as err:
+        model(torch.rand(1, 1, 20, 24, 20))
+    msg = str(err.value)
+    assert "depth-4 UNet cannot process a 20×24×20 grid" in msg
+    assert "multiple of 2**(depth-1) = 8" in msg
+    assert "(20 is not)" in msg
+    assert "depth <= 3" in msg
+
+
+def test_check_grid_rules():
+    check_grid((160, 192, 160), 5)
+    check_grid((80, 96, 80), 5)
+    check_grid((40, 48, 40), 4)
+    with pytest.raises(InputError, match="40 is not"):
+        check_grid((40, 48, 40), 5)
+    with pytest.raises(InputError, match="8 is not"):
+        check_grid((8, 16, 16), 5)  # smaller than one bottom voxel
+    with pytest.raises(InputError, match="3D grid"):
+        check_grid((16, 16), 2)
+    assert max_depth_for_grid((160, 192, 160)) == 6
+    assert max_depth_for_grid((40, 48, 40)) == 4
+    assert max_depth_for_grid((5, 8, 8)) == 1
+
+
+def test_default_network_matches_the_stated_size_and_cost():
+    spec = UNetSpec()  # 4 inputs, width 16, depth 5
+    params = count_parameters(UNet3D(spec))
+    assert 7.7e6 < params < 7.85e6  # DESIGN §7: 7.8 M
+    flops = count_flops(spec, (160, 192, 160))
+    assert 0.80e12 < flops < 0.82e12  # DESIGN §7: 0.81 TFLOP per forward pass
+    # Convolution cost is proportional to the number of voxels and grows as width².
+    assert count_flops(spec, (80, 96, 80)) == pytest.approx(flops / 8, rel=1e-6)
+    assert count_flops(UNetSpec(width=32), (160, 192, 160)) == pytest.approx(3.2e12, rel=0.01)
+    step = count_flops(spec, (160, 192, 160), backward=True)
+    assert 2.8 < step / flops < 3.1  # training step ≈ forward + 2× backward

@@ -1,0 +1,109 @@
+"""The tiny workflow end to end with real Snakemake on the CPU, then reruns after changes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from workflow_helpers import job_counts, snakemake
+
+from virtual_contrast.workflow import plan_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A complete run of the tiny workflow (shared by the tests of this module; they must not modify it)."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def _study():
+    import yaml
+    from workflow_helpers import REPO
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for key, value in yaml.safe_load((REPO / "tests/tiny.yaml").read_text()).items():
+        config[key].update(value)
+    return plan_study(config)
+
+
+def test_every_subject_is_preprocessed_with_its_qc_and_provenance(tiny_run):
+    study = _study()
+    assert study.subjects
+    crop = [40, 48, 40]
+    for subject in study.subjects:
+        base = tiny_run / "results" / f"sub-{subject}"
+        for channel in ("T1w", "FLAIR", "ADC", "lowT1c", "refT1c"):
+            img = nib.load(base / "normalize" / f"sub-{subject}_desc-norm_{channel}.nii.gz")
+            data = np.asanyarray(img.dataobj)
+            assert list(data.shape) == crop
+            assert 0.0 <= data.min() and data.max() <= 1.0 and data.max() > 0.9
+        provenance = json.loads((base / "provenance.json").read_text())
+        assert provenance["register"]["backend"] == "simpleitk"  # no FSL on test machines
+        assert provenance["skull_strip"]["backend"] == "atlas"  # no HD-BET weights either
+        assert (base / f"sub-{subject}_qc.png").stat().st_size > 10_000
+        log = (tiny_run / "logs" / "register" / f"sub-{subject}.log").read_text()
+        assert "simpleitk" in log
+
+
+def test_exclusions_are_listed_with_their_reason(tiny_run):
+    table = pd.read_csv(tiny_run / "results/tables/exclusions.tsv", sep="\t", dtype=str)
+    assert set(table["step"]) == {"later visit", "missing sequence"}
+    assert table["reason"].str.len().min() > 10
+    assert (tiny_run / "results/figures/flowchart.png").exists()
+    truth = pd.read_csv(tiny_run / "results/cohort/lesions.tsv", sep="\t")
+    assert set(truth["subject"]) == set(_study().subjects)
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def test_a_changed_raw_file_reruns_only_that_subject_and_the_aggregates(tiny_run, tmp_path):
+    work = _copy_run(tiny_run, tmp_path / "run")
+    study = _study()
+    subject = study.test_subjects[0]
+    raw = Path(work / study.raw_inputs(subject)["t1"])
+    img = nib.load(raw)
+    data = np.asanyarray(img.dataobj).astype(np.float32) * 1.01
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), raw)
+    proc = snakemake(work, "-n", "--cores", "2")
+    counts = job_counts(proc.stdout)
+    for rule in ("register", "skull_strip", "crop", "normalize", "qc"):
+        assert counts.get(rule) == 1, (rule, counts)
+    assert "adc" not in counts and "cohort" not in counts and "atlas" not in counts
+    assert f"sub-{subject}" in proc.stdout
+    others = set(study.subjects) - {subject}
+    assert not any(f"results/sub-{s}/" in proc.stdout for s in others)
+
+
+def test_a_corrupt_raw_file_fails_that_subject_only_naming_subject_and_file(tiny_run, tmp_path):
+    work = _copy_run(tiny_run, tmp_path / "run")
+    study = _study()
+    subject = study.subjects[0]
+    raw = Path(work / study.raw_inputs(subject)["flair"])
+    blob = raw.read_bytes()
+    raw.write_bytes(blob[: len(blob) // 2])  # truncated gzip stream
+    registered = (
+        work
+        / "results"
+        / f"sub-{subject}"
+        / "register"
+        / f"sub-{subject}_space-ICBM09a_FLAIR.nii.gz"
+    )
+    proc = snakemake(work, "--cores", "2", "--keep-going", check=False)
+    assert proc.returncode != 0
+    log = (work / "logs" / "register" / f"sub-{subject}.log").read_text()
+    assert f"subject '{subject}'" in log and raw.name in log and "truncated or corrupt" in log
+    # Snakemake removed the failed job's outputs; nothing half-written is left behind.
+    assert not registered.exists()
+    assert not list(registered.parent.glob(".*"))
