@@ -18,7 +18,14 @@ def setup(snakemake) -> logging.Logger:
         force=True,
     )
     logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
     wildcards = dict(snakemake.wildcards.items())
     log = logging.getLogger(f"rule.{snakemake.rule}")
     log.info("rule %s %s", snakemake.rule, wildcards or "")
     return log
+
+
+def _log_uncaught(exc_type, exc, tb) -> None:
+    """Put the error that stops a job into its log too (Snakemake shows the log path to the user)."""
+    logging.getLogger("rule").error("%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+    sys.__excepthook__(exc_type, exc, tb)

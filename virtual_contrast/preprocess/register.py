@@ -428,7 +428,9 @@ class SimpleITKBackend:
 
         Levels run as separate optimisations (rather than SimpleITK's built-in pyramid, which restarts every
         level with the same step) so that the first step and the stopping step scale with the level's voxel:
-        half a voxel to start, 1/100 of a voxel to stop.
+        one voxel to start, 1/100 of a voxel to stop. The step shrinks by 0.8 (not ITK's 0.5) at each change
+        of direction: with 0.5 the translation's oscillation in a narrow valley used up the step before the
+        matrix terms converged, for some random sample sets (0.9 mm errors instead of 0.1 mm on a 2 mm grid).
         """
         import SimpleITK as sitk
 
@@ -465,10 +467,10 @@ class SimpleITKBackend:
             reg.SetSmoothingSigmasPerLevel([sigma])
             reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
             reg.SetOptimizerAsRegularStepGradientDescent(
-                learningRate=float(os.environ.get("VC_LRF", "0.5")) * level_mm,
-                minStep=float(os.environ.get("VC_MSF", "0.01")) * level_mm,
+                learningRate=level_mm,
+                minStep=0.01 * level_mm,
                 numberOfIterations=self.iterations,
-                relaxationFactor=float(os.environ.get("VC_RELAX", "0.7")),
+                relaxationFactor=0.8,
                 gradientMagnitudeTolerance=1e-8,
             )
             reg.SetOptimizerScalesFromPhysicalShift()
