@@ -20,6 +20,7 @@ include: "rules/common.smk"
 include: "rules/cohort.smk"
 include: "rules/preprocess.smk"
 include: "rules/qc.smk"
+include: "rules/model.smk"
 
 
 rule all:

@@ -19,7 +19,14 @@ FULL_GRID = (160, 192, 160)
 CPU_GRID = (32, 48, 32)
 
 # Dense bf16 (fp16 for V100) tensor-core peaks in TFLOP/s, by device-name fragment (vendor data sheets).
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "V100": 125.0, "L4": 121.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "V100": 125.0,
+    "L4": 121.0,
+}
 
 
 def device_report(device: torch.device) -> tuple[str, float | None]:

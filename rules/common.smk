@@ -17,6 +17,9 @@ validate(config, "../virtual_contrast/schemas/config.schema.yaml")
 STUDY = plan_study(config)
 SUBJECTS = STUDY.subjects
 CHANNELS = ["T1w", "FLAIR", "ADC", "lowT1c", "refT1c"]
+# Network inputs (config model.channels, in order) and the training folds.
+INPUT_CHANNELS = list(config["model"]["channels"])
+FOLDS = list(range(config["split"]["folds"]))
 # The atlas volumes on the working grid, as written by rule `atlas`.
 ATLAS = {key: f"results/atlas/{name}" for key, name in ATLAS_FILES.items()}
 
@@ -47,7 +50,40 @@ def get_final_outputs():
     outputs += expand("results/sub-{subject}/provenance.json", subject=SUBJECTS)
     if STUDY.embedded:
         outputs.append("results/cohort/lesions.tsv")
+    outputs += expand("results/models/fold-{fold}/loss_curve.png", fold=FOLDS)
+    outputs += expand(
+        "results/sub-{subject}/predict/sub-{subject}_space-{space}_desc-virtual_T1c.nii.gz",
+        subject=STUDY.test_subjects,
+        space=["ICBM09a", "native"],
+    )
     return outputs
+
+
+def normalized(subject):
+    """The normalised channels and brain mask of one subject (paths of rule normalize)."""
+    out = rules.normalize.output
+    return {key: out[key].format(subject=subject) for key in [*CHANNELS, "mask"]}
+
+
+def get_training_volumes(wildcards):
+    """Normalised volumes of every training subject: test subjects never enter a training job."""
+    return [path for s in STUDY.train_subjects for path in normalized(s).values()]
+
+
+def train_config():
+    """Options of virtual_contrast.model.train.TrainConfig from the config."""
+    m, t = config["model"], config["train"]
+    return {
+        "channels": INPUT_CHANNELS,
+        "width": m["width"],
+        "depth": m["depth"],
+        "epochs": t["epochs"],
+        "batch_size": t["batch_size"],
+        "learning_rate": t["learning_rate"],
+        "seed": t["seed"],
+        "device": t["device"],
+        "checkpoint_every": t["checkpoint_every"],
+    }
 
 
 def get_dwi(wildcards):

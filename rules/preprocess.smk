@@ -92,6 +92,7 @@ rule normalize:
     output:
         **{c: sub("{subject}", "normalize", f"desc-norm_{c}.nii.gz") for c in CHANNELS},
         mask=sub("{subject}", "normalize", "desc-brain_mask.nii.gz"),
+        provenance=sub("{subject}", "normalize", "normalize.json"),
     params:
         percentiles=config["preprocess"]["normalize_percentiles"],
         channels=CHANNELS,

@@ -120,7 +120,9 @@ def test_batched_tta_equals_the_naive_loop_for_a_unet():
 def test_predict_subject_writes_vir_t1c_on_the_input_grid(trained, tmp_path):
     models, subjects = trained
     sv = subjects[4]
-    out = predict_subject(models, sv.channels, tmp_path / "vir.nii.gz", device="cpu", subject=sv.subject)
+    out = predict_subject(
+        models, sv.channels, tmp_path / "vir.nii.gz", device="cpu", subject=sv.subject
+    )
     img = nib.load(out)
     ref = nib.load(sv.channels["T1w"])
     assert img.shape == ref.shape == (16, 16, 8)
@@ -129,7 +131,9 @@ def test_predict_subject_writes_vir_t1c_on_the_input_grid(trained, tmp_path):
     assert data.min() >= 0 and data.max() <= 1 and data.std() > 0
     # The file is the TTA mean of both models.
     loaded, channels, _ = load_models(models)
-    x = torch.from_numpy(np.stack([nib.load(sv.channels[c]).get_fdata(dtype=np.float32) for c in channels]))
+    x = torch.from_numpy(
+        np.stack([nib.load(sv.channels[c]).get_fdata(dtype=np.float32) for c in channels])
+    )
     np.testing.assert_allclose(data, tta_predict_naive(loaded, x)[0].numpy(), atol=1e-5)
     masked = predict_subject(
         models, sv.channels, tmp_path / "masked.nii.gz", device="cpu", mask_path=sv.mask

@@ -112,7 +112,9 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_run(toy, tmp_path):
 
     cut = tmp_path / "cut"
     with pytest.raises(Killed):
-        train_fold(toy[:3], toy[3:5], cut, cfg, cache_dir=tmp_path / "cache", on_epoch_end=kill_after_3)
+        train_fold(
+            toy[:3], toy[3:5], cut, cfg, cache_dir=tmp_path / "cache", on_epoch_end=kill_after_3
+        )
     assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 2
     torch.manual_seed(12345)  # a different global RNG state must not matter
     np.random.seed(7)
@@ -133,7 +135,9 @@ def test_run_in_slices_equals_one_run_and_finished_run_is_not_redone(toy, tmp_pa
     train_fold(toy[:3], toy[3:5], tmp_path / "one", cfg, cache_dir=tmp_path / "cache")
     sliced = tmp_path / "sliced"
     for _ in range(2):
-        train_fold(toy[:3], toy[3:5], sliced, cfg, cache_dir=tmp_path / "cache", max_epochs_this_run=2)
+        train_fold(
+            toy[:3], toy[3:5], sliced, cfg, cache_dir=tmp_path / "cache", max_epochs_this_run=2
+        )
     a, b = _weights(tmp_path / "one" / "last.pt"), _weights(sliced / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     stamp = (sliced / "model.pt").stat().st_mtime_ns

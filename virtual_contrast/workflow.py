@@ -6,6 +6,7 @@ Kept out of the rule files so that it is typed, tested, and shared by the CLI an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -104,6 +105,14 @@ class Study:
     def test_subjects(self) -> list[str]:
         return [s for s in self.subjects if self.split[s] == "test"]
 
+    def split_table(self) -> pd.DataFrame:
+        """subject, split and (when the table has one) stratum of every included subject."""
+        inc = self.selection.included
+        table = pd.DataFrame({"subject": inc["subject"], "split": [self.split[s] for s in inc["subject"]]})
+        if "stratum" in inc.columns:
+            table["stratum"] = inc["stratum"].to_numpy()
+        return table
+
     def cohort_lesion_tables(self) -> list[str]:
         """True-lesion tables of the included cohort exams (empty for real data)."""
         if not self.embedded:
@@ -115,8 +124,19 @@ class Study:
         ]
 
     def raw_inputs(self, subject: str) -> dict[str, str]:
-        row = self.selection.included.set_index("subject").loc[subject]
-        return {key: str(row[key]) for key in SEQUENCES}
+        """The raw sequence files of an included subject (KeyError for any other id)."""
+        return dict(self._raw_inputs[subject])
+
+    @cached_property
+    def _raw_inputs(self) -> dict[str, dict[str, str]]:
+        # Built once: Snakemake calls raw_inputs from input functions several times per subject, and a
+        # DataFrame lookup per call made the DAG of 1000 subjects quadratic (benchmarks/dag.py).
+        inc = self.selection.included
+        columns = [inc[key].astype(str).tolist() for key in SEQUENCES]
+        return {
+            str(subject): dict(zip(SEQUENCES, paths, strict=True))
+            for subject, *paths in zip(inc["subject"], *columns, strict=True)
+        }
 
 
 def _cohort_exams(plan: list[CohortExam]) -> pd.DataFrame:

@@ -2,12 +2,13 @@ import shutil
 
 from _common import setup
 
+from virtual_contrast.io import write_json
 from virtual_contrast.preprocess.normalize import normalize_image
 
 log = setup(snakemake)
 low, high = snakemake.params.percentiles
-for channel in snakemake.params.channels:
-    info = normalize_image(
+ranges = {
+    channel: normalize_image(
         snakemake.input[channel],
         snakemake.input.mask,
         snakemake.output[channel],
@@ -15,5 +16,7 @@ for channel in snakemake.params.channels:
         high=high,
         subject=snakemake.wildcards.subject,
     )
-    log.info("%s: %s", channel, info)
+    for channel in snakemake.params.channels
+}
 shutil.copyfile(snakemake.input.mask, snakemake.output.mask)
+write_json(ranges, snakemake.output.provenance)

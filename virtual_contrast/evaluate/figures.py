@@ -119,7 +119,10 @@ def select_axial_slice(ref: np.ndarray, pre: np.ndarray, mask: np.ndarray) -> in
     """Axial slice (last axis) with the most reference enhancement in the brain; the mask's largest slice
     when nothing enhances."""
     mask = np.asarray(mask) > 0
-    enh = np.clip(np.asarray(ref, dtype=np.float32) - np.asarray(pre, dtype=np.float32), 0, None) * mask
+    enh = (
+        np.clip(np.asarray(ref, dtype=np.float32) - np.asarray(pre, dtype=np.float32), 0, None)
+        * mask
+    )
     per_slice = enh.sum(axis=(0, 1))
     if per_slice.max() > 0:
         return int(np.argmax(per_slice))
@@ -162,7 +165,9 @@ def plot_montage(
             vmin, vmax = np.percentile(plane, [1, 99]) if np.ptp(plane) > 0 else (0.0, 1.0)
         else:
             vmin, vmax = 0.0, 1.0
-        ax.imshow(plane, cmap="gray", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1, origin="upper")
+        ax.imshow(
+            plane, cmap="gray", vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1, origin="upper"
+        )
         ax.set_title(label, fontsize=9)
         ax.axis("off")
     axes[0][0].text(0.02, 0.5, "R", color="yellow", transform=axes[0][0].transAxes, fontsize=8)

@@ -52,10 +52,32 @@ TRUTH_COLUMNS = ("subject", "x_mm", "y_mm", "z_mm", "long_axis_mm", "short_axis_
 DEFAULT_SIZE_BINS = (0.0, 5.0, 10.0, 20.0, float("inf"))
 
 
-def enhancement_map(post: np.ndarray, pre: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Post minus pre, clipped at 0, zero outside the brain mask (float32)."""
-    enh = np.clip(np.asarray(post, np.float32) - np.asarray(pre, np.float32), 0, None)
-    enh[~(np.asarray(mask) > 0)] = 0
+def enhancement_map(
+    post: np.ndarray,
+    pre: np.ndarray,
+    mask: np.ndarray,
+    *,
+    affine: np.ndarray | None = None,
+    smoothing_mm: float = 0.0,
+) -> np.ndarray:
+    """Post minus pre, clipped at 0, zero outside the brain mask (float32).
+
+    With ``smoothing_mm`` > 0 the difference is first smoothed by a Gaussian of that sigma (mm, per axis
+    from the affine's voxel sizes), normalised by the smoothed mask so that the brain's edge is not darkened
+    by the zeros outside it. Smoothing before clipping keeps the noise unbiased.
+    """
+    inside = np.asarray(mask) > 0
+    diff = np.asarray(post, np.float32) - np.asarray(pre, np.float32)
+    diff[~inside] = 0
+    if smoothing_mm > 0:
+        if affine is None:
+            raise ValueError("smoothing needs the affine (voxel sizes)")
+        voxel = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+        sigma = smoothing_mm / voxel
+        weight = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
+        diff = ndimage.gaussian_filter(diff, sigma) / np.maximum(weight, 1e-6)
+    enh = np.clip(diff, 0, None)
+    enh[~inside] = 0
     return enh
 
 
@@ -96,7 +118,9 @@ def measure_axes(voxels: np.ndarray, affine: np.ndarray) -> tuple[float, float, 
     e1 = a_p / np.linalg.norm(a_p)
     basis = np.stack([e1, np.cross(normal, e1)])
 
-    inplane_matrix = np.stack([basis @ a_p, basis @ a_q], axis=1)  # voxel steps in 2D plane coordinates
+    inplane_matrix = np.stack(
+        [basis @ a_p, basis @ a_q], axis=1
+    )  # voxel steps in 2D plane coordinates
     inverse = np.linalg.inv(inplane_matrix)
 
     def width(u: np.ndarray) -> float:
@@ -149,6 +173,9 @@ def detect_lesions(
     min_volume_mm3: float = 10.0,
     fill_holes: bool = True,
     edge_fraction: float | None = 0.5,
+    smoothing_mm: float = 1.0,
+    edge_margin_mm: float = 3.0,
+    exclude: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Enhancing lesions of one image, one row per lesion with :data:`DETECTION_COLUMNS`.
 
@@ -159,6 +186,12 @@ def detect_lesions(
     enhancement (half maximum by default; cavities filled, largest piece kept), which puts the edge where the
     partial-volume and blur-smoothed profile crosses the middle of the step, i.e. at the true boundary, and makes
     the axes independent of the detection threshold. ``None`` keeps the thresholded extent.
+    ``smoothing_mm``: Gaussian sigma applied to the difference first (see :func:`enhancement_map`); it turns
+    voxel noise, which a threshold would cut into hundreds of specks, into a smooth background.
+    ``edge_margin_mm``: a lesion must have a seed voxel at least this deep inside the brain mask, which drops
+    the dura, the venous sinuses and mask-edge misregistration, which enhance as thin rims at the surface.
+    ``exclude``: voxels of physiological enhancement (choroid plexus, vessels) where no lesion may grow, e.g.
+    :func:`normal_enhancement_mask` of the training subjects in atlas space.
     """
     shapes = {"post": np.shape(post), "pre": np.shape(pre), "mask": np.shape(mask)}
     if len(set(shapes.values())) != 1 or len(shapes["post"]) != 3:
@@ -168,12 +201,22 @@ def detect_lesions(
     low = threshold / 2 if low_threshold is None else low_threshold
     if not 0 < low <= threshold:
         raise InputError(f"low_threshold must be in (0, threshold], got {low}")
-    enh = enhancement_map(post, pre, mask)
+    enh = enhancement_map(post, pre, mask, affine=affine, smoothing_mm=smoothing_mm)
+    allowed = np.asarray(mask) > 0
+    if exclude is not None:
+        if np.shape(exclude) != enh.shape:
+            raise InputError(f"exclude mask has shape {np.shape(exclude)}, expected {enh.shape}")
+        allowed &= ~(np.asarray(exclude) > 0)
+    seeds = allowed & (enh > threshold)
+    if edge_margin_mm > 0 and seeds.any():
+        voxel = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+        depth = ndimage.distance_transform_edt(np.asarray(mask) > 0, sampling=voxel)
+        seeds &= depth >= edge_margin_mm
     face = ndimage.generate_binary_structure(3, 1)
-    candidates, n = ndimage.label(enh > low, structure=face)
+    candidates, n = ndimage.label(allowed & (enh > low), structure=face)
     if n:
         seeded = np.zeros(n + 1, dtype=bool)
-        seeded[np.unique(candidates[enh > threshold])] = True
+        seeded[np.unique(candidates[seeds])] = True
         seeded[0] = False
         binary = seeded[candidates]
     else:
@@ -193,7 +236,10 @@ def detect_lesions(
         if n_vox * voxel_volume < min_volume_mm3:
             continue
         voxels = np.argwhere(local) + np.array([sl.start for sl in box])
-        centre = voxels.mean(axis=0) @ np.asarray(affine, float)[:3, :3].T + np.asarray(affine, float)[:3, 3]
+        centre = (
+            voxels.mean(axis=0) @ np.asarray(affine, float)[:3, :3].T
+            + np.asarray(affine, float)[:3, 3]
+        )
         long_, short, k = measure_axes(voxels, affine)
         values = enh[box][local]
         rows.append(
@@ -213,8 +259,34 @@ def detect_lesions(
     table = pd.DataFrame(rows, columns=[c for c in DETECTION_COLUMNS if c != "lesion_id"])
     table = table.sort_values("volume_mm3", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "lesion_id", np.arange(1, len(table) + 1))
-    log.info("detected %d lesions (threshold %.3g, floor %.3g, min %.3g mm3)", len(table), threshold, low, min_volume_mm3)
+    log.info(
+        "detected %d lesions (threshold %.3g, floor %.3g, min %.3g mm3)",
+        len(table),
+        threshold,
+        low,
+        min_volume_mm3,
+    )
     return table
+
+
+def normal_enhancement_mask(
+    enhancements: Sequence[np.ndarray], *, threshold: float, fraction: float = 0.5
+) -> np.ndarray:
+    """Voxels that enhance above ``threshold`` in at least ``fraction`` of the given subjects.
+
+    Physiological enhancement (choroid plexus, venous sinuses, dura) sits at the same place in every brain once
+    registered to the atlas, lesions do not: computed on the training subjects' enhancement maps in atlas space
+    (:func:`enhancement_map`), this is an ``exclude`` mask for :func:`detect_lesions`.
+    """
+    if not enhancements:
+        raise InputError("normal_enhancement_mask needs at least one enhancement map")
+    shapes = {np.shape(e) for e in enhancements}
+    if len(shapes) != 1:
+        raise InputError(f"enhancement maps must share one grid, got shapes {sorted(shapes)}")
+    count = np.zeros(next(iter(shapes)), dtype=np.int32)
+    for e in enhancements:
+        count += np.asarray(e) > threshold
+    return count >= fraction * len(enhancements)
 
 
 def detect_lesions_from_files(
@@ -231,7 +303,9 @@ def detect_lesions_from_files(
     mask_a, mask_aff = load_array(mask, subject=subject)
     for name, arr, aff, path in (("pre", pre_a, pre_aff, pre), ("mask", mask_a, mask_aff, mask)):
         if arr.shape != post_a.shape or not np.allclose(aff, affine, atol=1e-3):
-            raise InputError(f"{name} is not on the post-contrast image's grid", subject=subject, path=path)
+            raise InputError(
+                f"{name} is not on the post-contrast image's grid", subject=subject, path=path
+            )
     table = detect_lesions(post_a, pre_a, mask_a, affine, **kwargs)
     if subject is not None:
         table.insert(0, "subject", subject)
@@ -276,7 +350,9 @@ def validate_detector(
         if missing:
             raise InputError(f"{name} table lacks columns {missing}")
     if subjects is None:
-        subjects = sorted(set(truth["subject"].astype(str)) | set(detections["subject"].astype(str)))
+        subjects = sorted(
+            set(truth["subject"].astype(str)) | set(detections["subject"].astype(str))
+        )
     truth = truth.assign(subject=truth["subject"].astype(str))
     detections = detections.assign(subject=detections["subject"].astype(str))
     true_rows, fp_rows = [], []
@@ -286,11 +362,18 @@ def validate_detector(
         ref_to_det, det_to_ref = match_lesions(t, d, rule=rule)
         true_rows.append(pd.DataFrame({"long": t["long_axis_mm"], "detected": ref_to_det >= 0}))
         fp_rows.append(pd.DataFrame({"long": d["long_axis_mm"][det_to_ref < 0]}))
-    hits = pd.concat(true_rows, ignore_index=True) if true_rows else pd.DataFrame(columns=["long", "detected"])
+    hits = (
+        pd.concat(true_rows, ignore_index=True)
+        if true_rows
+        else pd.DataFrame(columns=["long", "detected"])
+    )
     fps = pd.concat(fp_rows, ignore_index=True) if fp_rows else pd.DataFrame(columns=["long"])
     edges = list(bins)
     rows = []
-    for label, lo, hi in [*zip(_bin_labels(edges), edges[:-1], edges[1:], strict=True), ("all", edges[0], edges[-1])]:
+    for label, lo, hi in [
+        *zip(_bin_labels(edges), edges[:-1], edges[1:], strict=True),
+        ("all", edges[0], edges[-1]),
+    ]:
         in_bin = hits[(hits["long"] >= lo) & (hits["long"] < hi)]
         fp = int(((fps["long"] >= lo) & (fps["long"] < hi)).sum())
         tp = int(in_bin["detected"].sum())

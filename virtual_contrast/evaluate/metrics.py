@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,9 @@ def ssim(
     """Mean of the Gaussian-window SSIM map (Wang et al. 2004) over ``mask``; see the module docstring."""
     _check_same_shape({"pred": pred, "ref": ref, "mask": mask})
     mask = np.asarray(mask, dtype=bool)
-    radius = int(truncate * sigma + 0.5)  # scipy.ndimage's kernel radius for this sigma and truncate
+    radius = int(
+        truncate * sigma + 0.5
+    )  # scipy.ndimage's kernel radius for this sigma and truncate
     box = _mask_bbox(mask, radius)
     x = np.asarray(pred[box], dtype=np.float64)
     y = np.asarray(ref[box], dtype=np.float64)
@@ -156,7 +159,9 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> RocCurve:
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"ROC needs both classes, got {n_pos} positive and {n_neg} negative voxels")
+        raise ValueError(
+            f"ROC needs both classes, got {n_pos} positive and {n_neg} negative voxels"
+        )
     order = np.argsort(scores, kind="stable")[::-1]
     s = scores[order]
     y = labels[order]
@@ -181,7 +186,9 @@ def enhancement_roc(
     ref_enh = enhancement(ref[mask], pre[mask])
     score = enhancement(pred[mask], pre[mask])
     if np.ptp(ref_enh) == 0:
-        raise InputError("the reference enhancement map is constant in the brain mask (no contrast?)")
+        raise InputError(
+            "the reference enhancement map is constant in the brain mask (no contrast?)"
+        )
     otsu = float(threshold_otsu(ref_enh))
     labels = ref_enh > otsu
     return roc_curve(labels, score), otsu, int(labels.sum())
@@ -300,7 +307,9 @@ def evaluate_subject(
         tpr = m.pop("roc_tpr")
         rows.append({"subject": subject, "modality": modality, **m})
         curves.append(
-            pd.DataFrame({"subject": subject, "modality": modality, "fpr": ROC_FPR_GRID, "tpr": tpr})
+            pd.DataFrame(
+                {"subject": subject, "modality": modality, "fpr": ROC_FPR_GRID, "tpr": tpr}
+            )
         )
         log.info(
             "%s %s: SSIM %.4f PSNR %.2f dB AUC %.4f",
@@ -339,7 +348,9 @@ def aggregate_voxel_metrics(
         raise InputError(f"voxel metrics table lacks columns {sorted(missing)}")
     rows = []
     for column, label, _, unit in TABLE3_METRICS:
-        wide = metrics.pivot_table(index="subject", columns="modality", values=column, aggfunc="first")
+        wide = metrics.pivot_table(
+            index="subject", columns="modality", values=column, aggfunc="first"
+        )
         row = {"metric": column, "label": label, "unit": unit}
         for modality in (baseline, candidate):
             values = wide[modality].dropna() if modality in wide else pd.Series(dtype=float)
@@ -361,7 +372,7 @@ def aggregate_voxel_metrics(
 
 
 def format_p(p: float) -> str:
-    """APA-like p-value: ``p<.001``, ``p>.99``, else two decimals (three below .01 or near .05)."""
+    """APA-like p-value: ``p<.001``, ``p>.99``, else two decimals (three below .01 or near .05), half-up."""
     if p is None or not np.isfinite(p):
         return "n/a"
     if p < 0.001:
@@ -369,7 +380,9 @@ def format_p(p: float) -> str:
     if p > 0.99:
         return "p>.99"
     digits = 3 if (p < 0.01 or 0.045 <= p < 0.055) else 2
-    return "p=" + f"{p:.{digits}f}".lstrip("0")
+    # Half-up, as tables are usually rounded (0.125 -> .13), not Python's half-to-even on binary floats.
+    rounded = Decimal(repr(float(p))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return "p=" + str(rounded).lstrip("0")
 
 
 def table3_markdown(table: pd.DataFrame, *, baseline: str = "low", candidate: str = "vir") -> str:
@@ -385,7 +398,9 @@ def table3_markdown(table: pd.DataFrame, *, baseline: str = "low", candidate: st
         for modality in (baseline, candidate):
             mean, sd = r[f"{modality}_mean"] * k, r[f"{modality}_sd"] * k
             cells.append("n/a" if not np.isfinite(mean) else f"{mean:.1f} (±{sd:.1f})")
-        lines.append(f"| {r['label']} ({r['unit']}) | {cells[0]} | {cells[1]} | {format_p(r['p_value'])} |")
+        lines.append(
+            f"| {r['label']} ({r['unit']}) | {cells[0]} | {cells[1]} | {format_p(r['p_value'])} |"
+        )
     n = int(table["n_paired"].max()) if len(table) else 0
     lines.append("")
     lines.append(

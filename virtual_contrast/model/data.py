@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from virtual_contrast.io import InputError, atomic_path, load_image
+from virtual_contrast.model import runtime
 
 log = logging.getLogger(__name__)
 
@@ -204,20 +204,6 @@ def cache_subject(sv: SubjectVolumes, cache_dir: Path | str, channels: Sequence[
     return path
 
 
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
 class VolumeStore:
     """The cached subjects of one set (training or tuning), served as batches on ``device``.
 
@@ -243,7 +229,7 @@ class VolumeStore:
         nbytes = sum(a.nbytes for a in self.arrays)
         if resident == "auto":
             share = 0.5 if device.type == "cuda" else 0.25
-            resident = nbytes < share * _available_bytes(device)
+            resident = nbytes < share * runtime.available_bytes(device)
         self.resident = bool(resident)
         self.store: torch.Tensor | None = None
         if self.resident:

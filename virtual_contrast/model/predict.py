@@ -62,8 +62,8 @@ def tta_predict(
 
     ``x`` is ``(C, X, Y, Z)`` or ``(1, C, X, Y, Z)`` on the models' device; the result has the same number of
     dimensions with ``out_channels`` channels. ``batch`` mirrored copies are stacked per forward pass (default:
-    all 8 on a GPU, 1 on the CPU where batching gains nothing and costs memory). ``amp`` follows
-    :func:`~virtual_contrast.model.runtime.resolve_amp` (bf16 on a GPU, fp32 on the CPU).
+    :func:`auto_batch`, all 8 when memory allows; batching pays on the CPU too, 7× at 32×48×32).
+    ``amp`` follows :func:`~virtual_contrast.model.runtime.resolve_amp` (bf16 on a GPU, fp32 on the CPU).
     """
     if not models:
         raise ValueError("tta_predict needs at least one model")
@@ -76,7 +76,7 @@ def tta_predict(
     amp_dtype = runtime.resolve_amp(amp, device)
     cl = runtime.use_channels_last(channels_last, device)
     configs = flip_configs(flips)
-    batch = batch or (len(configs) if device.type == "cuda" else 1)
+    batch = batch or auto_batch(models, x, amp_dtype, len(configs))
     acc: torch.Tensor | None = None
     for start in range(0, len(configs), batch):
         chunk = configs[start : start + batch]
@@ -92,6 +92,24 @@ def tta_predict(
                 acc = y.clone() if acc is None else acc.add_(y)
     out = acc / (len(models) * len(configs))
     return out[0] if squeeze else out
+
+
+def auto_batch(
+    models: Sequence[nn.Module], x: torch.Tensor, amp_dtype: torch.dtype | None, n_configs: int = 8
+) -> int:
+    """Mirrored copies per forward pass that fit a memory budget: half the free GPU memory, or on the CPU a
+    quarter of the available RAM and at most 4 GB.
+
+    Inference keeps about 8 full-resolution feature maps of ``width`` channels alive per sample (the
+    long skips of every level plus the working maps); that bound is used per sample.
+    """
+    width = max(getattr(getattr(m, "spec", None), "width", 32) for m in models)
+    itemsize = 2 if amp_dtype is not None else 4
+    per_sample = 8 * width * itemsize * x[0, 0].numel()
+    budget = runtime.available_bytes(x.device) * 0.5
+    if x.device.type != "cuda":
+        budget = min(budget * 0.5, 4e9)
+    return int(max(1, min(n_configs, budget // per_sample)))
 
 
 @torch.inference_mode()
@@ -119,8 +137,11 @@ def load_models(
     if not model_paths:
         raise InputError("no model checkpoint given")
     models, ckpts = [], []
+    device = torch.device(device)
     for p in model_paths:
         model, ckpt = load_model(p, device)
+        if runtime.use_channels_last("auto", device):
+            model = model.to(memory_format=torch.channels_last_3d)
         models.append(model)
         ckpts.append(ckpt)
     channels = ckpts[0]["channels"]

@@ -54,7 +54,9 @@ def make_toy_subjects(
         mask = (((grid / radii[:, None, None, None]) ** 2).sum(0) <= 1).astype(np.float32)
         inputs = {}
         for ch in ("ADC", "FLAIR", "T1w", "lowT1c"):
-            field = gaussian_filter(rng.standard_normal(shape), sigma=max(1.0, min(shape) / 12))
+            field = gaussian_filter(
+                rng.standard_normal(shape), sigma=min(3.0, max(1.0, min(shape) / 12))
+            )
             field = (field - field.min()) / (np.ptp(field) + 1e-8)
             inputs[ch] = (field * mask).astype(np.float32)
         target = toy_target(inputs, mask)

@@ -45,7 +45,10 @@ def find_flirt() -> tuple[str | None, str]:
         candidate = Path(fsldir) / "bin" / "flirt"
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate), f"flirt found in FSLDIR={fsldir}{_fsl_version_note()}"
-        return None, f"FSLDIR={fsldir} is set but {candidate} is not an executable, and flirt is not on PATH"
+        return (
+            None,
+            f"FSLDIR={fsldir} is set but {candidate} is not an executable, and flirt is not on PATH",
+        )
     return None, "no flirt on PATH and FSLDIR is not set"
 
 
@@ -215,8 +218,12 @@ class FSLBackend:
         stages: list[dict] = []
         with self._tmpdir() as tmp:
             tmp = Path(tmp)
-            mov_path = save_image(np.asanyarray(moving.dataobj), moving.affine, tmp / "moving.nii.gz")
-            ref_path = save_image(np.asanyarray(reference.dataobj), reference.affine, tmp / "ref.nii.gz")
+            mov_path = save_image(
+                np.asanyarray(moving.dataobj), moving.affine, tmp / "moving.nii.gz"
+            )
+            ref_path = save_image(
+                np.asanyarray(reference.dataobj), reference.affine, tmp / "ref.nii.gz"
+            )
             weight = None
             if reference_mask is not None:
                 weight = save_image(reference_mask, reference.affine, tmp / "refweight.nii.gz")
@@ -224,7 +231,9 @@ class FSLBackend:
                 s0 = time.perf_counter()
                 head = head_mask_from_image(np.asanyarray(moving.dataobj))
                 head_path = save_image(head, moving.affine, tmp / "subject_head.nii.gz")
-                atlas_head = save_image(reference_head_mask, reference.affine, tmp / "ref_head.nii.gz")
+                atlas_head = save_image(
+                    reference_head_mask, reference.affine, tmp / "ref_head.nii.gz"
+                )
                 iface = flirt_estimate(
                     atlas_head,
                     head_path,
@@ -254,7 +263,9 @@ class FSLBackend:
             init_path = None
             if initial is not None:
                 init_path = tmp / "init.mat"
-                np.savetxt(init_path, world_to_flirt_matrix(initial, moving, reference), fmt="%.10f")
+                np.savetxt(
+                    init_path, world_to_flirt_matrix(initial, moving, reference), fmt="%.10f"
+                )
             s0 = time.perf_counter()
             iface = flirt_estimate(
                 mov_path,
@@ -291,15 +302,26 @@ class FSLBackend:
         ref_img = nib.Nifti1Image(np.zeros(tuple(ref_shape[:3]), np.float32), ref_affine)
         with self._tmpdir() as tmp:
             tmp = Path(tmp)
-            mov_path = save_image(np.asanyarray(moving.dataobj), moving.affine, tmp / "moving.nii.gz")
-            ref_path = save_image(ref_img.get_fdata(dtype=np.float32), ref_affine, tmp / "ref.nii.gz")
+            mov_path = save_image(
+                np.asanyarray(moving.dataobj), moving.affine, tmp / "moving.nii.gz"
+            )
+            ref_path = save_image(
+                ref_img.get_fdata(dtype=np.float32), ref_affine, tmp / "ref.nii.gz"
+            )
             mat_path = tmp / "apply.mat"
             np.savetxt(mat_path, world_to_flirt_matrix(transform, moving, ref_img), fmt="%.10f")
             iface = flirt_apply(
-                mov_path, ref_path, mat_path, tmp / "resampled.nii.gz", order=order, command=self.flirt
+                mov_path,
+                ref_path,
+                mat_path,
+                tmp / "resampled.nii.gz",
+                order=order,
+                command=self.flirt,
             )
             self._run(iface)
             out = load_image(tmp / "resampled.nii.gz")
-        if out.shape[:3] != tuple(ref_shape[:3]) or not np.allclose(out.affine, ref_affine, atol=1e-3):
+        if out.shape[:3] != tuple(ref_shape[:3]) or not np.allclose(
+            out.affine, ref_affine, atol=1e-3
+        ):
             raise RuntimeError("FLIRT -applyxfm output is not on the reference grid")
         return np.asanyarray(out.dataobj, dtype=np.float32)

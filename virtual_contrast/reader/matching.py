@@ -28,14 +28,20 @@ MatchRule = Literal["both", "reference"]
 CENTRE = ["x_mm", "y_mm", "z_mm"]
 
 
-def pairing_radius(reference: pd.DataFrame, detections: pd.DataFrame, rule: MatchRule = "both") -> np.ndarray:
+def pairing_radius(
+    reference: pd.DataFrame, detections: pd.DataFrame, rule: MatchRule = "both"
+) -> np.ndarray:
     """Matrix (n_reference × n_detections) of the distance below which two lesions pair."""
-    ref_axes = (reference["long_axis_mm"].to_numpy(float) + reference["short_axis_mm"].to_numpy(float))[:, None]
+    ref_axes = (
+        reference["long_axis_mm"].to_numpy(float) + reference["short_axis_mm"].to_numpy(float)
+    )[:, None]
     if rule == "reference":
         return np.broadcast_to(ref_axes / 4.0, (len(reference), len(detections))).copy()
     if rule != "both":
         raise ValueError(f"unknown matching rule {rule!r}; expected 'both' or 'reference'")
-    det_axes = (detections["long_axis_mm"].to_numpy(float) + detections["short_axis_mm"].to_numpy(float))[None, :]
+    det_axes = (
+        detections["long_axis_mm"].to_numpy(float) + detections["short_axis_mm"].to_numpy(float)
+    )[None, :]
     return (ref_axes + det_axes) / 8.0
 
 

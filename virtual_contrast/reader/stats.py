@@ -36,6 +36,7 @@ from __future__ import annotations
 import html
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,9 @@ def validate_lesions(df: pd.DataFrame, *, source: Path | str | None = None) -> p
         values = pd.to_numeric(df[col], errors="coerce")
         bad = df.index[~np.isfinite(values.to_numpy(float))]
         if len(bad):
-            raise InputError(f"lesions: {col} is missing or not a number on line(s) {_rows(bad)}", path=source)
+            raise InputError(
+                f"lesions: {col} is missing or not a number on line(s) {_rows(bad)}", path=source
+            )
         df[col] = values.astype(float)
     for col in ("long_axis_mm", "short_axis_mm"):
         bad = df.index[df[col] < 0]
@@ -181,14 +184,17 @@ def validate_reads(df: pd.DataFrame, *, source: Path | str | None = None) -> pd.
         df[col] = values.astype(float)
     bad = df.index[df["quality"].notna() & ~df["quality"].isin([1, 2, 3, 4, 5])]
     if len(bad):
-        raise InputError(f"reads: quality must be an integer grade 1-5 on line(s) {_rows(bad)}", path=source)
+        raise InputError(
+            f"reads: quality must be an integer grade 1-5 on line(s) {_rows(bad)}", path=source
+        )
     bad = df.index[df["reading_time_s"] < 0]
     if len(bad):
         raise InputError(f"reads: negative reading_time_s on line(s) {_rows(bad)}", path=source)
     dup = df.index[df.duplicated(["patient", "reader", "modality"], keep="first")]
     if len(dup):
         raise InputError(
-            f"reads: the same (patient, reader, modality) is read twice, line(s) {_rows(dup)}", path=source
+            f"reads: the same (patient, reader, modality) is read twice, line(s) {_rows(dup)}",
+            path=source,
         )
     return df.reset_index(drop=True)
 
@@ -233,11 +239,15 @@ def check_consistency(
     read_keys = set(reads[["patient", "reader", "modality"]].itertuples(index=False, name=None))
     orphan = [
         (i, key)
-        for i, key in enumerate(lesions[["patient", "reader", "modality"]].itertuples(index=False, name=None))
+        for i, key in enumerate(
+            lesions[["patient", "reader", "modality"]].itertuples(index=False, name=None)
+        )
         if key not in read_keys
     ]
     if orphan:
-        shown = "; ".join(f"patient {p!r}, reader {r!r}, modality {m!r}" for _, (p, r, m) in orphan[:5])
+        shown = "; ".join(
+            f"patient {p!r}, reader {r!r}, modality {m!r}" for _, (p, r, m) in orphan[:5]
+        )
         raise InputError(
             f"{len(orphan)} lesion(s) belong to no read in the reads table (lesions line(s) "
             f"{_rows([i for i, _ in orphan])}): {shown}; add the read (patient, reader, modality) to the reads"
@@ -245,7 +255,9 @@ def check_consistency(
     ref_readers = sorted(reads.loc[reads["modality"] == "ref", "reader"].unique())
     if reference_reader is None:
         if not ref_readers:
-            raise InputError("no reader read any ref image: the reference standard (ref reads) is missing")
+            raise InputError(
+                "no reader read any ref image: the reference standard (ref reads) is missing"
+            )
         if len(ref_readers) > 1:
             raise InputError(
                 f"several readers read ref images ({', '.join(ref_readers)}); choose one with --reference-reader"
@@ -255,7 +267,9 @@ def check_consistency(
         raise InputError(
             f"reference reader {reference_reader!r} has no ref read; readers with ref reads: {ref_readers or 'none'}"
         )
-    ref_patients = set(reads.loc[(reads["modality"] == "ref") & (reads["reader"] == reference_reader), "patient"])
+    ref_patients = set(
+        reads.loc[(reads["modality"] == "ref") & (reads["reader"] == reference_reader), "patient"]
+    )
     evaluated = reads[~((reads["modality"] == "ref") & (reads["reader"] == reference_reader))]
     missing = sorted(set(evaluated["patient"]) - ref_patients)
     if missing:
@@ -287,9 +301,13 @@ def match_study(
     """Match each evaluated read (every read but the reference reader's ref reads) to the reference."""
     ref_sel = (lesions["reader"] == reference_reader) & (lesions["modality"] == "ref")
     reference = {p: g.reset_index(drop=True) for p, g in lesions[ref_sel].groupby("patient")}
-    marked = {k: g.reset_index(drop=True) for k, g in lesions[~ref_sel].groupby(["patient", "reader", "modality"])}
+    marked = {
+        k: g.reset_index(drop=True)
+        for k, g in lesions[~ref_sel].groupby(["patient", "reader", "modality"])
+    }
     evaluated = reads.loc[
-        ~((reads["reader"] == reference_reader) & (reads["modality"] == "ref")), ["patient", "reader", "modality"]
+        ~((reads["reader"] == reference_reader) & (reads["modality"] == "ref")),
+        ["patient", "reader", "modality"],
     ].reset_index(drop=True)
     empty = lesions.iloc[0:0]
     hits, fps = [], []
@@ -344,7 +362,11 @@ def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, flo
     if values.size < 2:
         return np.nan, np.nan
     mean = values.mean()
-    half = stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size)
+    half = (
+        stats.t.ppf(0.5 + confidence / 2, values.size - 1)
+        * values.std(ddof=1)
+        / np.sqrt(values.size)
+    )
     return float(mean - half), float(mean + half)
 
 
@@ -358,7 +380,9 @@ def mcnemar_midp(b: int, c: int) -> float:
     if n == 0:
         return 1.0
     k = min(int(b), int(c))
-    return float(min(1.0, 2.0 * stats.binom.cdf(k, n, 0.5) - stats.binom.pmf(k, n, 0.5)))
+    # Exact integer arithmetic (one correctly rounded division), so that e.g. b=5, c=1 gives exactly 0.125.
+    numerator = 2 * sum(math.comb(n, i) for i in range(k)) + math.comb(n, k)
+    return min(1.0, numerator / 2**n)
 
 
 def wilcoxon_signed_rank(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -378,15 +402,21 @@ def wilcoxon_signed_rank(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def _fp_per_patient(m: StudyMatches, reader: str, modality: str, threshold: float) -> pd.Series:
-    patients = m.reads.loc[(m.reads["reader"] == reader) & (m.reads["modality"] == modality), "patient"]
+    patients = m.reads.loc[
+        (m.reads["reader"] == reader) & (m.reads["modality"] == modality), "patient"
+    ]
     fp = m.false_positives
-    sel = fp[(fp["reader"] == reader) & (fp["modality"] == modality) & (fp["long_axis_mm"] >= threshold)]
+    sel = fp[
+        (fp["reader"] == reader) & (fp["modality"] == modality) & (fp["long_axis_mm"] >= threshold)
+    ]
     return sel.groupby("patient").size().reindex(sorted(patients), fill_value=0).astype(int)
 
 
 def _hits(m: StudyMatches, reader: str, modality: str, threshold: float) -> pd.Series:
     h = m.hits
-    sel = h[(h["reader"] == reader) & (h["modality"] == modality) & (h["ref_long_axis_mm"] >= threshold)]
+    sel = h[
+        (h["reader"] == reader) & (h["modality"] == modality) & (h["ref_long_axis_mm"] >= threshold)
+    ]
     return sel.set_index(["patient", "ref_lesion"])["detected"].astype(bool)
 
 
@@ -400,7 +430,9 @@ def evaluated_pairs(m: StudyMatches) -> list[tuple[str, str]]:
     )
 
 
-def detection_table(m: StudyMatches, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> pd.DataFrame:
+def detection_table(
+    m: StudyMatches, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+) -> pd.DataFrame:
     """SE, FDR, PPV, F1 with intervals for each evaluated (reader, modality) and size threshold."""
     rows = []
     for reader, modality in evaluated_pairs(m):
@@ -410,7 +442,11 @@ def detection_table(m: StudyMatches, thresholds: Sequence[float] = DEFAULT_THRES
             n_ref, tp, n_fp, n_pat = len(hits), int(hits.sum()), int(fp.sum()), len(fp)
             se = tp / n_ref if n_ref else np.nan
             ppv = tp / (tp + n_fp) if tp + n_fp else np.nan
-            f1 = 2 * se * ppv / (se + ppv) if (np.isfinite(se) and np.isfinite(ppv) and se + ppv > 0) else np.nan
+            f1 = (
+                2 * se * ppv / (se + ppv)
+                if (np.isfinite(se) and np.isfinite(ppv) and se + ppv > 0)
+                else np.nan
+            )
             if np.isfinite(se) and np.isfinite(ppv) and se + ppv == 0:
                 f1 = 0.0
             se_lo, se_hi = clopper_pearson(tp, n_ref)
@@ -553,7 +589,12 @@ def grade_table(reads: pd.DataFrame, column: str) -> pd.DataFrame:
         common = a.index.intersection(b.index)
         x, y = a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)
         if len(common) < 2 or np.std(x - y) == 0:
-            return {"n": len(common), "test": "paired t-test", "statistic": np.nan, "p_value": np.nan}
+            return {
+                "n": len(common),
+                "test": "paired t-test",
+                "statistic": np.nan,
+                "p_value": np.nan,
+            }
         res = stats.ttest_rel(x, y)
         return {
             "n": len(common),
@@ -566,12 +607,21 @@ def grade_table(reads: pd.DataFrame, column: str) -> pd.DataFrame:
         for m1, m2 in itertools.combinations(present, 2):
             res = ttest(wide.get((reader, m1)), wide.get((reader, m2)))
             if res:
-                rows.append({"kind": "modality_comparison", "reader": reader, "modality": f"{m1} vs {m2}", **res})
+                rows.append(
+                    {
+                        "kind": "modality_comparison",
+                        "reader": reader,
+                        "modality": f"{m1} vs {m2}",
+                        **res,
+                    }
+                )
     for r1, r2 in itertools.combinations(readers, 2):
         for mod in present:
             res = ttest(wide.get((r1, mod)), wide.get((r2, mod)))
             if res:
-                rows.append({"kind": "reader_comparison", "reader": f"{r1} vs {r2}", "modality": mod, **res})
+                rows.append(
+                    {"kind": "reader_comparison", "reader": f"{r1} vs {r2}", "modality": mod, **res}
+                )
     columns = ["kind", "reader", "modality", "n", "mean", "sd", "test", "statistic", "p_value"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -588,7 +638,11 @@ def _threshold_label(thr: float) -> str:
 
 
 def table5_rows(
-    detection: pd.DataFrame, comparisons: pd.DataFrame, *, baseline: str = "low", candidate: str = "vir"
+    detection: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    *,
+    baseline: str = "low",
+    candidate: str = "vir",
 ) -> tuple[list[str], list[list[str]]]:
     """Header and body of the Table-5-like table (strings), shared by the markdown and HTML renderings."""
     readers = list(dict.fromkeys(detection["reader"]))
@@ -651,21 +705,31 @@ def table5_rows(
             for r in readers:
                 line += [cell(det(r, baseline, thr), metric), cell(det(r, candidate, thr), metric)]
                 line.append(
-                    comp(f"{baseline}_vs_{candidate}", r, f"{baseline} vs {candidate}", thr, tested[metric])
+                    comp(
+                        f"{baseline}_vs_{candidate}",
+                        r,
+                        f"{baseline} vs {candidate}",
+                        thr,
+                        tested[metric],
+                    )
                     if metric in tested
                     else ""
                 )
             for r1, r2 in pairs:
                 for mod in (baseline, candidate):
                     line.append(
-                        comp("reader_vs_reader", f"{r1} vs {r2}", mod, thr, tested[metric]) if metric in tested else ""
+                        comp("reader_vs_reader", f"{r1} vs {r2}", mod, thr, tested[metric])
+                        if metric in tested
+                        else ""
                     )
             if len(readers) > 1:
                 for mod in (baseline, candidate):
                     vals = [det(r, mod, thr) for r in readers]
                     vals = [float(v[column[metric]]) for v in vals if v is not None]
                     mean = float(np.nanmean(vals)) if vals and np.isfinite(vals).any() else np.nan
-                    line.append(f"{mean:.2f}" if metric == "FDR" and np.isfinite(mean) else pct(mean))
+                    line.append(
+                        f"{mean:.2f}" if metric == "FDR" and np.isfinite(mean) else pct(mean)
+                    )
             body.append(line)
     return header, body
 

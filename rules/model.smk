@@ -1,0 +1,87 @@
+# The model (paper, "Deep learning method"): folds of the training patients, one training job per fold on a
+# GPU, and test-time-augmented prediction (8 mirror configurations x K fold models) per test patient.
+
+
+rule split:
+    output:
+        folds="results/tables/folds.tsv",
+    params:
+        subjects=STUDY.split_table().to_dict("records"),
+        k=config["split"]["folds"],
+        seed=config["split"]["seed"],
+    log:
+        "logs/split.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/split.py"
+
+
+rule train:
+    input:
+        folds=rules.split.output.folds,
+        volumes=get_training_volumes,
+    output:
+        model="results/models/fold-{fold}/model.pt",
+        log=report(
+            "results/models/fold-{fold}/train_log.tsv",
+            caption="report/train_log.rst",
+            category="3. Training",
+            labels={"fold": "{fold}", "figure": "log"},
+        ),
+        curve=report(
+            "results/models/fold-{fold}/loss_curve.png",
+            caption="report/loss_curve.rst",
+            category="3. Training",
+            labels={"fold": "{fold}", "figure": "loss curve"},
+        ),
+    params:
+        # Not an output: Snakemake deletes a failed job's outputs, and a preempted job resumes from here.
+        checkpoint_dir="results/models/fold-{fold}/checkpoint",
+        cache_dir="results/models/cache",
+        config=lambda wc: train_config(),
+    threads: config["train"]["threads"]
+    resources:
+        gpu=1,
+        mem_mb=config["train"]["mem_mb"],
+        runtime=config["train"]["runtime_min"],
+    log:
+        "logs/train/fold-{fold}.log",
+    benchmark:
+        "results/benchmarks/train/fold-{fold}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/train.py"
+
+
+rule predict:
+    input:
+        models=expand(rules.train.output.model, fold=FOLDS),
+        channels=[rules.normalize.output[c] for c in INPUT_CHANNELS],
+        mask=rules.normalize.output.mask,
+        normalize=rules.normalize.output.provenance,
+        transform=lambda wc: rules.register.output.transforms[CHANNELS.index("lowT1c")].format(
+            subject=wc.subject
+        ),
+        native=lambda wc: STUDY.raw_inputs(wc.subject)["low"],
+    output:
+        atlas=sub("{subject}", "predict", "space-ICBM09a_desc-virtual_T1c.nii.gz"),
+        native=sub("{subject}", "predict", "space-native_desc-virtual_T1c.nii.gz"),
+    params:
+        channels=INPUT_CHANNELS,
+        device=config["predict"]["device"],
+        flips="all8" if config["predict"]["tta"] else "none",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=30,
+    log:
+        "logs/predict/sub-{subject}.log",
+    benchmark:
+        "results/benchmarks/predict/sub-{subject}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/predict.py"

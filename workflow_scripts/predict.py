@@ -1,0 +1,28 @@
+import json
+from pathlib import Path
+
+from _common import setup
+
+from virtual_contrast.model.export import export_native
+from virtual_contrast.model.predict import predict_subject
+
+log = setup(snakemake)
+subject = snakemake.wildcards.subject
+predict_subject(
+    snakemake.input.models,
+    dict(zip(snakemake.params.channels, snakemake.input.channels, strict=True)),
+    snakemake.output.atlas,
+    device=snakemake.params.device,
+    flips=snakemake.params.flips,
+    mask_path=snakemake.input.mask,
+    subject=subject,
+)
+low = json.loads(Path(snakemake.input.normalize).read_text())["lowT1c"]
+export_native(
+    snakemake.output.atlas,
+    snakemake.input.native,
+    snakemake.input.transform,
+    snakemake.output.native,
+    intensity_range=(low["low_value"], low["high_value"]),
+    subject=subject,
+)
