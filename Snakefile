@@ -21,6 +21,8 @@ include: "rules/cohort.smk"
 include: "rules/preprocess.smk"
 include: "rules/qc.smk"
 include: "rules/model.smk"
+include: "rules/evaluate.smk"
+include: "rules/reader_study.smk"
 
 
 rule all:

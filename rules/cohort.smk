@@ -32,6 +32,9 @@ rule cohort:
     params:
         seed=config["cohort"]["seed"],
         native_voxel_mm=config["cohort"]["native_voxel_mm"],
+    # On a cluster a subject's whole chain is one submission (no effect locally).
+    group:
+        "subject"
     log:
         "logs/cohort/sub-{subject}_ses-{session}.log",
     benchmark:

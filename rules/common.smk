@@ -51,6 +51,14 @@ def get_final_outputs():
     if STUDY.embedded:
         outputs.append("results/cohort/lesions.tsv")
     outputs += expand("results/models/fold-{fold}/loss_curve.png", fold=FOLDS)
+    outputs += [
+        "results/tables/voxel_metrics.tsv",
+        "results/reader_study/detection.tsv",
+        "results/reader_study/reading_key.tsv",
+        "results/tables/demographics.tsv",
+    ]
+    if STUDY.embedded:
+        outputs.append("results/tables/detector_validation.tsv")
     outputs += expand(
         "results/sub-{subject}/predict/sub-{subject}_space-{space}_desc-virtual_T1c.nii.gz",
         subject=STUDY.test_subjects,
@@ -83,6 +91,29 @@ def train_config():
         "seed": t["seed"],
         "device": t["device"],
         "checkpoint_every": t["checkpoint_every"],
+    }
+
+
+def registration_transform(subject, channel):
+    """The atlas -> native transform of one channel of one subject (written by rule register)."""
+    return rules.register.output.transforms[CHANNELS.index(channel)].format(subject=subject)
+
+
+def get_detection_images(wildcards):
+    """Post-contrast images to search for lesions: ref and low for every subject, vir for test subjects."""
+    images = {"ref": normalized(wildcards.subject)["refT1c"], "low": normalized(wildcards.subject)["lowT1c"]}
+    if wildcards.subject in STUDY.test_subjects:
+        images["vir"] = rules.predict.output.atlas.format(subject=wildcards.subject)
+    return images
+
+
+def get_reader_inputs(wildcards):
+    """Real annotations when configured, else the automated reader's detections on the test subjects."""
+    rs = config["reader_study"]
+    if rs["lesions"]:
+        return {"lesions": rs["lesions"], **({"reads": rs["reads"]} if rs["reads"] else {})}
+    return {
+        "detections": expand(rules.detect_lesions.output.detections, subject=STUDY.test_subjects)
     }
 
 

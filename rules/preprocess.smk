@@ -8,6 +8,8 @@ rule adc:
     output:
         adc=sub("{subject}", "adc", "space-dwi_ADC.nii.gz"),
         b0=sub("{subject}", "adc", "space-dwi_desc-b0_dwi.nii.gz"),
+    group:
+        "subject"
     log:
         "logs/adc/sub-{subject}.log",
     benchmark:
@@ -34,6 +36,8 @@ rule register:
     threads: 2
     resources:
         mem_mb=4000,
+    group:
+        "subject"
     log:
         "logs/register/sub-{subject}.log",
     benchmark:
@@ -54,6 +58,8 @@ rule skull_strip:
     params:
         backend=config["preprocess"]["skull_strip_backend"],
         hdbet_weights=config["preprocess"]["hdbet_weights"],
+    group:
+        "subject"
     log:
         "logs/skull_strip/sub-{subject}.log",
     benchmark:
@@ -75,6 +81,8 @@ rule crop:
     params:
         shape=config["grid"]["crop_shape"],
         channels=CHANNELS,
+    group:
+        "subject"
     log:
         "logs/crop/sub-{subject}.log",
     benchmark:
@@ -96,6 +104,8 @@ rule normalize:
     params:
         percentiles=config["preprocess"]["normalize_percentiles"],
         channels=CHANNELS,
+    group:
+        "subject"
     log:
         "logs/normalize/sub-{subject}.log",
     benchmark:

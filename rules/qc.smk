@@ -42,6 +42,8 @@ rule qc:
         provenance="results/sub-{subject}/provenance.json",
     params:
         channels=CHANNELS,
+    group:
+        "subject"
     log:
         "logs/qc/sub-{subject}.log",
     conda:

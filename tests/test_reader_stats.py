@@ -341,13 +341,17 @@ def test_matching_threshold_is_half_the_mean_axis_of_both_lesions() -> None:
 
 
 def test_matching_is_one_to_one_and_maximal() -> None:
-    ref = _frame([(0, 0, 0, 10, 10), (6, 0, 0, 10, 10)])
-    # detection 0 is closest to ref 0 but is also the only one that can reach ref 1; the maximal matching
-    # pairs both reference lesions.
-    det = _frame([(4, 0, 0, 10, 10), (-1, 0, 0, 10, 10), (0.5, 0, 0, 10, 10)])
+    ref = _frame([(0, 0, 0, 10, 10), (6, 0, 0, 10, 10)])  # pairing radius 5 mm
+    # detection 0 is closest to ref 1, but only it can reach ref 0: pairing greedily by distance would
+    # match one lesion, the maximal matching pairs both.
+    det = _frame([(3.5, 0, 0, 10, 10), (9, 0, 0, 10, 10)])
     ref_to_det, det_to_ref = match_lesions(ref, det)
-    assert sorted(ref_to_det.tolist()) != [-1, -1] and (ref_to_det >= 0).all()
-    assert (det_to_ref >= 0).sum() == 2  # the third detection is a false positive (duplicate)
+    assert ref_to_det.tolist() == [0, 1] and det_to_ref.tolist() == [0, 1]
+    # a second detection of the same lesion is a false positive
+    ref_to_det, det_to_ref = match_lesions(
+        ref.iloc[:1], _frame([(0.5, 0, 0, 10, 10), (1, 0, 0, 10, 10)])
+    )
+    assert ref_to_det.tolist() == [0] and det_to_ref.tolist() == [0, -1]
 
 
 # ------------------------------------------------------------------------------------- bad inputs

@@ -140,11 +140,26 @@ def test_run_in_slices_equals_one_run_and_finished_run_is_not_redone(toy, tmp_pa
         )
     a, b = _weights(tmp_path / "one" / "last.pt"), _weights(sliced / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    stamp = (sliced / "model.pt").stat().st_mtime_ns
+    # Snakemake deletes a job's outputs before rerunning it: the rerun restores them without training.
+    selected = _weights(sliced / "model.pt")
+    for name in ("model.pt", "train_log.tsv", "loss_curve.png"):
+        (sliced / name).unlink()
     with caplog.at_level(logging.INFO):
         train_fold(toy[:3], toy[3:5], sliced, cfg, cache_dir=tmp_path / "cache")
     assert "already complete" in caplog.text
-    assert (sliced / "model.pt").stat().st_mtime_ns == stamp
+    restored = _weights(sliced / "model.pt")
+    assert all(torch.equal(selected[k], restored[k]) for k in selected)
+    assert len(_log(sliced)) == 4 and (sliced / "loss_curve.png").exists()
+
+
+def test_without_tuning_subjects_the_last_epoch_is_kept(toy, tmp_path):
+    cfg = dataclasses.replace(TINY, epochs=2)
+    model_path = train_fold(toy[:3], [], tmp_path, cfg)
+    ckpt = load_checkpoint(model_path)
+    assert ckpt["epoch"] == 2 and np.isnan(ckpt["tune_loss"])
+    last = _weights(tmp_path / "last.pt")
+    assert all(torch.equal(last[k], ckpt["state_dict"][k]) for k in last)
+    assert _log(tmp_path)["tune_loss"].isna().all()
 
 
 def test_checkpoint_of_another_configuration_is_not_resumed(toy, tmp_path, caplog):
@@ -258,6 +273,20 @@ def test_find_subject_volumes(toy):
     assert sv.mask.name == "sub-toy02_desc-brain_mask.nii.gz"
     with pytest.raises(InputError, match="sub-nope_desc-norm_T1w.nii.gz not found"):
         find_subject_volumes(folder, "nope", ("T1w",))
+
+
+def test_find_subject_volumes_prefers_the_mask_beside_the_channels(toy, tmp_path):
+    # The workflow keeps sub-X_desc-brain_mask.nii.gz in both crop/ and normalize/.
+    sv = toy[0]
+    for sub in ("crop", "normalize"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / sv.mask.name).write_bytes(sv.mask.read_bytes())
+    (tmp_path / "normalize" / sv.channels["T1w"].name).write_bytes(sv.channels["T1w"].read_bytes())
+    found = find_subject_volumes(tmp_path, sv.subject, ("T1w",), target=False)
+    assert found.mask == tmp_path / "normalize" / sv.mask.name
+    (tmp_path / "crop" / sv.channels["T1w"].name).write_bytes(sv.channels["T1w"].read_bytes())
+    with pytest.raises(InputError, match="found 2 times"):
+        find_subject_volumes(tmp_path, sv.subject, ("T1w",), target=False)
 
 
 def test_train_command(toy, tmp_path):

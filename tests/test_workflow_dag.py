@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 import yaml
@@ -67,3 +69,36 @@ def test_lint_reports_nothing_serious(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "Lints for rule" not in out, out
+
+
+def _job_blocks(output: str) -> list[tuple[str, str]]:
+    """(rule, text of the job block) for each job listed by a dry run."""
+    parts = re.split(r"\n(?:local)?rule (\w+):\n", output)
+    return list(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_test_subjects_never_enter_a_training_job(tmp_path):
+    proc = snakemake(tmp_path, "-n")
+    study = _tiny_study()
+    assert study.test_subjects and study.train_subjects
+    trains = [block for rule, block in _job_blocks(proc.stdout) if rule == "train"]
+    assert len(trains) == 2  # tests/tiny.yaml: 2 folds
+    for block in trains:
+        inputs = block.split("input:", 1)[1].split("\n", 1)[0]
+        for subject in study.test_subjects:
+            assert f"sub-{subject}" not in inputs
+        for subject in study.train_subjects:
+            assert f"sub-{subject}_desc-norm_refT1c" in inputs
+    predicts = [block for rule, block in _job_blocks(proc.stdout) if rule == "predict"]
+    assert sorted(re.search(r"subject=(\w+)", b).group(1) for b in predicts) == sorted(
+        study.test_subjects
+    )
+
+
+def _tiny_study():
+    from virtual_contrast.workflow import plan_study
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for key, value in yaml.safe_load((REPO / "tests/tiny.yaml").read_text()).items():
+        config[key].update(value)
+    return plan_study(config)

@@ -82,6 +82,8 @@ def test_a_changed_raw_file_reruns_only_that_subject_and_the_aggregates(tiny_run
     for rule in ("register", "skull_strip", "crop", "normalize", "qc"):
         assert counts.get(rule) == 1, (rule, counts)
     assert "adc" not in counts and "cohort" not in counts and "atlas" not in counts
+    # A test subject: its prediction is redone with the existing models; no fold is retrained.
+    assert counts.get("predict") == 1 and "train" not in counts and "split" not in counts
     # Every job that would run is about this subject (or is an aggregate without a subject wildcard).
     rerun_subjects = set(re.findall(r"wildcards: .*subject=(\w+)", proc.stdout))
     assert rerun_subjects == {subject}
@@ -108,3 +110,24 @@ def test_a_corrupt_raw_file_fails_that_subject_only_naming_subject_and_file(tiny
     # Snakemake removed the failed job's outputs; nothing half-written is left behind.
     assert not registered.exists()
     assert not list(registered.parent.glob(".*"))
+
+
+def test_vir_t1c_is_written_for_every_test_subject_in_atlas_and_native_space(tiny_run):
+    study = _study()
+    for subject in study.test_subjects:
+        base = tiny_run / "results" / f"sub-{subject}" / "predict"
+        atlas = nib.load(base / f"sub-{subject}_space-ICBM09a_desc-virtual_T1c.nii.gz")
+        assert atlas.shape == (40, 48, 40)
+        vir = np.asanyarray(atlas.dataobj)
+        assert 0.0 <= vir.min() and vir.max() <= 1.0 and vir.max() > 0.05
+        native = nib.load(base / f"sub-{subject}_space-native_desc-virtual_T1c.nii.gz")
+        low = nib.load(tiny_run / study.raw_inputs(subject)["low"])
+        assert native.shape == low.shape
+        assert np.allclose(native.affine, low.affine, atol=1e-4)
+        # The brain of the prediction lands on the brain of the native low-dose series.
+        nat = np.asanyarray(native.dataobj)
+        low_data = np.asanyarray(low.dataobj)
+        assert np.mean(low_data[nat > 0]) > 2 * np.mean(low_data[nat == 0])
+    for fold in (0, 1):
+        log = pd.read_csv(tiny_run / f"results/models/fold-{fold}/train_log.tsv", sep="\t")
+        assert len(log) == 2 and np.isfinite(log["tune_loss"]).all()

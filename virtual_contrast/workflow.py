@@ -108,10 +108,29 @@ class Study:
     def split_table(self) -> pd.DataFrame:
         """subject, split and (when the table has one) stratum of every included subject."""
         inc = self.selection.included
-        table = pd.DataFrame({"subject": inc["subject"], "split": [self.split[s] for s in inc["subject"]]})
+        table = pd.DataFrame(
+            {"subject": inc["subject"], "split": [self.split[s] for s in inc["subject"]]}
+        )
         if "stratum" in inc.columns:
             table["stratum"] = inc["stratum"].to_numpy()
         return table
+
+    def demographics(self, seed: int) -> pd.DataFrame:
+        """Table 1 variables of the included subjects with their split: the cohort's simulated demographics,
+        or the subjects table's own columns (age, sex, weight, indication) when it has them."""
+        inc = self.selection.included
+        if self.embedded:
+            from virtual_contrast.cohort import participant
+
+            table = pd.DataFrame([participant(s, seed) for s in inc["subject"]])
+        else:
+            table = inc.drop(
+                columns=[c for c in (*SEQUENCES, "session", "split") if c in inc.columns]
+            )
+        table = table.assign(
+            subject=list(inc["subject"]), split=[self.split[s] for s in inc["subject"]]
+        )
+        return table.reset_index(drop=True)
 
     def cohort_lesion_tables(self) -> list[str]:
         """True-lesion tables of the included cohort exams (empty for real data)."""

@@ -157,10 +157,22 @@ def plot_montage(
             slice_index = select_axial_slice(images["ref"], images["t1"], mask)
         else:
             slice_index = shape[2] // 2
+    # Crop every panel to the brain's extent in this slice (plus a margin) so the anatomy fills the panels.
+    in_slice = np.asarray(mask)[:, :, slice_index] > 0
+    if in_slice.any():
+        xs, ys = np.flatnonzero(in_slice.any(axis=1)), np.flatnonzero(in_slice.any(axis=0))
+        crop = (
+            slice(max(xs[0] - 3, 0), xs[-1] + 4),
+            slice(max(ys[0] - 3, 0), ys[-1] + 4),
+        )
+    else:
+        crop = (slice(None), slice(None))
     fig, axes = plt.subplots(1, len(present), figsize=(2.2 * len(present), 2.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], present, strict=True):
         # Transpose so rows run posterior→anterior; flip x so the subject's right is on the viewer's left.
-        plane = np.asarray(images[key][:, :, slice_index], dtype=np.float32).T[::-1, ::-1]
+        plane = np.asarray(images[key][crop[0], crop[1], slice_index], dtype=np.float32).T[
+            ::-1, ::-1
+        ]
         if key == "adc":
             vmin, vmax = np.percentile(plane, [1, 99]) if np.ptp(plane) > 0 else (0.0, 1.0)
         else:

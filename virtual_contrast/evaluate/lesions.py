@@ -1,10 +1,11 @@
 """Automated detection of enhancing lesions: the reader ``auto`` of the reader study.
 
-On an enhancement map (post-contrast minus pre-contrast T1, clipped at 0, brain voxels only) the detector
-thresholds (with hysteresis: voxels above ``threshold`` seed a lesion, which grows into connected voxels above
-``low_threshold``), fills enclosed cavities (the necrotic core of ring lesions belongs to the lesion, as in
-RANO), labels face-connected components, drops those below ``min_volume_mm3`` and measures each one like a
-radiologist would:
+On an enhancement map (post-contrast minus pre-contrast T1, smoothed by a Gaussian of 1 mm, clipped at 0,
+brain voxels only) the detector thresholds with hysteresis (voxels above ``threshold`` and at least
+``edge_margin_mm`` inside the brain seed a lesion, which grows into connected voxels above ``low_threshold``;
+``exclude`` removes physiological enhancement such as the choroid plexus), fills enclosed cavities (the
+necrotic core of ring lesions belongs to the lesion, as in RANO), labels face-connected components, trims each
+to its half-maximum core, drops those below ``min_volume_mm3`` and measures each one like a radiologist would:
 
 - centre: the component's centroid, in world (RAS) mm;
 - long axis: in the axial slice where the component is longest, the largest distance between two of its voxel
@@ -21,7 +22,7 @@ validated against the synthetic cohort's true lesions by :func:`validate_detecto
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +322,39 @@ def detections_to_reads(
     out.insert(0, "reader", reader)
     out.insert(0, "patient", patient)
     return out.reset_index(drop=True)
+
+
+def auto_reader_tables(
+    detections: Mapping[tuple[str, str], pd.DataFrame], *, reader: str = "auto"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The reader study's lesions and reads tables of the automated reader.
+
+    ``detections`` maps (patient, modality) to :func:`detect_lesions` outputs, with modality ``ref``, ``low``
+    or ``vir``; every key is a read (also those without detection), with no quality grade or reading time.
+    Feed both tables to :func:`virtual_contrast.reader.stats.reader_stats` with ``reference_reader="auto"``.
+    """
+    lesions = [
+        detections_to_reads(table, patient=patient, modality=modality, reader=reader)
+        for (patient, modality), table in detections.items()
+    ]
+    columns = [
+        "patient",
+        "reader",
+        "modality",
+        "x_mm",
+        "y_mm",
+        "z_mm",
+        "long_axis_mm",
+        "short_axis_mm",
+    ]
+    lesion_table = (
+        pd.concat(lesions, ignore_index=True) if lesions else pd.DataFrame(columns=columns)
+    )
+    reads = pd.DataFrame(
+        [(patient, reader, modality, np.nan, np.nan) for patient, modality in detections],
+        columns=["patient", "reader", "modality", "quality", "reading_time_s"],
+    )
+    return lesion_table[columns], reads
 
 
 def _bin_labels(bins: Sequence[float]) -> list[str]:

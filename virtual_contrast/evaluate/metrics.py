@@ -235,18 +235,12 @@ def check_unit_range(image: np.ndarray, mask: np.ndarray, *, name: str, tol: flo
 def normalize_percentiles(
     image: np.ndarray, mask: np.ndarray, *, low: float = 1.0, high: float = 99.0
 ) -> np.ndarray:
-    """Clip ``image`` at its ``low``/``high`` percentiles over brain voxels and map linearly to [0, 1].
+    """The preprocessing's standardisation (:func:`virtual_contrast.preprocess.normalize.normalize`): clip at
+    the ``low``/``high`` percentiles over brain voxels, map to [0, 1], 0 outside; for scoring images that did
+    not go through our preprocessing."""
+    from virtual_contrast.preprocess.normalize import normalize
 
-    The paper's intensity standardisation, for scoring images that did not go through our preprocessing.
-    Voxels outside the mask are set to 0.
-    """
-    mask = np.asarray(mask) > 0
-    lo, hi = np.percentile(np.asarray(image, dtype=np.float64)[mask], [low, high])
-    if hi <= lo:
-        raise InputError("the image is constant in the brain mask; it cannot be normalised")
-    out = np.clip((np.asarray(image, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
-    out[~mask] = 0.0
-    return out.astype(np.float32)
+    return normalize(image, mask, low, high)
 
 
 def voxel_metrics_from_files(

@@ -76,8 +76,8 @@ def find_subject_volumes(
 ) -> SubjectVolumes:
     """Find a subject's normalised files anywhere under ``folder`` by their standard names.
 
-    Raises :class:`InputError` when a file is missing or found twice. The mask is used when present; with
-    ``mask=True`` it is required.
+    Raises :class:`InputError` when a file is missing or found twice. The mask is used when present (the one
+    in the folder of the channels first); with ``mask=True`` it is required.
     """
     folder = Path(folder)
 
@@ -94,11 +94,13 @@ def find_subject_volumes(
         return hits[0]
 
     found = {ch: find(norm_filename(subject, ch), True) for ch in channels}
+    # The mask beside the normalised channels wins (earlier steps may keep a mask of the same name).
+    beside = next(iter(found.values())).parent / mask_filename(subject) if found else None
     return SubjectVolumes(
         subject=subject,
         channels=found,
         target=find(norm_filename(subject, TARGET), True) if target else None,
-        mask=find(mask_filename(subject), mask),
+        mask=beside if beside is not None and beside.exists() else find(mask_filename(subject), mask),
     )
 
 

@@ -386,14 +386,17 @@ def train_fold(
             ", channels-last" if channels_last else "",
         )
 
-        state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": []}
+        state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": [], "best": None}
         last_path = ckpt_dir / "last.pt"
         model_path = out_dir / "model.pt"
         if last_path.exists():
             resumed = _try_resume(last_path, fingerprint, model, optimizer, scaler)
             if resumed is not None:
                 state = resumed
-        if state["epoch"] == 0 and model_path.exists():
+        if state["best"] is not None:
+            # Snakemake deletes a job's outputs before rerunning it: restore the selected weights so far.
+            _save(state["best"], model_path)
+        elif model_path.exists():
             model_path.unlink()  # from an earlier, different run: must not survive as this run's result
         if state["epoch"] >= cfg.epochs and model_path.exists():
             log.info("training already complete (%d epochs); nothing to do", state["epoch"])
@@ -439,19 +442,17 @@ def train_fold(
                 best = tune_store is not None and tune_loss < state["best_loss"]
                 if best:
                     state["best_loss"], state["best_epoch"] = tune_loss, epoch + 1
-                    _save(
-                        _model_checkpoint(
-                            model,
-                            cfg,
-                            grid,
-                            epoch=epoch + 1,
-                            train_loss=train_loss,
-                            tune_loss=tune_loss,
-                            train_ids=train_ids,
-                            tune_ids=tune_ids,
-                        ),
-                        model_path,
+                    state["best"] = _model_checkpoint(
+                        model,
+                        cfg,
+                        grid,
+                        epoch=epoch + 1,
+                        train_loss=train_loss,
+                        tune_loss=tune_loss,
+                        train_ids=train_ids,
+                        tune_ids=tune_ids,
                     )
+                    _save(state["best"], model_path)
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch + 1}")
                 row = {
@@ -487,23 +488,21 @@ def train_fold(
             bar.close()
 
         if state["epoch"] >= cfg.epochs:
-            if tune_store is None or not model_path.exists():
+            if state["best"] is None:
                 # No tuning set (or no finite tuning loss): keep the last weights.
                 log.warning("no tuning loss to select weights with; model.pt holds the last epoch")
-                last = state["history"][-1]
-                _save(
-                    _model_checkpoint(
-                        model,
-                        cfg,
-                        grid,
-                        epoch=state["epoch"],
-                        train_loss=last["train_loss"],
-                        tune_loss=math.nan,
-                        train_ids=train_ids,
-                        tune_ids=tune_ids,
-                    ),
-                    model_path,
+                state["best"] = _model_checkpoint(
+                    model,
+                    cfg,
+                    grid,
+                    epoch=state["epoch"],
+                    train_loss=state["history"][-1]["train_loss"],
+                    tune_loss=math.nan,
+                    train_ids=train_ids,
+                    tune_ids=tune_ids,
                 )
+                _save_last(last_path, model, optimizer, scaler, state, fingerprint, cfg)
+            _save(state["best"], model_path)
             log.info(
                 "selected epoch %d (tuning loss %.5g) → %s",
                 state["best_epoch"],
@@ -541,6 +540,7 @@ def _save_last(
             "best_loss": state["best_loss"],
             "best_epoch": state["best_epoch"],
             "history": state["history"],
+            "best": state["best"],
         },
         path,
     )
@@ -573,4 +573,5 @@ def _try_resume(
         "best_loss": float(ckpt["best_loss"]),
         "best_epoch": int(ckpt["best_epoch"]),
         "history": list(ckpt["history"]),
+        "best": ckpt.get("best"),
     }

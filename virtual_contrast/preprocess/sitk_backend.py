@@ -69,6 +69,7 @@ class SimpleITKBackend:
         search: bool = True,
         search_mm: float = 8.0,
         search_keep: int = 6,
+        search_min_points: int = 1000,
     ):
         self.seed = seed
         self.threads = threads
@@ -80,6 +81,7 @@ class SimpleITKBackend:
         self.search = search
         self.search_mm = search_mm
         self.search_keep = search_keep
+        self.search_min_points = search_min_points
 
     # -- public
     def register(
@@ -222,6 +224,18 @@ class SimpleITKBackend:
         t0 = time.perf_counter()
         spacing = max(self.search_mm, 2.0 * float(voxel_sizes(reference.affine).min()))
         fixed_img, fixed_mask = _isotropic(reference, reference_mask, spacing)
+        n_points = (
+            int((fixed_mask > 0.5).sum())
+            if fixed_mask is not None
+            else int(np.prod(fixed_img.shape))
+        )
+        if n_points < self.search_min_points:
+            # A field of view of a few search voxels (a small test image) gives no usable histogram.
+            log.info("rotation search skipped: %d points on the %g mm grid", n_points, spacing)
+            return initial, {
+                "name": "rotation search (skipped: image too small)",
+                "points": n_points,
+            }
         moving_img, _ = _isotropic(moving, None, spacing / 2.0)
         fixed = _to_sitk(fixed_img)
         moving_sitk = _to_sitk(moving_img)

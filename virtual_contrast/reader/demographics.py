@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 CATEGORICAL = ("sex", "indication")
 CONTINUOUS = ("age", "weight")
 UNITS = {"age": "y", "weight": "kg"}
+#: Accepted column names of each variable (the cohort's participants.tsv writes ``weight_kg``).
+ALIASES = {
+    "age": ("age", "age_years"),
+    "sex": ("sex", "gender"),
+    "weight": ("weight", "weight_kg"),
+    "indication": ("indication", "diagnosis"),
+}
 _MAX_TABLES = 5_000_000
 
 
@@ -84,15 +91,18 @@ def demographics_table(
     groups: Sequence[str] | None = None,
 ) -> pd.DataFrame | None:
     """Table 1: one row per variable level; a column per group with ``"54% (58/107)"`` or ``"55 (±14) y"``;
-    ``p_value`` and ``test``. ``None`` when the table has none of age, sex, weight, indication.
+    ``p_value`` and ``statistical_test``. ``None`` when the table has none of age, sex, weight, indication
+    (also read from the columns of :data:`ALIASES`, e.g. ``weight_kg``).
 
     ``groups`` defaults to ``("train", "test")`` when both occur, else the sorted group values.
     """
-    present = [
-        c
-        for c in (*CONTINUOUS[:1], *CATEGORICAL[:1], *CONTINUOUS[1:], *CATEGORICAL[1:])
-        if c in subjects
-    ]
+    renames = {}
+    for variable, names in ALIASES.items():
+        found = [n for n in names if n in subjects.columns]
+        if found:
+            renames[found[0]] = variable
+    subjects = subjects.rename(columns=renames)
+    present = [c for c in ("age", "sex", "weight", "indication") if c in renames.values()]
     if not present:
         return None
     if group_column not in subjects.columns:
@@ -110,7 +120,7 @@ def demographics_table(
             "level": "",
             **{g: str(int((data[group_column] == g).sum())) for g in groups},
             "p_value": np.nan,
-            "test": "",
+            "statistical_test": "",
         }
     ]
     for variable in present:
@@ -140,7 +150,7 @@ def demographics_table(
                     "level": "",
                     **cells,
                     "p_value": p,
-                    "test": "Mann-Whitney U" if two else "",
+                    "statistical_test": "Mann-Whitney U" if two else "",
                 }
             )
         else:
@@ -161,17 +171,19 @@ def demographics_table(
                         "level": level,
                         **cells,
                         "p_value": p if k == 0 else np.nan,
-                        "test": ("Fisher exact" if two else "") if k == 0 else "",
+                        "statistical_test": ("Fisher exact" if two else "") if k == 0 else "",
                     }
                 )
-    return pd.DataFrame(rows, columns=["variable", "level", *groups, "p_value", "test"])
+    return pd.DataFrame(rows, columns=["variable", "level", *groups, "p_value", "statistical_test"])
 
 
 def demographics_markdown(table: pd.DataFrame) -> str:
     """Render :func:`demographics_table` as markdown."""
     from virtual_contrast.evaluate.metrics import format_p
 
-    groups = [c for c in table.columns if c not in ("variable", "level", "p_value", "test")]
+    groups = [
+        c for c in table.columns if c not in ("variable", "level", "p_value", "statistical_test")
+    ]
     lines = ["| variable | " + " | ".join(groups) + " | p |", "|---|" + "---|" * (len(groups) + 1)]
     for _, r in table.iterrows():
         name = r["variable"] if not r["level"] else f"{r['variable']}: {r['level']}"

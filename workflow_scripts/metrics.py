@@ -1,0 +1,26 @@
+from _common import setup
+
+from virtual_contrast.evaluate.figures import plot_montage
+from virtual_contrast.evaluate.metrics import evaluate_subject
+from virtual_contrast.io import load_array
+
+log = setup(snakemake)
+inp, subject = snakemake.input, snakemake.wildcards.subject
+table = evaluate_subject(
+    subject,
+    candidates={"low": inp.low, "vir": inp.vir},
+    ref=inp.ref,
+    pre=inp.pre,
+    mask=inp.mask,
+    out_metrics=snakemake.output.metrics,
+    out_roc=snakemake.output.roc,
+)
+log.info("\n%s", table.to_string())
+images = {k: load_array(inp[k], subject=subject)[0] for k in ("flair", "adc", "low", "vir", "ref")}
+images["t1"] = load_array(inp.pre, subject=subject)[0]
+plot_montage(
+    images,
+    snakemake.output.montage,
+    mask=load_array(inp.mask, subject=subject)[0],
+    title=f"sub-{subject}",
+)

@@ -1,0 +1,26 @@
+import pandas as pd
+from _common import setup
+
+from virtual_contrast.evaluate.lesions import auto_reader_tables
+from virtual_contrast.reader.stats import load_lesions, load_reads, reader_stats
+
+log = setup(snakemake)
+if "detections" in snakemake.input.keys():
+    # No radiologist reads configured: the automated detector is reader `auto` on ref, low and vir.
+    detections = {}
+    for path in snakemake.input.detections:
+        table = pd.read_csv(path, sep="\t", dtype={"subject": str})
+        subject = path.split("/sub-")[1].split("/")[0]
+        for modality in ("ref", "low", "vir"):
+            detections[(subject, modality)] = table[table["modality"] == modality]
+    lesions, reads = auto_reader_tables(detections)
+    reference = "auto"
+else:
+    lesions = load_lesions(snakemake.input.lesions)
+    reads = load_reads(snakemake.input.reads) if "reads" in snakemake.input.keys() else None
+    reference = snakemake.params.reference_reader
+out_dir = snakemake.output.detection.rsplit("/", 1)[0]
+tables = reader_stats(
+    lesions, reads, out_dir, reference_reader=reference, thresholds=snakemake.params.thresholds
+)
+log.info("\n%s", tables["detection"].to_string())
