@@ -163,8 +163,9 @@ def main() -> int:
                     failed |= seconds > goal
                 print(f"  {name:<28}{seconds:7.1f} s wall {cpu:7.1f} s CPU{verdict}")
             print(f"  jobs: {sum(counts.values())}")
+            width = max(map(len, counts), default=0) + 2
             for rule, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-                print(f"    {rule:<14}{count:>6}")
+                print(f"    {rule:<{width}}{count:>6}")
             if args.profile and n == max(args.subjects):
                 print(profile(root, overlay))
     return 1 if failed else 0

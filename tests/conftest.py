@@ -34,3 +34,19 @@ def atlas_masks(shared_data: Path) -> dict[str, Path]:
         "brain_mask": folder / "mni_icbm152_t1_tal_nlin_sym_09a_mask.mnc.gz",
         "head_mask": folder / "mni_icbm152_t1_tal_nlin_sym_09a_headmask.mnc.gz",
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A complete local run of the tiny workflow (tests/tiny.yaml), shared by every test that needs one.
+
+    Tests must not modify it: copy it first (shutil.copytree) to change anything.
+    """
+    from workflow_helpers import REPO, snakemake
+
+    workdir = tmp_path_factory.mktemp("tiny")
+    # As on a workstation with one GPU: the profile sets resources gpu=1 (tests/test_workflow_run.py checks
+    # from this log that no two GPU jobs ran at once).
+    proc = snakemake(workdir, "--profile", str(REPO / "profiles" / "workstation"), "--cores", "2")
+    (workdir / "snakemake_run.log").write_text(proc.stdout + proc.stderr)
+    return workdir

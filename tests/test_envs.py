@@ -5,6 +5,8 @@ API's change of directory and logging set-up stay out of pytest), hence rules ad
 A rule script's imports are followed through the ``virtual_contrast`` modules (and the local helpers of
 ``workflow_scripts/``) it imports, function-level imports and ``importlib.import_module("literal")``
 included: a backend imported lazily still has to be in the env of the rule that may run it.
+A static check, because a gap does not show at run time here: Snakemake's script preamble appends the
+sys.path of the Python running Snakemake, so a module an env lacks is silently taken from that install.
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ IMPORT_TO_PACKAGES: dict[str, tuple[str, ...]] = {
 # Imports inside functions that a rule's env deliberately lacks: (rule, module) -> why the rule never runs
 # that code. Everything else a rule's script may import, however lazily, must be in the rule's env.
 NOT_NEEDED: dict[tuple[str, str], str] = {
-    (
-        "predict",
-        "nipype",
-    ): "model.export uses preprocess.register's transform helpers, not its FSL backend",
+    # Both rules import preprocess.register for its transform helpers (load_transform, resample), not for
+    # registering: its backends (FSL via nipype, SimpleITK), head masks and atlas loading never run there.
+    # Moving those helpers to a small module of their own would make these entries stale (the test says so).
+    ("predict", "nipype"): "model.export uses register.load_transform/resample only",
     ("predict", "skimage"): "model.export never builds head masks (register.head_mask_from_image)",
+    ("detector_validation", "nipype"): "the script uses register.load_transform only",
+    ("detector_validation", "SimpleITK"): "the script uses register.load_transform only",
+    ("detector_validation", "nilearn"): "the script uses register.load_transform only (no atlas)",
 }
 # Snakemake's script preamble puts its own installation on sys.path, so an env need not install it.
 PROVIDED_OUTSIDE_ENVS = {"snakemake"}

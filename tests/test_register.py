@@ -315,7 +315,12 @@ def test_fsl_backend_plumbing_with_a_stand_in_flirt(fake_fsl, monkeypatch, caplo
     # 1: atlas head mask onto the subject's head outline (the subject is FLIRT's reference).
     assert "-dof 7" in head and "-cost leastsq" in head and "subject_head" in head.split("-ref ")[1]
     # 2: 12 DOF from there, weighted by the (dilated) brain mask; 3: one spline resampling.
-    assert "-dof 12" in affine and "-refweight" in affine and "-init" in affine and "-nosearch" in affine
+    assert (
+        "-dof 12" in affine
+        and "-refweight" in affine
+        and "-init" in affine
+        and "-nosearch" in affine
+    )
     assert "-applyxfm" in apply and "-interp spline" in apply
 
 

@@ -386,7 +386,7 @@ def test_profiles_resolve_the_resources_of_the_gpu_rules(tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("case_name", SELECTED)
-def test_workflow_runs_through_slurm_like_locally(case_name, slurm_cluster, tmp_path):
+def test_workflow_runs_through_slurm_like_locally(case_name, slurm_cluster, tmp_path, request):
     if case_name not in CASES:
         pytest.fail(f"VC_SLURM_WORKFLOWS names {case_name!r}; known: {sorted(CASES)}")
     case = CASES[case_name]
@@ -394,14 +394,19 @@ def test_workflow_runs_through_slurm_like_locally(case_name, slurm_cluster, tmp_
         pytest.skip(why)
     env = {**slurm_cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
-    local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
-    local_s = run_snakemake(
-        ["--profile", str(LOCAL_PROFILE), "--cores", "2", *case.args(local_dir)],
-        local_dir,
-        env,
-        tmp_path / "local.log",
-        case.timeout_s,
-    )
+    slurm_dir = tmp_path / "slurm"
+    if case.name == "tiny":
+        # The suite's shared local run of the tiny workflow (tests/conftest.py) is the reference.
+        local_dir, local_s = request.getfixturevalue("tiny_run"), float("nan")
+    else:
+        local_dir = tmp_path / "local"
+        local_s = run_snakemake(
+            ["--profile", str(LOCAL_PROFILE), "--cores", "2", *case.args(local_dir)],
+            local_dir,
+            env,
+            tmp_path / "local.log",
+            case.timeout_s,
+        )
     # Few jobs at once: the test node declares 16 CPUs it does not have (.ci/slurm_cluster.sh).
     max_jobs = os.environ.get("VC_SLURM_JOBS", "2")
     slurm_s = run_snakemake(

@@ -18,14 +18,6 @@ from virtual_contrast.workflow import plan_study
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A complete run of the tiny workflow (shared by the tests of this module; they must not modify it)."""
-    workdir = tmp_path_factory.mktemp("tiny")
-    snakemake(workdir, "--cores", "2")
-    return workdir
-
-
 def _study():
     import yaml
     from workflow_helpers import REPO
@@ -131,3 +123,47 @@ def test_vir_t1c_is_written_for_every_test_subject_in_atlas_and_native_space(tin
     for fold in (0, 1):
         log = pd.read_csv(tiny_run / f"results/models/fold-{fold}/train_log.tsv", sep="\t")
         assert len(log) == 2 and np.isfinite(log["tune_loss"]).all()
+
+
+def _max_concurrent_gpu_jobs(log: str) -> tuple[int, int]:
+    """(most GPU jobs running at once, GPU jobs seen) from the order of Snakemake's start/finish lines."""
+    running, most, seen = set(), 0, 0
+    blocks = re.split(r"\n(?=\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\]\n)", log)
+    for block in blocks:
+        start = re.search(
+            r"^(?:local)?rule (\w+):$.*?^\s+jobid: (\d+)$.*?^\s+resources: (.*)$",
+            block,
+            re.M | re.S,
+        )
+        if start and re.search(r"\bgpu=1\b", start.group(3)):
+            running.add(start.group(2))
+            seen += 1
+            most = max(most, len(running))
+        for jobid in re.findall(r"^Finished jobid: (\d+)", block, re.M):
+            running.discard(jobid)
+    return most, seen
+
+
+def test_a_workstation_with_one_gpu_never_runs_two_gpu_jobs_at_once(tiny_run):
+    log = (tiny_run / "snakemake_run.log").read_text()
+    most, seen = _max_concurrent_gpu_jobs(log)
+    assert seen == 2 + len(_study().test_subjects)  # 2 train folds + one predict per test subject
+    assert most == 1
+
+
+def test_the_gpu_log_parser_sees_overlapping_jobs():
+    log = "\n".join(
+        [
+            "[Wed Nov 25 00:12:03 2026]",
+            "rule train:",
+            "    jobid: 3",
+            "    resources: tmpdir=/tmp, gpu=1",
+            "[Wed Nov 25 00:12:04 2026]",
+            "rule train:",
+            "    jobid: 4",
+            "    resources: tmpdir=/tmp, gpu=1",
+            "[Wed Nov 25 00:12:09 2026]",
+            "Finished jobid: 3 (Rule: train)",
+        ]
+    )
+    assert _max_concurrent_gpu_jobs(log) == (2, 2)

@@ -5,7 +5,9 @@ Stages, each recorded with its metric value and time (see :class:`SimpleITKBacke
 1. start: a given matrix (rigid within-subject: the scanner's own world alignment), or the head outline matched
    to the reference head mask (raw heads vs the skull-stripped template), or the centres of mass;
 2. for 12 DOF, a coarse search over head rotations (FLIRT's ``-searchr`` idea) on an 8 mm grid;
-3. multi-resolution Mattes MI restricted to the reference mask, random sampling with a fixed seed.
+3. multi-resolution Mattes MI restricted to the reference mask, random sampling with a fixed seed, from the
+   searched start and (when the search rotated it) from the start before the search: the lower final metric
+   wins (same samples, so the values compare).
 
 Measured facts behind the choices are in the docstrings. ITK works in LPS and its transforms map fixed points
 to moving points; :func:`_ras_from_sitk` converts with diag(-1, -1, 1) on both sides.
@@ -62,7 +64,9 @@ class SimpleITKBackend:
         seed: int = 20210901,
         threads: int | None = None,
         sampling: float = 0.10,
-        min_samples: int = 20000,
+        min_samples: int = 20_000,
+        max_samples: int = 50_000,
+        rigid_max_samples: int = 20_000,
         bins: int = 32,
         iterations: int = 200,
         rigid_finest_mm: float = 2.0,
@@ -75,6 +79,8 @@ class SimpleITKBackend:
         self.threads = threads
         self.sampling = sampling
         self.min_samples = min_samples
+        self.max_samples = max_samples
+        self.rigid_max_samples = rigid_max_samples
         self.bins = bins
         self.iterations = iterations
         self.rigid_finest_mm = rigid_finest_mm
@@ -109,9 +115,17 @@ class SimpleITKBackend:
         else:
             init = _moments_translation(ref_data, reference.affine, mov_data, moving.affine)
             stages.append({"name": "initial", "source": "centres of mass"})
+        starts = [init]
         if dof == 12 and self.search:
-            init, stage = self._search_stage(moving, reference, reference_mask, init)
+            searched, stage = self._search_stage(moving, reference, reference_mask, init)
             stages.append(stage)
+            if stage.get("best_rotation_deg", [0, 0, 0]) != [0, 0, 0]:
+                # The coarse grid's ranking does not always survive refinement (TCGA-FG-6692, 1 mm: the
+                # searched start ended at MI -0.112 and brain Dice 0.910, the unrotated one at -0.116 and
+                # 0.933), so both are refined and the better final metric wins.
+                starts = [searched, init]
+            else:
+                starts = [searched]
 
         ref_img, ref_mask = reference, reference_mask
         ref_vox = voxel_sizes(reference.affine)
@@ -123,11 +137,20 @@ class SimpleITKBackend:
             # an isotropic grid in its own orientation; rigid registration needs no more than ~2 mm.
             ref_img, ref_mask = _isotropic(reference, reference_mask, finest)
         mov_vox = voxel_sizes(moving.affine)
-        if mov_vox.max() > 1.2 * mov_vox.min():
-            # ITK's moving-image gradient misleads the optimiser on thick slices: on TCGA-FG-6692 (0.9 × 0.9
-            # × 5.5 mm) the metric got steadily *worse* from the right pose; on an isotropic copy it improved.
+        if mov_vox.max() > 1.2 * mov_vox.min() or mov_vox.min() < 0.8 * finest:
+            # Thick slices: with ITK's default moving-image gradient filter the optimiser climbed the metric
+            # away from the right pose on TCGA-FG-6692 (0.9 x 0.9 x 5.5 mm). Taking gradients at the sample
+            # points (see _method) fixed it, and so did an isotropic copy no finer than the finest level,
+            # which also keeps each level's smoothing cheap; both are kept.
             moving, _ = _isotropic(moving, None, max(float(mov_vox.min()), finest))
-        transform, stage = self._mi_stage(moving, ref_img, ref_mask, dof=dof, initial=init)
+        results = [
+            self._mi_stage(moving, ref_img, ref_mask, dof=dof, initial=start) for start in starts
+        ]
+        best = min(range(len(results)), key=lambda i: results[i][1]["metric"])
+        transform, stage = results[best]
+        if len(results) > 1:
+            stage["start"] = ["rotation search", "before the search"][best]
+            stage["other_start_metric"] = results[1 - best][1]["metric"]
         stages.append(stage)
         return Registration(
             transform=transform,
@@ -148,6 +171,10 @@ class SimpleITKBackend:
         if self.threads is not None:
             reg.SetNumberOfThreads(int(self.threads))
         reg.SetInterpolator(sitk.sitkLinear)
+        # Image gradients at the sample points only: the default filters differentiate the whole (smoothed)
+        # images at every level, 2.5 s of set-up per level on the 1 mm atlas against 0.4 s without.
+        reg.SetMetricUseFixedImageGradientFilter(False)
+        reg.SetMetricUseMovingImageGradientFilter(False)
         return reg
 
     def _head_stage(self, moving, reference, reference_head_mask) -> tuple[np.ndarray, dict]:
@@ -189,7 +216,11 @@ class SimpleITKBackend:
         reg.SetSmoothingSigmasPerLevel([2.0 * spacing, spacing])
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=4.0, minStep=0.05, numberOfIterations=self.iterations, relaxationFactor=0.6
+            learningRate=4.0,
+            minStep=0.05,
+            numberOfIterations=self.iterations,
+            relaxationFactor=0.6,
+            gradientMagnitudeTolerance=1e-12,
         )
         reg.SetOptimizerScalesFromPhysicalShift()
         reg.SetInitialTransform(tx, inPlace=True)
@@ -211,9 +242,10 @@ class SimpleITKBackend:
     def _search_stage(self, moving, reference, reference_mask, initial) -> tuple[np.ndarray, dict]:
         """Coarse search over head rotations, as FLIRT's ``-searchr``, before the fine optimisation.
 
-        Clinical heads are often pitched by 20-30° (chin to chest) and a thick slab cuts the head, so neither
-        the centres of mass nor the head outline fix the rotation well, and mutual information started 20° off
-        stops in a wrong basin (measured on TCGA-FG-6692: MI −0.19 there against −0.32 at the right pose).
+        Clinical heads are often pitched by 20-30° (chin to chest: TCGA-FG-6692 is) and a thick slab cuts the
+        head, so neither the centres of mass nor the head outline fix the rotation well, and mutual
+        information started far off stops in a wrong basin: on TCGA-FG-6692 from the centres of mass alone
+        the brain Dice was 0.85 (1 mm atlas), with the search 0.91, with the head outline 0.93.
         On an ``search_mm`` grid, the metric is evaluated for rotations about the reference mask's centre
         (pitch ±30°, roll and yaw ±10°, 10° steps); the best ``search_keep`` starts, and the unrotated one,
         are each optimised briefly (12 DOF) and the best final metric wins.
@@ -347,10 +379,14 @@ class SimpleITKBackend:
         levels = []
         for shrink, sigma in pyramid_levels(vox):
             level_mm = shrink * vox
-            # ~10 % random samples, but at least ``min_samples`` (a coarse level has few voxels).
-            pct = float(
-                np.clip(max(self.sampling, self.min_samples * shrink**3 / max(n_mask, 1)), 0.01, 1)
-            )
+            # ~10 % random samples, but at least ``min_samples`` (a coarse level has few voxels) and at most
+            # ``max_samples`` (the cost per iteration is proportional to the samples; on the 1 mm atlas 50 000
+            # gave the same known-affine error as 230 000, 0.03 mm, in a third of the time). Six parameters
+            # need fewer: 20 000 moved within-subject rigid results by < 0.1 mm against 50 000.
+            level_voxels = max(n_mask / shrink**3, 1.0)
+            cap = self.max_samples if dof == 12 else self.rigid_max_samples
+            wanted = float(np.clip(self.sampling * level_voxels, min(self.min_samples, cap), cap))
+            pct = float(np.clip(wanted / level_voxels, 0.001, 1.0))
             reg = self._method()
             reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=self.bins)
             reg.SetMetricSamplingStrategy(reg.RANDOM)
