@@ -192,6 +192,18 @@ def test_channel_on_another_grid_is_named(toy, tmp_path):
         cache_subject(sv, tmp_path / "cache", TINY.channels)
 
 
+def test_residual_output_trains_and_round_trips(toy, tmp_path):
+    cfg = dataclasses.replace(TINY, epochs=3, output="residual", channels=("T1w", "lowT1c"))
+    assert cfg.spec.residual_channel == 1
+    model_path = train_fold(toy[:3], toy[3:5], tmp_path, cfg)
+    model, ckpt = load_model(model_path)
+    assert ckpt["spec"]["output"] == "residual" and model.spec.residual_channel == 1
+    log = _log(tmp_path)
+    assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
+    with pytest.raises(InputError, match="needs the low-dose T1c"):
+        dataclasses.replace(cfg, channels=("T1w", "FLAIR"))
+
+
 def test_config_validation():
     assert TrainConfig.from_dict({"epochs": 3, "channels": ["T1w", "lowT1c"]}).spec.in_channels == 2
     with pytest.raises(InputError, match="unknown training option"):

@@ -46,6 +46,20 @@ def test_initial_output_is_constant_and_not_saturated():
     assert torch.allclose(y, torch.full_like(y, 0.1), atol=1e-6)
 
 
+def test_residual_output_starts_from_the_low_dose_input():
+    spec = UNetSpec(in_channels=3, width=4, depth=2, output="residual", residual_channel=2)
+    model = UNet3D(spec)
+    x = torch.rand(2, 3, 8, 8, 8)
+    x[0, 2, 0, 0, 0], x[0, 2, 0, 0, 1] = 0.0, 1.0
+    with torch.no_grad():
+        y = model(x)
+    torch.testing.assert_close(y, x[:, 2:3].clamp(1e-3, 1 - 1e-3))
+    with pytest.raises(InputError, match="needs the low-dose T1c"):
+        UNetSpec(in_channels=3, output="residual")
+    with pytest.raises(InputError, match="'direct' or 'residual'"):
+        UNetSpec(output="skip")
+
+
 def test_input_channels_follow_the_spec():
     model = UNet3D(UNetSpec(in_channels=3, width=4, depth=2))
     assert model(torch.rand(1, 3, 8, 8, 8)).shape == (1, 1, 8, 8, 8)

@@ -92,6 +92,9 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--loss-region", choices=["volume", "brain"])
+    p.add_argument(
+        "--output", choices=["direct", "residual"], help="network output (paper: direct; see docs)"
+    )
     p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
     p.set_defaults(func=_run_train)
 
@@ -120,6 +123,7 @@ def _run_train(args: argparse.Namespace) -> int:
         "device",
         "amp",
         "loss_region",
+        "output",
         "compile",
     ):
         if getattr(args, key) is not None:

@@ -100,7 +100,9 @@ def find_subject_volumes(
         subject=subject,
         channels=found,
         target=find(norm_filename(subject, TARGET), True) if target else None,
-        mask=beside if beside is not None and beside.exists() else find(mask_filename(subject), mask),
+        mask=beside
+        if beside is not None and beside.exists()
+        else find(mask_filename(subject), mask),
     )
 
 

@@ -2,7 +2,7 @@
 
 Radiologists read vir-T1c beside the original series, so it is resampled (one cubic-spline interpolation)
 through the inverse of the registration: the low-dose T1c's transform maps atlas points to its native world,
-exactly the pull direction needed. The network works in [0, 1] units of the *normalised* full-dose T1c, whose
+so its inverse pulls atlas-space values onto native voxels. The network works in [0, 1] units of the *normalised* full-dose T1c, whose
 intensity scale is unknown at prediction time (there is no full-dose scan); the native-space image is mapped
 linearly onto the low-dose T1c's own 1st–99th percentile brain range, so that it opens with a familiar
 window next to the acquired series. The atlas-space prediction keeps the network's [0, 1] units.
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from virtual_contrast.io import load_image, save_image
-from virtual_contrast.preprocess.register import load_transform, resample
+from virtual_contrast.preprocess.register import load_transform, resample_to_native
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def export_native(
     pred = load_image(prediction, subject=subject)
     native = load_image(native_reference, subject=subject)
     matrix = load_transform(transform, subject=subject)
-    data = resample(pred, native.shape, native.affine, matrix, order=3)
+    data = resample_to_native(pred, native, matrix, order=3)
     lo, hi = intensity_range
     out_data = np.where(data > 0, lo + np.clip(data, 0.0, 1.0) * (hi - lo), 0.0)
     log.info("vir-T1c on the native grid %s, intensities mapped to [%g, %g]", native.shape, lo, hi)

@@ -69,6 +69,7 @@ class TrainConfig:
     batch_size: int = 2
     learning_rate: float = 1e-3
     seed: int = 0
+    output: str = "direct"  # "direct" (the paper) | "residual" (see virtual_contrast.model.unet)
     loss_region: str = "volume"  # "volume" | "brain"
     augment: bool = True
     tune_every: int = 1
@@ -92,6 +93,7 @@ class TrainConfig:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.loss_region not in ("volume", "brain"):
             raise InputError(f"loss_region must be 'volume' or 'brain', got {self.loss_region!r}")
+        self.spec  # noqa: B018 - validates output/channels
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -112,7 +114,14 @@ class TrainConfig:
 
     @property
     def spec(self) -> UNetSpec:
-        return UNetSpec(in_channels=len(self.channels), width=self.width, depth=self.depth)
+        low = self.channels.index("lowT1c") if "lowT1c" in self.channels else None
+        return UNetSpec(
+            in_channels=len(self.channels),
+            width=self.width,
+            depth=self.depth,
+            output=self.output,
+            residual_channel=low if self.output == "residual" else None,
+        )
 
 
 # Options that define the result; a checkpoint written with other values is not resumed.
@@ -120,6 +129,7 @@ _RESULT_FIELDS = (
     "channels",
     "width",
     "depth",
+    "output",
     "batch_size",
     "learning_rate",
     "seed",
