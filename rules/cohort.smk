@@ -3,15 +3,15 @@
 
 rule atlas:
     output:
-        **ATLAS,
-        provenance="results/atlas/provenance.json",
+        **atlas_files("{res}"),
+        provenance="results/atlas/res-{res}mm/provenance.json",
     params:
-        voxel_mm=config["grid"]["voxel_mm"],
+        voxel_mm=lambda wc: float(wc.res),
         t1=config["atlas"]["t1"],
         brain_mask=config["atlas"]["brain_mask"],
         head_mask=config["atlas"]["head_mask"],
     log:
-        "logs/atlas.log",
+        "logs/atlas/res-{res}mm.log",
     conda:
         "../envs/core.yaml"
     script:
@@ -22,7 +22,7 @@ rule atlas:
 # listed in exclusions.tsv from the plan); `virtual-contrast cohort` writes the whole tree, excluded exams too.
 rule cohort:
     input:
-        atlas=rules.atlas.output,
+        atlas=list(COHORT_ATLAS.values()),
     output:
         **{
             key: f"results/cohort/sub-{{subject}}/ses-{{session}}/{pattern.format(p='sub-{subject}_ses-{session}')}"

@@ -20,8 +20,16 @@ CHANNELS = ["T1w", "FLAIR", "ADC", "lowT1c", "refT1c"]
 # Network inputs (config model.channels, in order) and the training folds.
 INPUT_CHANNELS = list(config["model"]["channels"])
 FOLDS = list(range(config["split"]["folds"]))
-# The atlas volumes on the working grid, as written by rule `atlas`.
-ATLAS = {key: f"results/atlas/{name}" for key, name in ATLAS_FILES.items()}
+
+
+def atlas_files(voxel_mm):
+    """The atlas volumes on an isotropic grid of voxel_mm, as written by rule `atlas`."""
+    return {key: f"results/atlas/res-{voxel_mm}mm/{name}" for key, name in ATLAS_FILES.items()}
+
+
+# The working grid of pre-processing and model; the cohort is simulated from the atlas at its own voxel size.
+ATLAS = atlas_files(config["grid"]["voxel_mm"])
+COHORT_ATLAS = atlas_files(config["cohort"]["native_voxel_mm"])
 
 
 wildcard_constraints:
@@ -29,6 +37,7 @@ wildcard_constraints:
     channel="|".join(CHANNELS),
     fold=r"\d+",
     session=r"\d+",
+    res=r"[0-9]+(\.[0-9]+)?",
 
 
 def sub(subject, step, name):

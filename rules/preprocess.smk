@@ -23,7 +23,7 @@ rule adc:
 rule register:
     input:
         unpack(get_register_inputs),
-        atlas=rules.atlas.output,
+        atlas=list(ATLAS.values()),
     output:
         **{c: sub("{subject}", "register", f"space-ICBM09a_{c}.nii.gz") for c in CHANNELS},
         transforms=expand(

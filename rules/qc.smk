@@ -29,7 +29,7 @@ rule qc:
         t1=rules.register.output.T1w,
         mask=rules.skull_strip.output.mask,
         normalized=[rules.normalize.output[c] for c in CHANNELS],
-        atlas=rules.atlas.output,
+        atlas=list(ATLAS.values()),
         register=rules.register.output.provenance,
         skull_strip=rules.skull_strip.output.provenance,
     output:

@@ -21,7 +21,9 @@ def test_default_config_has_one_job_per_subject_for_each_per_subject_rule(tmp_pa
     for rule in PER_SUBJECT:
         assert counts.get(rule) == n_included, (rule, counts)
     assert counts["cohort"] == n_included  # only the complete, first exams are generated
-    assert counts["atlas"] == 1 and counts["exclusions"] == 1
+    # One atlas for the working grid, one for the cohort's simulation grid when they differ.
+    assert counts["atlas"] == len({config["grid"]["voxel_mm"], cohort["native_voxel_mm"]})
+    assert counts["exclusions"] == 1
 
 
 @pytest.mark.parametrize(
