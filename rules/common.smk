@@ -94,6 +94,7 @@ def train_config():
         "channels": INPUT_CHANNELS,
         "width": m["width"],
         "depth": m["depth"],
+        "output": m["output"],
         "epochs": t["epochs"],
         "batch_size": t["batch_size"],
         "learning_rate": t["learning_rate"],
