@@ -19,7 +19,6 @@ import cProfile
 import io
 import os
 import pstats
-import re
 import resource
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from virtual_contrast.workflow import job_counts
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS_S = {200: 10.0, 1000: 40.0}
@@ -74,20 +75,6 @@ def snakemake_cmd(workdir: Path, overlay: Path) -> list[str]:
         str(overlay),
         "-n",
     ]
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """Snakemake's 'Job stats' table as {rule: count} (without the total)."""
-    counts: dict[str, int] = {}
-    for line in output.split("Job stats:", 1)[-1].splitlines()[2:]:
-        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
-        if not m:
-            if counts:
-                break
-            continue
-        if m.group(1) != "total":
-            counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 def dry_run(workdir: Path, overlay: Path, extra: list[str]) -> tuple[float, float, dict[str, int]]:

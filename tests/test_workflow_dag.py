@@ -7,7 +7,9 @@ import re
 import pandas as pd
 import pytest
 import yaml
-from workflow_helpers import REPO, job_counts, snakemake
+from workflow_helpers import REPO, snakemake
+
+from virtual_contrast.workflow import job_counts
 
 PER_SUBJECT = ["adc", "register", "skull_strip", "crop", "normalize", "qc"]
 

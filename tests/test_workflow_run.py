@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from workflow_helpers import job_counts, snakemake
+from workflow_helpers import snakemake
 
-from virtual_contrast.workflow import plan_study
+from virtual_contrast.workflow import job_counts, plan_study
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,18 +35,3 @@ def snakemake(
             f"snakemake failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """Parse Snakemake's 'Job stats' table (dry run or real run) into {rule: count}."""
-    counts: dict[str, int] = {}
-    block = output.split("Job stats:", 1)[-1]
-    for line in block.splitlines()[2:]:
-        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
-        if not m:
-            if counts:
-                break
-            continue
-        if m.group(1) != "total":
-            counts[m.group(1)] = int(m.group(2))
-    return counts

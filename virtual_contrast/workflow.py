@@ -5,6 +5,7 @@ Kept out of the rule files so that it is typed, tested, and shared by the CLI an
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -191,3 +192,17 @@ def plan_study(config: dict) -> Study:
             if value in ("train", "test"):
                 split[subject] = value
     return Study(exams, selection, split, embedded, plan)
+
+
+def job_counts(snakemake_output: str) -> dict[str, int]:
+    """Snakemake's 'Job stats' table (printed by a dry run or a run) as {rule: count}, without the total."""
+    counts: dict[str, int] = {}
+    for line in snakemake_output.split("Job stats:", 1)[-1].splitlines()[2:]:
+        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+        if not m:
+            if counts:
+                break
+            continue
+        if m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
