@@ -50,3 +50,14 @@ def tiny_run(tmp_path_factory) -> Path:
     proc = snakemake(workdir, "--profile", str(REPO / "profiles" / "workstation"), "--cores", "2")
     (workdir / "snakemake_run.log").write_text(proc.stdout + proc.stderr)
     return workdir
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run torch on one thread: tiny convolutions are slower with 2 threads on a shared 2-core machine."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)

@@ -23,13 +23,7 @@ from virtual_contrast.model.toy import make_toy_subjects
 from virtual_contrast.model.train import TrainConfig, train_fold
 from virtual_contrast.model.unet import UNet3D, UNetSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

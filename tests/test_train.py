@@ -41,11 +41,7 @@ def toy(tmp_path_factory):
     return make_toy_subjects(folder, 6, (16, 16, 16), seed=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _log(folder):

@@ -15,14 +15,7 @@ from virtual_contrast.model.unet import (
     max_depth_for_grid,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions are slower with 2 threads on a shared 2-core machine.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(

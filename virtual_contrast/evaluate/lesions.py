@@ -32,6 +32,7 @@ from scipy.spatial import ConvexHull
 
 from virtual_contrast.io import InputError, load_array
 from virtual_contrast.reader.matching import MatchRule, match_lesions
+from virtual_contrast.reader.stats import LESION_COLUMNS, READ_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -337,22 +338,13 @@ def auto_reader_tables(
         detections_to_reads(table, patient=patient, modality=modality, reader=reader)
         for (patient, modality), table in detections.items()
     ]
-    columns = [
-        "patient",
-        "reader",
-        "modality",
-        "x_mm",
-        "y_mm",
-        "z_mm",
-        "long_axis_mm",
-        "short_axis_mm",
-    ]
+    columns = list(LESION_COLUMNS)
     lesion_table = (
         pd.concat(lesions, ignore_index=True) if lesions else pd.DataFrame(columns=columns)
     )
     reads = pd.DataFrame(
         [(patient, reader, modality, np.nan, np.nan) for patient, modality in detections],
-        columns=["patient", "reader", "modality", "quality", "reading_time_s"],
+        columns=list(READ_COLUMNS),
     )
     return lesion_table[columns], reads
 
