@@ -24,11 +24,11 @@ demo: venv
 	@echo "Done: open results/report.html (figures in results/figures/, tables in results/tables/)."
 
 test: venv
-	$(BIN)/ruff check .
+	$(BIN)/ruff check --no-cache .
 	$(BIN)/python -m pytest -x --timeout 1200 tests
 
 lint:
-	$(BIN)/ruff check .
+	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --check .
 	$(BIN)/snakemake --lint
 

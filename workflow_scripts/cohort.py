@@ -1,9 +1,9 @@
 from pathlib import Path
 
 from _common import setup
-from virtual_contrast.cohort import make_exam
 
 from virtual_contrast.atlas import load_atlas
+from virtual_contrast.cohort import make_exam
 
 log = setup(snakemake)
 out = snakemake.output
