@@ -102,6 +102,7 @@ def main() -> int:
     from virtual_contrast.io import load_image
     from virtual_contrast.preprocess import fsl
     from virtual_contrast.preprocess import register as reg
+    from virtual_contrast.preprocess import transforms as tf
     from virtual_contrast.preprocess.sitk_backend import SimpleITKBackend
 
     masks = {}
@@ -130,7 +131,7 @@ def main() -> int:
     for seed in args.seeds:
         truth = random_affine(np.random.default_rng(seed), brain_centre)
         moving = nib.Nifti1Image(
-            reg.resample(atlas_img, shape, mov_affine, np.linalg.inv(truth)), mov_affine
+            tf.resample(atlas_img, shape, mov_affine, np.linalg.inv(truth)), mov_affine
         )
         before = displacement(np.eye(4), truth, atlas.brain_mask, atlas.affine).mean()
         for name, backend in backends.items():
@@ -166,7 +167,7 @@ def main() -> int:
                 reference_head_mask=atlas.head_mask,
             )
             seconds, cpu = time.perf_counter() - t, time.process_time() - c
-            on_atlas = reg.resample(brain, atlas.shape, atlas.affine, result.transform, order=0)
+            on_atlas = tf.resample(brain, atlas.shape, atlas.affine, result.transform, order=0)
             score = dice(on_atlas, atlas.brain_mask)
             rows.append(
                 (

@@ -44,14 +44,8 @@ IMPORT_TO_PACKAGES: dict[str, tuple[str, ...]] = {
 # Imports inside functions that a rule's env deliberately lacks: (rule, module) -> why the rule never runs
 # that code. Everything else a rule's script may import, however lazily, must be in the rule's env.
 NOT_NEEDED: dict[tuple[str, str], str] = {
-    # Both rules import preprocess.register for its transform helpers (load_transform, resample), not for
-    # registering: its backends (FSL via nipype, SimpleITK), head masks and atlas loading never run there.
-    # Moving those helpers to a small module of their own would make these entries stale (the test says so).
-    ("predict", "nipype"): "model.export uses register.load_transform/resample only",
-    ("predict", "skimage"): "model.export never builds head masks (register.head_mask_from_image)",
-    ("detector_validation", "nipype"): "the script uses register.load_transform only",
-    ("detector_validation", "SimpleITK"): "the script uses register.load_transform only",
-    ("detector_validation", "nilearn"): "the script uses register.load_transform only (no atlas)",
+    # (rule, module): why a module imported only inside functions is never needed by that rule. Empty since
+    # the transform helpers moved out of preprocess.register (into preprocess.transforms).
 }
 # Snakemake's script preamble puts its own installation on sys.path, so an env need not install it.
 PROVIDED_OUTSIDE_ENVS = {"snakemake"}

@@ -7,7 +7,7 @@ import numpy as np
 from scipy import ndimage
 
 from virtual_contrast.model.export import export_native
-from virtual_contrast.preprocess.register import resample, save_transform
+from virtual_contrast.preprocess.transforms import resample, save_transform
 
 
 def _rotation(deg: float) -> np.ndarray:

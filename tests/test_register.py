@@ -18,6 +18,7 @@ from scipy.spatial.transform import Rotation
 from virtual_contrast.io import InputError, load_image, save_image
 from virtual_contrast.preprocess import fsl
 from virtual_contrast.preprocess import register as reg
+from virtual_contrast.preprocess import transforms as tf
 from virtual_contrast.preprocess.sitk_backend import SimpleITKBackend
 
 TCGA = "tcga_fg_6692_raw"
@@ -87,10 +88,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------- transforms
 def test_transform_file_round_trip_states_convention(tmp_path):
     matrix = random_affine(np.random.default_rng(1))
-    path = reg.save_transform(matrix, tmp_path / "x_xfm.txt", note="moving: a.nii.gz")
+    path = tf.save_transform(matrix, tmp_path / "x_xfm.txt", note="moving: a.nii.gz")
     text = path.read_text()
     assert "REFERENCE" in text and "MOVING" in text and text.startswith("#")
-    np.testing.assert_allclose(reg.load_transform(path), matrix, atol=1e-9)
+    np.testing.assert_allclose(tf.load_transform(path), matrix, atol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +102,7 @@ def test_load_transform_rejects_bad_matrices(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_text(content)
     with pytest.raises(InputError, match=message) as err:
-        reg.load_transform(path, subject="007")
+        tf.load_transform(path, subject="007")
     assert "007" in str(err.value) and "bad.txt" in str(err.value)
 
 
@@ -114,7 +115,7 @@ def test_transform_path_beside_output():
 @pytest.mark.parametrize("order", [0, 1, 3])
 def test_resample_identity_returns_the_image(order):
     img = blob_image(flip_x=True, rot_deg=(5, -3, 8))
-    out = reg.resample(img, img.shape, img.affine, np.eye(4), order=order)
+    out = tf.resample(img, img.shape, img.affine, np.eye(4), order=order)
     np.testing.assert_allclose(out, img.get_fdata(), atol=1e-4)
 
 
@@ -123,7 +124,7 @@ def test_resample_pulls_from_transformed_points():
     img = blob_image(voxel=(2, 2, 2))
     shift = np.eye(4)
     shift[:3, 3] = img.affine[:3, :3] @ [2, 0, 0]
-    out = reg.resample(img, img.shape, img.affine, shift, order=1)
+    out = tf.resample(img, img.shape, img.affine, shift, order=1)
     data = img.get_fdata()
     np.testing.assert_allclose(out[:-2], data[2:], atol=1e-5)
     assert np.all(out[-2:] == 0)  # beyond the field of view: zero
@@ -136,7 +137,7 @@ def test_resample_matches_analytic_image_under_affine():
     ref_affine = affine_from((2.0, 2.0, 2.0), (-20, -22, -18), flip_x=False)
     ref_shape = (20, 22, 18)
     a = random_affine(rng, max_deg=6, max_mm=3, scale=(0.95, 1.05))
-    out = reg.resample(moving, ref_shape, ref_affine, a, order=3, antialias=False)
+    out = tf.resample(moving, ref_shape, ref_affine, a, order=3, antialias=False)
     expected = blob_values(ref_shape, a @ ref_affine)
     inside = out > 0
     assert inside.mean() > 0.5
@@ -152,13 +153,13 @@ def test_composition_rigid_then_affine_equals_one_pass():
     atlas_shape, atlas_affine = (18, 18, 16), affine_from((2.0, 2.0, 2.0), (-17, -17, -15))
     r = random_affine(rng, max_deg=12, max_mm=4, scale=(1, 1))
     a = random_affine(rng, max_deg=12, max_mm=4, scale=(0.95, 1.05))
-    on_t1 = nib.Nifti1Image(reg.resample(flair, t1_shape, t1_affine, r, order=3), t1_affine)
-    two_pass = reg.resample(on_t1, atlas_shape, atlas_affine, a, order=3)
-    one_pass = reg.resample(flair, atlas_shape, atlas_affine, r @ a, order=3)
+    on_t1 = nib.Nifti1Image(tf.resample(flair, t1_shape, t1_affine, r, order=3), t1_affine)
+    two_pass = tf.resample(on_t1, atlas_shape, atlas_affine, a, order=3)
+    one_pass = tf.resample(flair, atlas_shape, atlas_affine, r @ a, order=3)
     core = (slice(4, -4),) * 3
     np.testing.assert_allclose(two_pass[core], one_pass[core], atol=0.02 * one_pass.max())
     # The other order of composition is a different transform: the test can tell them apart.
-    wrong = reg.resample(flair, atlas_shape, atlas_affine, a @ r, order=3)
+    wrong = tf.resample(flair, atlas_shape, atlas_affine, a @ r, order=3)
     assert np.abs(wrong[core] - one_pass[core]).max() > 0.05 * one_pass.max()
 
 
@@ -167,8 +168,8 @@ def test_resample_to_native_inverts_the_atlas_transform():
     native = blob_image(shape=(30, 30, 30), voxel=(1.5, 1.5, 1.5))
     atlas_shape, atlas_affine = (30, 30, 30), affine_from((1.5, 1.5, 1.5), (-22, -22, -22))
     a = random_affine(rng, max_deg=5, max_mm=2, scale=(0.97, 1.03))
-    on_atlas = nib.Nifti1Image(reg.resample(native, atlas_shape, atlas_affine, a), atlas_affine)
-    back = reg.resample_to_native(on_atlas, native, a)
+    on_atlas = nib.Nifti1Image(tf.resample(native, atlas_shape, atlas_affine, a), atlas_affine)
+    back = tf.resample_to_native(on_atlas, native, a)
     core = (slice(6, -6),) * 3
     np.testing.assert_allclose(back[core], native.get_fdata()[core], atol=0.03 * back.max())
 
@@ -178,9 +179,9 @@ def test_resample_masks_stay_binary_and_spline_does_not_overshoot():
     mask[5:15, 5:15, 5:15] = 1
     img = nib.Nifti1Image(mask, np.diag([2.0, 2.0, 2.0, 1.0]))
     a = random_affine(np.random.default_rng(6), max_deg=8, max_mm=3, centre=np.full(3, 19.0))
-    nearest = reg.resample(img, (25, 25, 25), np.diag([1.6, 1.6, 1.6, 1.0]), a, order=0)
+    nearest = tf.resample(img, (25, 25, 25), np.diag([1.6, 1.6, 1.6, 1.0]), a, order=0)
     assert set(np.unique(nearest)) <= {0.0, 1.0}
-    cubic = reg.resample(img, (25, 25, 25), np.diag([1.6, 1.6, 1.6, 1.0]), a, order=3)
+    cubic = tf.resample(img, (25, 25, 25), np.diag([1.6, 1.6, 1.6, 1.0]), a, order=3)
     assert cubic.min() >= 0.0 and cubic.max() <= 1.0
 
 
@@ -362,7 +363,7 @@ def test_rigid_recovery_is_rigid_and_reproducible():
     truth = random_affine(np.random.default_rng(12), max_deg=8, max_mm=5, scale=(1, 1))
     moving_affine = centred(affine_from((2.5, 2.5, 2.5), flip_x=True), (28, 28, 28))
     moving = nib.Nifti1Image(
-        reg.resample(fixed, (28, 28, 28), moving_affine, np.linalg.inv(truth)), moving_affine
+        tf.resample(fixed, (28, 28, 28), moving_affine, np.linalg.inv(truth)), moving_affine
     )
     backend = SimpleITKBackend(threads=1)
     first = backend.register(moving, fixed, dof=6, initial=np.eye(4))
@@ -395,7 +396,7 @@ def test_known_affine_is_recovered_on_the_atlas(atlas3, seed):
     moving_affine = centred(affine_from((3.6, 3.6, 3.6), flip_x=True), shape)
     moving_affine[:3, 3] += brain_centre
     moving = nib.Nifti1Image(
-        reg.resample(atlas3.image("t1"), shape, moving_affine, np.linalg.inv(truth)), moving_affine
+        tf.resample(atlas3.image("t1"), shape, moving_affine, np.linalg.inv(truth)), moving_affine
     )
     before, _ = mean_displacement(np.eye(4), truth, atlas3.brain_mask, atlas3.affine)
     result = reg.register_images(
@@ -425,16 +426,16 @@ def test_raw_tcga_t1_with_skull_registers_to_the_atlas(atlas3, shared_data, tmp_
         backend="simpleitk",
         subject="TCGA-FG-6692",
     )
-    a_t1 = reg.load_transform(out_xfm["T1"])
+    a_t1 = tf.load_transform(out_xfm["T1"])
     brain = load_image(folder / "t1c_brainmask.nii.gz")  # on the T1 grid
-    brain_on_atlas = reg.resample(brain, atlas3.shape, atlas3.affine, a_t1, order=0)
+    brain_on_atlas = tf.resample(brain, atlas3.shape, atlas3.affine, a_t1, order=0)
     score = dice(brain_on_atlas, atlas3.brain_mask)
     assert score >= 0.85, f"Dice {score:.3f}"
     # Outputs on the atlas grid, the composed transform is rigid(T1c) @ affine(T1).
     t1c = load_image(out_images["T1c"])
     assert t1c.shape == atlas3.shape and np.allclose(t1c.affine, atlas3.affine)
     rigid = np.asarray(provenance["channels"]["T1c"]["registration"]["transform"])
-    np.testing.assert_allclose(reg.load_transform(out_xfm["T1c"]), rigid @ a_t1, atol=1e-6)
+    np.testing.assert_allclose(tf.load_transform(out_xfm["T1c"]), rigid @ a_t1, atol=1e-6)
     assert provenance["backend"] == "simpleitk"
     assert [
         s["name"].split(" (")[0] for s in provenance["channels"]["T1"]["registration"]["stages"]
@@ -451,7 +452,7 @@ def test_raw_tcga_t1_with_skull_registers_to_the_atlas(atlas3, shared_data, tmp_
 def test_register_command_writes_image_and_transform(tmp_path, no_fsl, capsys):
     fixed = blob_image(shape=(24, 24, 24), voxel=(2.0, 2.0, 2.0), seed=3)
     truth = random_affine(np.random.default_rng(9), max_deg=6, max_mm=4, scale=(1, 1))
-    moving = reg.resample(fixed, fixed.shape, fixed.affine, np.linalg.inv(truth))
+    moving = tf.resample(fixed, fixed.shape, fixed.affine, np.linalg.inv(truth))
     save_image(fixed.get_fdata(), fixed.affine, tmp_path / "ref.nii.gz")
     save_image(moving, fixed.affine, tmp_path / "mov.nii.gz")
     parser = argparse.ArgumentParser()
@@ -463,7 +464,7 @@ def test_register_command_writes_image_and_transform(tmp_path, no_fsl, capsys):
     assert args.func(args) == 0
     assert "backend: simpleitk" in capsys.readouterr().out
     out = load_image(tmp_path / "out.nii.gz")
-    xfm = reg.load_transform(tmp_path / "out_xfm.txt")
+    xfm = tf.load_transform(tmp_path / "out_xfm.txt")
     assert out.shape == fixed.shape
     centre = fixed.get_fdata() > 0.2 * fixed.get_fdata().max()
     assert mean_displacement(xfm, truth, centre, fixed.affine)[0] < 0.5

@@ -125,6 +125,35 @@ def test_vir_t1c_is_written_for_every_test_subject_in_atlas_and_native_space(tin
         assert len(log) == 2 and np.isfinite(log["tune_loss"]).all()
 
 
+def test_predict_command_on_a_raw_exam_repeats_the_workflow(tiny_run, tmp_path):
+    """`virtual-contrast predict` on one raw exam runs the same chain as the workflow: same vir-T1c."""
+    from virtual_contrast.cli import main as cli_main
+
+    study = _study()
+    subject = study.test_subjects[0]
+    raw = {key: tiny_run / path for key, path in study.raw_inputs(subject).items()}
+    out = tmp_path / "exam"
+    rc = cli_main(["predict", "--models", str(tiny_run / "results" / "models"),
+                   "--t1", str(raw["t1"]), "--flair", str(raw["flair"]), "--dwi", str(raw["dwi"]),
+                   "--bval", str(raw["bval"]), "--low", str(raw["low"]), "--subject", subject,
+                   "--atlas", str(tiny_run / "results" / "atlas" / "res-4.0mm"),
+                   "--device", "cpu", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    workflow = tiny_run / "results" / f"sub-{subject}" / "predict"
+    expected = nib.load(workflow / f"sub-{subject}_space-ICBM09a_desc-virtual_T1c.nii.gz")
+    got = nib.load(out / f"sub-{subject}_space-atlas_ce-vir_T1w.nii.gz")
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got.affine, expected.affine, atol=1e-4)
+    np.testing.assert_allclose(got.get_fdata(), expected.get_fdata(), atol=1e-3)
+    native = nib.load(out / f"sub-{subject}_ce-vir_T1w.nii.gz")
+    expected_native = nib.load(workflow / f"sub-{subject}_space-native_desc-virtual_T1c.nii.gz")
+    assert native.shape == nib.load(raw["low"]).shape
+    np.testing.assert_allclose(native.get_fdata(), expected_native.get_fdata(), rtol=1e-3, atol=1.0)
+    provenance = json.loads((out / f"sub-{subject}_work" / f"sub-{subject}_provenance.json").read_text())
+    assert provenance["register"]["backend"] == "simpleitk"
+    assert provenance["skull_strip"]["backend"] == "atlas"
+
+
 def _max_concurrent_gpu_jobs(log: str) -> tuple[int, int]:
     """(most GPU jobs running at once, GPU jobs seen) from the order of Snakemake's start/finish lines."""
     running, most, seen = set(), 0, 0

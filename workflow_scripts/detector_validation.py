@@ -4,7 +4,7 @@ from _common import setup
 
 from virtual_contrast.evaluate.lesions import validate_detector
 from virtual_contrast.io import write_table
-from virtual_contrast.preprocess.register import load_transform
+from virtual_contrast.preprocess.transforms import load_transform
 
 log = setup(snakemake)
 subjects = snakemake.params.subjects

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from virtual_contrast.io import InputError, write_table
 
 log = logging.getLogger(__name__)
-
-#: Module and function that preprocess one raw exam for ``virtual-contrast predict`` (see
-#: :func:`preprocess_raw_exam`). Provided by the preprocessing area.
-RAW_EXAM_HOOK = ("virtual_contrast.preprocess.exam", "preprocess_exam")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -177,6 +173,16 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--bval", type=Path, help="b-values of --dwi")
     p.add_argument("--mask", type=Path, help="brain mask: prediction set to 0 outside")
+    raw = p.add_argument_group("raw exam (with --dwi)")
+    raw.add_argument(
+        "--atlas",
+        type=Path,
+        help="atlas folder at the models' voxel size (the workflow's results/atlas/res-<v>mm); "
+        "default: prepared from the template shipped with nilearn",
+    )
+    raw.add_argument("--register-backend", choices=["auto", "fsl", "simpleitk"], default="auto")
+    raw.add_argument("--skull-strip-backend", choices=["auto", "hdbet", "atlas"], default="auto")
+    raw.add_argument("--hdbet-weights", type=Path, help="HD-BET weights folder")
     p.add_argument(
         "--subject", help="subject id (file names; found from --channels-dir when omitted)"
     )
@@ -221,27 +227,16 @@ def _subject_in_dir(folder: Path) -> str:
     return ids[0]
 
 
-def preprocess_raw_exam(
-    *, t1: Path, flair: Path, dwi: Path, bval: Path, low: Path, work_dir: Path, subject: str
-) -> dict:
-    """HOOK: run the preprocessing chain on one raw exam (not implemented in the model area).
-
-    Calls ``RAW_EXAM_HOOK`` = ``virtual_contrast.preprocess.exam.preprocess_exam(t1=, flair=, dwi=, bval=,
-    low=, out_dir=, subject=)``, which must return a dict with ``channels`` (channel name → normalised
-    atlas-space NIfTI, names as in :data:`~virtual_contrast.model.data.INPUT_CHANNELS`), ``mask`` (brain mask
-    path or ``None``) and ``to_native`` (callable ``(atlas_image: Path, out_path: Path) -> Path`` resampling an
-    atlas-space image onto the native low-dose T1c grid with the inverse registration).
-    """
-    module_name, func_name = RAW_EXAM_HOOK
-    try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError):
+def training_grid(checkpoint: dict, path: Path) -> tuple[float, tuple[int, int, int]]:
+    """(voxel size in mm, grid shape) the model was trained on, from its checkpoint."""
+    if "affine" not in checkpoint:
         raise InputError(
-            f"predicting from a raw exam needs {module_name}.{func_name}, which is not available in this "
-            "installation; preprocess the exam with the workflow and pass the normalised volumes "
-            "(--channels-dir, or --adc --flair --t1 --low)"
-        ) from None
-    return func(t1=t1, flair=flair, dwi=dwi, bval=bval, low=low, out_dir=work_dir, subject=subject)
+            "this model.pt does not record its training grid (written by an older version); retrain it "
+            "or preprocess the exam with the workflow and pass the normalised volumes",
+            path=path,
+        )
+    zooms = np.sqrt((np.asarray(checkpoint["affine"])[:3, :3] ** 2).sum(axis=0))
+    return float(np.round(zooms.mean(), 4)), tuple(int(n) for n in checkpoint["grid"])
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -262,16 +257,24 @@ def _run_predict(args: argparse.Namespace) -> int:
         missing = [n for n in ("t1", "flair", "dwi", "bval", "low") if getattr(args, n) is None]
         if missing:
             raise InputError(f"a raw exam needs --{' --'.join(missing)} as well")
+        from virtual_contrast.preprocess.exam import preprocess_exam
+
         subject = args.subject or "exam"
-        work = args.out / f"sub-{subject}_work"
-        prepared = preprocess_raw_exam(
+        voxel_mm, grid = training_grid(load_checkpoint(models[0]), models[0])
+        prepared = preprocess_exam(
             t1=args.t1,
             flair=args.flair,
             dwi=args.dwi,
             bval=args.bval,
             low=args.low,
-            work_dir=work,
+            out_dir=args.out / f"sub-{subject}_work",
             subject=subject,
+            voxel_mm=voxel_mm,
+            crop_shape=grid,
+            atlas_dir=args.atlas,
+            register_backend=args.register_backend,
+            skull_strip_backend=args.skull_strip_backend,
+            hdbet_weights=args.hdbet_weights,
         )
         channel_paths = dict(prepared["channels"])
         mask = mask or prepared.get("mask")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from virtual_contrast.io import load_image, save_image
-from virtual_contrast.preprocess.register import load_transform, resample_to_native
+from virtual_contrast.preprocess.transforms import load_transform, resample_to_native
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from virtual_contrast.io import InputError, atomic_path, write_table
+from virtual_contrast.io import InputError, atomic_path, load_image, write_table
 from virtual_contrast.model import runtime
 from virtual_contrast.model.data import (
     DEFAULT_CHANNELS,
@@ -236,6 +236,7 @@ def _model_checkpoint(
     cfg: TrainConfig,
     grid: Sequence[int],
     *,
+    affine: np.ndarray,
     epoch: int,
     train_loss: float,
     tune_loss: float,
@@ -247,6 +248,8 @@ def _model_checkpoint(
         "spec": cfg.spec.to_dict(),
         "channels": list(cfg.channels),
         "grid": [int(s) for s in grid],
+        # The voxel-to-world matrix of the training grid: a raw exam is pre-processed onto the same grid.
+        "affine": np.asarray(affine, dtype=float).tolist(),
         "state_dict": _state_dict_cpu(model),
         "epoch": int(epoch),
         "train_loss": float(train_loss),
@@ -374,6 +377,7 @@ def train_fold(
             f"tuning subjects have grid {tune_store.sample_shape[1:]}, training subjects {grid}"
         )
     check_grid(grid, cfg.depth)
+    grid_affine = load_image(train_subjects[0].channels[cfg.channels[0]]).affine
     fingerprint = _fingerprint(cfg, [p.name for p in train_cache], [p.name for p in tune_cache])
 
     with runtime.deterministic_algorithms(deterministic, device):
@@ -456,6 +460,7 @@ def train_fold(
                         model,
                         cfg,
                         grid,
+                        affine=grid_affine,
                         epoch=epoch + 1,
                         train_loss=train_loss,
                         tune_loss=tune_loss,
@@ -505,6 +510,7 @@ def train_fold(
                     model,
                     cfg,
                     grid,
+                    affine=grid_affine,
                     epoch=state["epoch"],
                     train_loss=state["history"][-1]["train_loss"],
                     tune_loss=math.nan,

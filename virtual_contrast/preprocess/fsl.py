@@ -24,11 +24,8 @@ import nibabel as nib
 import numpy as np
 
 from virtual_contrast.io import InputError, load_image, save_image
-from virtual_contrast.preprocess.register import (
-    Registration,
-    head_mask_from_image,
-    voxel_sizes,
-)
+from virtual_contrast.preprocess.register import Registration, head_mask_from_image
+from virtual_contrast.preprocess.transforms import voxel_sizes
 
 log = logging.getLogger(__name__)
 

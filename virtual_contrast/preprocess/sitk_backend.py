@@ -24,12 +24,8 @@ import numpy as np
 from scipy import ndimage
 
 from virtual_contrast.io import InputError
-from virtual_contrast.preprocess.register import (
-    Registration,
-    head_mask_from_image,
-    resample,
-    voxel_sizes,
-)
+from virtual_contrast.preprocess.register import Registration, head_mask_from_image
+from virtual_contrast.preprocess.transforms import resample, voxel_sizes
 
 log = logging.getLogger(__name__)
 
