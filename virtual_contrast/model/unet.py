@@ -21,6 +21,7 @@ dB with lr 3e-3). Use it when the training budget is far below the paper's 300 e
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -168,7 +169,16 @@ class UNet3D(nn.Module):
         x = skips.pop()
         for level in reversed(range(self.spec.depth - 1)):
             x = self.decoders[level](x, skips.pop())
-        logits = self.head(x)
+        # The 1×1 head and the sigmoid run in fp32 under autocast: bf16 keeps 8 bits of mantissa, which would
+        # quantise the output in steps of up to 0.004 (and flatten the small corrections of a young network).
+        kind = x.device.type
+        fp32 = (
+            torch.autocast(device_type=kind, enabled=False)
+            if kind in ("cpu", "cuda")  # not "meta" (count_flops)
+            else contextlib.nullcontext()
+        )
+        with fp32:
+            logits = self.head(x.float())
         if self.spec.output == "residual":
             c = self.spec.residual_channel
             low = inputs[:, c : c + 1].float().clamp(RESIDUAL_EPS, 1 - RESIDUAL_EPS)
