@@ -226,6 +226,24 @@ def test_quarter_dose_enhances_less_and_non_linearly_while_white_matter_barely_c
     assert all(0.25 < r < 0.6 for r in ratios), ratios
 
 
+def test_normal_vessels_not_lesions_are_most_of_the_brightest_full_dose_voxels(cohort):
+    """Cortical veins set the 99th percentile of a full-dose brain in every exam, as in real exams, so the
+    percentile normalisation does not hinge on how much tumour a patient has."""
+    for subject, session in _first_exams(cohort):
+        dseg = _truth(cohort, subject, "dseg", session)
+        pre, full = (
+            np.asanyarray(_load(cohort, subject, n, session).dataobj).astype(float)
+            for n in (SEQUENCES[0], SEQUENCES[2])
+        )
+        brain = _truth(cohort, subject, "desc-brain_mask", session) > 0
+        normal = brain & np.isin(dseg, (1, 2, 3, 7))  # CSF, GM, WM, vessels: no lesion compartment
+        vessels = dseg == 7
+        assert 0.004 < vessels.sum() / normal.sum() < 0.03
+        enhancement = (full - pre)[normal]
+        top = enhancement >= np.percentile(enhancement, 99)
+        assert vessels[normal][top].mean() > 0.5
+
+
 def test_flair_is_bright_in_oedema(cohort):
     for subject, session in _first_exams(cohort):
         dseg = _truth(cohort, subject, "dseg", session)
