@@ -149,7 +149,9 @@ def test_predict_command_on_a_raw_exam_repeats_the_workflow(tiny_run, tmp_path):
     expected_native = nib.load(workflow / f"sub-{subject}_space-native_desc-virtual_T1c.nii.gz")
     assert native.shape == nib.load(raw["low"]).shape
     np.testing.assert_allclose(native.get_fdata(), expected_native.get_fdata(), rtol=1e-3, atol=1.0)
-    provenance = json.loads((out / f"sub-{subject}_work" / f"sub-{subject}_provenance.json").read_text())
+    provenance = json.loads(
+        (out / f"sub-{subject}_work" / f"sub-{subject}_provenance.json").read_text()
+    )
     assert provenance["register"]["backend"] == "simpleitk"
     assert provenance["skull_strip"]["backend"] == "atlas"
 
