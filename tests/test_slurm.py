@@ -210,10 +210,11 @@ TINY_CASE = WorkflowCase(
     compared=("results/tables/*.tsv",),
     # Both runs train on the CPU, but possibly with different thread counts (the SLURM job gets
     # the rule's threads as cpus-per-task, the local run shares the cores), so float sums may
-    # differ in the last bits. 1e-4 relative was chosen before train/predict existed (the tables
-    # then, exclusions.tsv, were byte-identical): revisit once the metric tables exist.
-    rel_tol=1e-4,
-    abs_tol=1e-6,
+    # differ. On a CPU with native bf16 the network runs in bf16 (8-bit mantissa), where a different
+    # split of a sum moves the metrics of table3.tsv by up to 2e-4 relative (measured); 2e-3 leaves
+    # room and still catches any real difference of the pipeline (a wrong subject, fold or model).
+    rel_tol=2e-3,
+    abs_tol=1e-5,
     timeout_s=900,  # per run; `make test` kills any test after 1200 s (pytest-timeout)
 )
 
