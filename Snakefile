@@ -23,6 +23,7 @@ include: "rules/qc.smk"
 include: "rules/model.smk"
 include: "rules/evaluate.smk"
 include: "rules/reader_study.smk"
+include: "rules/dicom.smk"
 
 
 rule all:

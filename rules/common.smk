@@ -10,6 +10,8 @@ sys.path.insert(0, workflow.basedir)
 from virtual_contrast.atlas import ATLAS_FILES  # noqa: E402
 from virtual_contrast.subjects import SUBJECT_ID_PATTERN, flowchart_counts  # noqa: E402
 from virtual_contrast.workflow import BIDS_FILES, cohort_lesion_table, plan_study  # noqa: E402
+from virtual_contrast.dicom import sidecar  # noqa: E402
+from virtual_contrast.workflow import DICOM_DIR, bids_exam_files, dicom_exam_record  # noqa: E402
 
 
 validate(config, "../virtual_contrast/schemas/config.schema.yaml")
@@ -73,7 +75,39 @@ def get_final_outputs():
         subject=STUDY.test_subjects,
         space=["ICBM09a", "native"],
     )
+    if STUDY.dicom_manifests:
+        outputs += expand(rules.export_dicom.output.series, subject=STUDY.test_subjects)
     return outputs
+
+
+def dicom_import_outputs():
+    """Files of rule import_dicom ({subject}, {session} wildcards): each sequence, its sidecar, the report."""
+    files = bids_exam_files(DICOM_DIR, "{subject}", "{session}")
+    outputs = {key: str(path) for key, path in files.items()}
+    outputs.update({f"{key}_json": str(sidecar(files[key])) for key in ("t1", "flair", "low", "ref", "dwi")})
+    outputs["report"] = str(dicom_exam_record("{subject}", "{session}", "dicom.tsv"))
+    return outputs
+
+
+def get_dicom_manifest(wildcards):
+    """The manifest of a subject's DICOM exam (the low-dose series that vir-T1c is exported over)."""
+    return STUDY.dicom_manifests[wildcards.subject]
+
+
+def reading_image_format():
+    """nifti, dicom or both (config reader_study.image_format; auto: both for DICOM inputs)."""
+    image_format = config["reader_study"]["image_format"]
+    if image_format == "auto":
+        return "both" if STUDY.dicom_manifests else "nifti"
+    return image_format
+
+
+def get_reading_sources(wildcards):
+    """Each test subject's DICOM manifest, whose low-dose series lends its acquisition attributes to the
+    de-identified reading series (none for NIfTI inputs)."""
+    if reading_image_format() == "nifti" or not STUDY.dicom_manifests:
+        return {}
+    return {"manifests": [STUDY.dicom_manifests[s] for s in STUDY.test_subjects]}
 
 
 def normalized(subject):

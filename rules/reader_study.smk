@@ -33,6 +33,7 @@ rule reader_stats:
 
 rule reading_lists:
     input:
+        unpack(get_reading_sources),
         vir=expand(rules.predict.output.atlas, subject=STUDY.test_subjects),
         low=[normalized(s)["lowT1c"] for s in STUDY.test_subjects],
     output:
@@ -42,6 +43,7 @@ rule reading_lists:
         patients=STUDY.test_subjects,
         readers=config["reader_study"]["readers"],
         seed=config["split"]["seed"],
+        image_format=reading_image_format(),
     log:
         "logs/reading_lists.log",
     conda:

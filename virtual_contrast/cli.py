@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "virtual_contrast.model.commands",
     "virtual_contrast.evaluate.commands",
     "virtual_contrast.reader.commands",
+    "virtual_contrast.dicom.commands",
 )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from virtual_contrast.io import InputError
 from virtual_contrast.subjects import (
     SEQUENCES,
     Selection,
@@ -22,6 +23,8 @@ from virtual_contrast.subjects import (
 )
 
 COHORT_DIR = Path("results/cohort")
+#: Where the workflow files the exams of dicom_dir (rule import_dicom), in the BIDS-like layout below.
+DICOM_DIR = Path("results/dicom")
 #: Sequences a cohort exam may lack (to exercise the exclusions), in the order they are dropped.
 DROPPABLE = ("flair", "dwi", "low")
 #: File of each sequence column inside a BIDS exam folder, given the entity prefix (sub-X[_ses-Y]).
@@ -54,6 +57,20 @@ class CohortExam:
             for key, pattern in BIDS_FILES.items()
             if key not in absent
         }
+
+
+def bids_exam_files(root: Path | str, subject: str, session: str = "") -> dict[str, Path]:
+    """Path of each sequence file of an exam in a BIDS-like folder: BIDS_FILES under sub-X[/ses-Y]."""
+    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    folder = Path(root) / f"sub-{subject}" / (f"ses-{session}" if session else "")
+    return {key: folder / pattern.format(p=prefix) for key, pattern in BIDS_FILES.items()}
+
+
+def dicom_exam_record(subject: str, session: str, kind: str, root: Path = DICOM_DIR) -> Path:
+    """A per-exam record of the DICOM import: ``series.json`` (the manifest, written at parse time) or
+    ``dicom.tsv`` (the import report: every series, used or ignored, and why)."""
+    prefix = f"sub-{subject}_ses-{session}"
+    return root / f"sub-{subject}" / f"ses-{session}" / f"{prefix}_{kind}"
 
 
 def cohort_lesion_table(subject: str, session: str, root: Path = COHORT_DIR) -> Path:
@@ -93,6 +110,8 @@ class Study:
     split: dict[str, str]
     embedded: bool
     cohort_plan: list[CohortExam] = field(default_factory=list)
+    #: Included subject -> manifest of its DICOM exam (empty unless the inputs come from dicom_dir).
+    dicom_manifests: dict[str, str] = field(default_factory=dict)
 
     @property
     def subjects(self) -> list[str]:
@@ -171,10 +190,24 @@ def _cohort_exams(plan: list[CohortExam]) -> pd.DataFrame:
 
 def plan_study(config: dict) -> Study:
     """Read the configured inputs (or plan the embedded cohort), apply exclusions, assign the split."""
+    manifests: dict[tuple[str, str], Path] = {}
+    if config.get("dicom_dir") and (config.get("subjects") or config.get("bids_dir")):
+        raise InputError("set one of subjects, bids_dir and dicom_dir in the config, not several")
     if config.get("subjects"):
         exams, embedded, plan = read_subjects_table(config["subjects"]), False, []
     elif config.get("bids_dir"):
         exams, embedded, plan = discover_bids(config["bids_dir"]), False, []
+    elif config.get("dicom_dir"):
+        from virtual_contrast.dicom.rules import load_series_map
+        from virtual_contrast.dicom.study import discover_dicom
+
+        exams, manifests = discover_dicom(
+            config["dicom_dir"],
+            files_of=lambda subject, session: bids_exam_files(DICOM_DIR, subject, session),
+            manifest_of=lambda subject, session: dicom_exam_record(subject, session, "series.json"),
+            series_map=load_series_map(config["dicom"]["series_map"]),
+        )
+        embedded, plan = False, []
     else:
         c = config["cohort"]
         plan = plan_cohort(
@@ -183,7 +216,8 @@ def plan_study(config: dict) -> Study:
             missing_sequence=c["missing_sequence"],
         )
         exams, embedded = _cohort_exams(plan), True
-    selection = select_exams(exams, check_files=not embedded)
+    # Files of the embedded cohort and of DICOM exams are made by the workflow (rules cohort, import_dicom).
+    selection = select_exams(exams, check_files=not embedded and not manifests)
     subjects = list(selection.included["subject"])
     s = config["split"]
     split = assign_split(subjects, test_fraction=s["test_fraction"], seed=s["seed"])
@@ -191,7 +225,13 @@ def plan_study(config: dict) -> Study:
         for subject, value in zip(subjects, selection.included["split"], strict=True):
             if value in ("train", "test"):
                 split[subject] = value
-    return Study(exams, selection, split, embedded, plan)
+    included = set(zip(selection.included["subject"], selection.included["session"], strict=True))
+    dicom = {
+        subject: str(m)
+        for (subject, session), m in manifests.items()
+        if (subject, session) in included
+    }
+    return Study(exams, selection, split, embedded, plan, dicom)
 
 
 def job_counts(snakemake_output: str) -> dict[str, int]:

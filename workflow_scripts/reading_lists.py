@@ -1,5 +1,7 @@
 from _common import setup
 
+from virtual_contrast.dicom.deid import export_reading_dicom
+from virtual_contrast.dicom.study import low_dose_file
 from virtual_contrast.reader.protocol import export_reading_images, make_reading_lists
 
 log = setup(snakemake)
@@ -17,9 +19,23 @@ images = {
     (patient, "low"): path
     for patient, path in zip(snakemake.params.patients, snakemake.input.low, strict=True)
 }
-written = export_reading_images(
-    key, snakemake.output.lists, image_pattern=lambda patient, modality: images[(patient, modality)]
-)
+written = []
+if snakemake.params.image_format in ("nifti", "both"):
+    written += export_reading_images(
+        key,
+        snakemake.output.lists,
+        image_pattern=lambda patient, modality: images[(patient, modality)],
+    )
+if snakemake.params.image_format in ("dicom", "both"):
+    sources = dict(
+        zip(snakemake.params.patients, snakemake.input.get("manifests", []), strict=False)
+    )
+    written += export_reading_dicom(
+        key,
+        snakemake.output.lists,
+        lambda patient, modality: images[(patient, modality)],
+        source_of=lambda patient: low_dose_file(sources[patient]) if patient in sources else None,
+    )
 log.info(
     "%d cases for %d readers, %d images exported",
     len(key),

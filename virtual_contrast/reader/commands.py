@@ -84,12 +84,24 @@ def _reading_lists(args: argparse.Namespace) -> int:
         reference_reader=args.reference_reader,
         seed=args.seed,
     )
-    if args.image_pattern:
+    if args.image_pattern and args.image_format in ("nifti", "both"):
         export_reading_images(
             lists,
             args.out,
             image_pattern=args.image_pattern,
             pre_pattern=args.pre_pattern,
+        )
+    if args.image_pattern and args.image_format in ("dicom", "both"):
+        from virtual_contrast.dicom.deid import export_reading_dicom
+
+        export_reading_dicom(
+            lists,
+            args.out,
+            lambda patient, modality: args.image_pattern.format(patient=patient, modality=modality),
+            pre_of=(lambda p: args.pre_pattern.format(patient=p)) if args.pre_pattern else None,
+            source_of=(lambda p: args.dicom_source.format(patient=p))
+            if args.dicom_source
+            else None,
         )
     print(json.dumps({"cases": len(lists), "readers": args.readers, "key": str(args.key)}))
     return 0
@@ -188,6 +200,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pre-pattern",
         help="path pattern of the pre-contrast T1 shown beside each case ({patient})",
+    )
+    p.add_argument(
+        "--image-format",
+        choices=("nifti", "dicom", "both"),
+        default="nifti",
+        help="copy the images as NIfTI, as de-identified DICOM series (<reader>/phase-<k>/<case_id>/post/, "
+        "pre/; for any DICOM viewer), or both",
+    )
+    p.add_argument(
+        "--dicom-source",
+        help="with DICOM images: a DICOM file (or folder) of each patient's exam ({patient}) whose "
+        "acquisition attributes (field strength, TR, TE...) are kept; nothing identifying is copied",
     )
     p.set_defaults(func=_reading_lists)
 

@@ -1,0 +1,447 @@
+"""A NIfTI volume as a DICOM series that a viewer places exactly over a reference series (e.g. vir-T1c over
+the low-dose T1c it was predicted from).
+
+The series joins the reference's study and frame of reference (same patient, study and frame of reference
+UIDs), with new series and instance UIDs, ImageType ``DERIVED\\SECONDARY``, a series description that says it
+is synthetic and not for diagnosis, the software and model in DerivationDescription, the reference images in
+SourceImageSequence, and a window from the image's own 1st-99.5th percentiles. Geometry comes from the image's
+affine, slice by slice (ImagePositionPatient, ImageOrientationPatient, PixelSpacing); when the image lies on
+the reference's grid (as an image converted from it by dcm2niix does, up to axis order and flips) its voxels
+are written in the reference's row, column and slice order, so both series scroll together slice by slice.
+Classic MR Image Storage, one file per slice, whatever the reference's own storage (classic or enhanced).
+
+Intensities are stored as integers in the image's own units when they fit 16 bits with at least 256 grey
+levels (rounding error ≤ 0.5, the scanner's own quantisation: the native vir-T1c is on the low-dose series'
+scale); otherwise (e.g. images normalised to [0, 1]) they are mapped onto 0-65535 and RescaleSlope/Intercept
+give the original values back, within half a step: (max - min) / 131070.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from virtual_contrast import __version__
+from virtual_contrast.dicom.scan import IMAGE_SOP_CLASSES, Series, scan_folder
+from virtual_contrast.io import InputError, load_image
+
+log = logging.getLogger(__name__)
+
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # NIfTI world is RAS, DICOM's is LPS
+SYNTHETIC_DESCRIPTION = "vir-T1c SYNTHETIC - NOT FOR DIAGNOSIS"
+#: Reference attributes copied into the derived series: patient, study, frame of reference, acquisition.
+COPIED = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientWeight",
+    "PatientSize",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "BodyPartExamined",
+    "PatientPosition",
+    "ScanningSequence",
+    "SequenceVariant",
+    "ScanOptions",
+    "MRAcquisitionType",
+    "SequenceName",
+    "RepetitionTime",
+    "EchoTime",
+    "InversionTime",
+    "EchoTrainLength",
+    "FlipAngle",
+    "MagneticFieldStrength",
+)
+#: MR Image module attributes of type 2 (present, possibly empty) that an enhanced reference lacks.
+MR_TYPE2 = ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength", "SequenceName")
+
+
+@dataclass
+class Reference:
+    """The reference series: its first header and the grid of its slices."""
+
+    header: Dataset
+    series: Series
+    affine_lps: np.ndarray  # (column, row, slice) index -> LPS mm
+    shape: tuple[int, int, int]  # columns, rows, slices
+    sop_instances: list[tuple[str, str]]  # (SOP class, SOP instance) of each file
+
+
+def _from_groups(ds: Dataset, sequence: str, keyword: str, frame: int = 0):
+    """``keyword`` inside a functional-group ``sequence`` (shared first, then frame ``frame``), or None."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = ds.get(groups)
+        if not items:
+            continue
+        item = items[0] if groups.startswith("Shared") else items[frame]
+        if sequence in item and keyword in item[sequence][0]:
+            return item[sequence][0][keyword].value
+    return None
+
+
+def _planes(ds: Dataset) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(position, orientation, pixel spacing) of each frame of one file."""
+    n = int(ds.get("NumberOfFrames") or 1)
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        return [
+            (
+                np.array(
+                    _from_groups(ds, "PlanePositionSequence", "ImagePositionPatient", f), float
+                ),
+                np.array(
+                    _from_groups(ds, "PlaneOrientationSequence", "ImageOrientationPatient", f),
+                    float,
+                ),
+                np.array(_from_groups(ds, "PixelMeasuresSequence", "PixelSpacing", f), float),
+            )
+            for f in range(n)
+        ]
+    return [
+        (
+            np.array(ds.ImagePositionPatient, float),
+            np.array(ds.ImageOrientationPatient, float),
+            np.array(ds.PixelSpacing, float),
+        )
+    ]
+
+
+def read_reference(like: Path | str | Series, series_uid: str | None = None) -> Reference:
+    """The reference series (a :class:`Series`, or the one image series in a folder, or ``series_uid`` there)
+    and the grid of its slices."""
+    if isinstance(like, Series):
+        return _reference(like)
+    folder = Path(like)
+    found, _ = scan_folder(folder)
+    images = [s for s in found if str(s.fields.get("SOPClassUID", "")) in IMAGE_SOP_CLASSES]
+    if series_uid:
+        images = [s for s in images if s.uid == series_uid]
+        if not images:
+            raise InputError(f"no MR image series with UID {series_uid}", path=folder)
+    if len(images) != 1:
+        names = ", ".join(s.label() for s in images) or "none"
+        raise InputError(
+            f"expected one MR image series, found {names}: give --series-uid", path=folder
+        )
+    return _reference(images[0])
+
+
+def _reference(series: Series) -> Reference:
+    planes, sops = [], []
+    header = None
+    for path in series.files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        header = header or ds
+        planes += _planes(ds)
+        sops.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    orientation, spacing = planes[0][1], planes[0][2]
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    # Slices in the reference's own order (instance, then frame) when it runs monotonically through the
+    # volume, so that instance numbers of both series correspond; else sorted along the normal.
+    positions = [p for p, _, _ in planes]
+    depth = np.diff([float(p @ normal) for p in positions])
+    if not (np.all(depth > 0) or np.all(depth < 0)):
+        positions.sort(key=lambda p: float(p @ normal))
+    step = (positions[-1] - positions[0]) / (len(positions) - 1) if len(positions) > 1 else normal
+    thickness = float(header.get("SliceThickness") or 0) or float(np.linalg.norm(step))
+    if len(positions) == 1:
+        step = normal * thickness
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * spacing[1]
+    affine[:3, 1] = col_dir * spacing[0]
+    affine[:3, 2] = step
+    affine[:3, 3] = positions[0]
+    shape = (int(header.Columns), int(header.Rows), len(positions))
+    return Reference(header, series, affine, shape, sops)
+
+
+def _onto_reference(
+    data: np.ndarray, affine_lps: np.ndarray, ref: Reference, tol: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``data`` re-ordered into the reference's (column, row, slice) order with its new affine, when the image
+    lies on the reference's grid up to axis order and flips (voxel centres within ``tol`` voxels); else None."""
+    index = np.linalg.solve(
+        ref.affine_lps, affine_lps
+    )  # image voxel index -> reference voxel index
+    perm = np.abs(index[:3, :3]).argmax(axis=1)  # reference axis a <- image axis perm[a]
+    signs = np.sign(index[np.arange(3), perm])
+    expected = np.zeros((3, 3))
+    expected[np.arange(3), perm] = signs
+    if sorted(perm) != [0, 1, 2] or not np.allclose(index[:3, :3], expected, atol=tol):
+        return None
+    if tuple(data.shape[p] for p in perm) != ref.shape:
+        return None
+    offsets = index[:3, 3]
+    wanted = np.where(signs < 0, np.array(ref.shape) - 1, 0)
+    if not np.allclose(offsets, wanted, atol=tol):
+        return None
+    out = np.transpose(data, perm)
+    for axis in range(3):
+        if signs[axis] < 0:
+            out = np.flip(out, axis)
+    # The same voxels' world positions in the new order, computed from the image's own affine.
+    to_image = np.zeros((4, 4))
+    to_image[3, 3] = 1.0
+    for a in range(3):
+        to_image[perm[a], a] = signs[a]
+        to_image[perm[a], 3] = 0 if signs[a] > 0 else data.shape[perm[a]] - 1
+    return np.ascontiguousarray(out), affine_lps @ to_image
+
+
+def encode_intensities(data: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(stored integers, slope, intercept) with ``value ≈ stored * slope + intercept`` (see module docstring)."""
+    lo, hi = float(data.min()), float(data.max())
+    if hi - lo >= 255 and lo >= 0 and hi <= 65535:
+        return np.round(data).astype(np.uint16), 1.0, 0.0
+    if hi - lo >= 255 and lo >= -32768 and hi <= 32767:
+        return np.round(data).astype(np.int16), 1.0, 0.0
+    slope = (hi - lo) / 65535 if hi > lo else 1.0
+    return np.round((data - lo) / slope).astype(np.uint16), slope, lo
+
+
+def window(values: np.ndarray) -> tuple[float, float]:
+    """(centre, width) spanning the 1st-99.5th percentiles of the non-background voxels."""
+    body = values[values > values.min()] if np.any(values > values.min()) else values.ravel()
+    lo, hi = np.percentile(body, [1.0, 99.5])
+    width = max(float(hi - lo), 1e-6)
+    return float(lo + hi) / 2, width
+
+
+def _ds_number(value: float) -> str:
+    """A decimal string (VR DS, at most 16 characters)."""
+    text = f"{value:.10g}"
+    return text if len(text) <= 16 else f"{value:.6e}"
+
+
+@contextmanager
+def strict_writing() -> Iterator[None]:
+    """Make pydicom raise on any value that breaks its VR (length, characters) while writing."""
+    settings = pydicom_config.settings
+    previous = settings.writing_validation_mode
+    settings.writing_validation_mode = pydicom_config.RAISE
+    try:
+        yield
+    finally:
+        settings.writing_validation_mode = previous
+
+
+@contextmanager
+def new_folder(out: Path | str) -> Iterator[Path]:
+    """A scratch folder beside ``out``, renamed onto it when the block succeeds (``out`` must be empty)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise InputError("output folder exists and is not empty", path=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield scratch
+        os.replace(scratch, out)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch)
+
+
+def slice_datasets(
+    data: np.ndarray,
+    affine_lps: np.ndarray,
+    base: Dataset,
+    *,
+    series_uid: str,
+    display: bool = False,
+) -> Iterator[tuple[str, Dataset]]:
+    """One classic MR Image Storage dataset per slice (third axis) of ``data``: ``base`` (patient, study,
+    series attributes) plus the slice's geometry, pixels and window. Yields (file name, dataset).
+
+    ``display``: map the intensities onto 0-4095 with no rescale attributes (for reading copies, whose
+    header must not tell the image's range), instead of keeping their values (:func:`encode_intensities`).
+    """
+    columns = affine_lps[:3, 0]
+    rows = affine_lps[:3, 1]
+    col_spacing, row_spacing = np.linalg.norm(columns), np.linalg.norm(rows)
+    row_dir, col_dir = columns / col_spacing, rows / row_spacing
+    if abs(float(row_dir @ col_dir)) > 1e-4:
+        raise InputError(
+            "the image's in-plane axes are not orthogonal (sheared affine): no DICOM geometry"
+        )
+    normal = np.cross(row_dir, col_dir)
+    if display:
+        lo, hi = float(data.min()), float(data.max())
+        data = (data - lo) * (4095 / (hi - lo) if hi > lo else 0.0)
+    stored, slope, intercept = (
+        encode_intensities(data) if not display else (np.round(data).astype(np.uint16), 1.0, 0.0)
+    )
+    centre, width = window(data)
+    step = float(np.linalg.norm(affine_lps[:3, 2]))
+    now = datetime.datetime.now()
+    for k in range(data.shape[2]):
+        ds = Dataset()
+        ds.update(base)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = MRImageStorage
+        ds.SeriesInstanceUID = series_uid
+        ds.InstanceNumber = k + 1
+        ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        position = (affine_lps @ np.array([0.0, 0.0, k, 1.0]))[:3]
+        ds.ImagePositionPatient = [_ds_number(v) for v in position]
+        ds.ImageOrientationPatient = [_ds_number(v) for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [_ds_number(row_spacing), _ds_number(col_spacing)]
+        ds.SliceThickness = _ds_number(step)
+        ds.SpacingBetweenSlices = _ds_number(step)
+        ds.SliceLocation = _ds_number(float(position @ normal))
+        pixels = stored[
+            :, :, k
+        ].T  # DICOM rows run along the image's second axis, columns along its first
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
+        if slope != 1.0 or intercept != 0.0:
+            ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = (
+                _ds_number(slope),
+                _ds_number(intercept),
+                "US",
+            )
+        ds.WindowCenter, ds.WindowWidth = _ds_number(centre), _ds_number(width)
+        ds.WindowCenterWidthExplanation = "1st-99.5th percentile"
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        yield f"IM{k + 1:04d}.dcm", ds
+
+
+def _derived_base(ref: Reference, description: str, derivation: str) -> Dataset:
+    header = ref.header
+    base = Dataset()
+    for keyword in COPIED:
+        if keyword in header:
+            base[keyword] = header[keyword]
+    if (
+        "ScanningSequence" not in base
+    ):  # an enhanced reference keeps the sequence in functional groups
+        pulse = str(header.get("EchoPulseSequence", ""))
+        base.ScanningSequence = {"SPIN": "SE", "GRADIENT": "GR"}.get(pulse, "RM")
+        base.SequenceVariant = "NONE"
+        for keyword, sequence, inner in (
+            ("EchoTime", "MREchoSequence", "EffectiveEchoTime"),
+            ("RepetitionTime", "MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+            ("FlipAngle", "MRTimingAndRelatedParametersSequence", "FlipAngle"),
+            ("EchoTrainLength", "MRTimingAndRelatedParametersSequence", "EchoTrainLength"),
+        ):
+            value = _from_groups(header, sequence, inner)
+            if value is not None and keyword not in base:
+                setattr(base, keyword, value)
+    for keyword in MR_TYPE2:
+        if keyword not in base:
+            setattr(base, keyword, None)
+    base.Modality = "MR"
+    base.ImageType = ["DERIVED", "SECONDARY"]
+    base.SeriesDescription = description[:64]
+    number = header.get("SeriesNumber")
+    base.SeriesNumber = (int(number) if number not in (None, "") else 0) + 1000
+    now = datetime.datetime.now()
+    base.SeriesDate, base.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    base.InstanceCreationDate, base.InstanceCreationTime = base.SeriesDate, base.SeriesTime
+    base.Manufacturer = "virtual-contrast"
+    base.ManufacturerModelName = "vir-T1c"
+    base.SoftwareVersions = f"virtual-contrast {__version__}"
+    base.DerivationDescription = derivation[:1024]
+    base.ImageComments = "Synthetic image computed by a neural network from a reduced-dose exam. Not for diagnostic use."
+    base.BurnedInAnnotation = "NO"
+    base.LossyImageCompression = "00"
+    sources = []
+    for sop_class, sop_instance in ref.sop_instances:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_instance
+        purpose = Dataset()
+        purpose.CodeValue, purpose.CodingSchemeDesignator = "121322", "DCM"
+        purpose.CodeMeaning = "Source image for image processing operation"
+        item.PurposeOfReferenceCodeSequence = Sequence([purpose])
+        sources.append(item)
+    base.SourceImageSequence = Sequence(sources)
+    return base
+
+
+def export_series(
+    image: Path | str,
+    like: Path | str | Series,
+    out: Path | str,
+    *,
+    series_uid: str | None = None,
+    description: str = SYNTHETIC_DESCRIPTION,
+    derivation: str = f"virtual-contrast {__version__}",
+) -> list[Path]:
+    """Write ``image`` (NIfTI, 3D) as a derived DICOM series in ``out`` over the reference series ``like`` (a
+    folder holding it, or a scanned :class:`Series`)."""
+    ref = read_reference(like, series_uid)
+    img = load_image(image)
+    data = np.asanyarray(img.dataobj, dtype=np.float64)
+    affine_lps = LPS @ img.affine
+    placed = _onto_reference(data, affine_lps, ref)
+    if placed is None:
+        log.warning(
+            "%s is not on the reference series' grid: written on its own grid (geometry from its affine), "
+            "so its slices do not coincide with the reference's",
+            image,
+        )
+    else:
+        data, affine_lps = placed
+    base = _derived_base(ref, description, derivation)
+    written = []
+    with new_folder(out) as scratch, strict_writing():
+        for name, ds in slice_datasets(data, affine_lps, base, series_uid=generate_uid()):
+            ds.save_as(scratch / name, enforce_file_format=True)
+            written.append(Path(out) / name)
+    log.info(
+        "%d slices of %s written to %s over %s (%s the reference grid)",
+        len(written),
+        image,
+        out,
+        ref.series.label(),
+        "on" if placed is not None else "not on",
+    )
+    return written
+
+
+def describe_models(models: list[Path | str], *, tta: bool) -> str:
+    """Software, version and the fold models (short SHA-256 of each file) behind a prediction."""
+    digests = []
+    for path in models:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests.append(digest.hexdigest()[:12])
+    passes = "8 mirror configurations each" if tta else "one pass each"
+    return (
+        f"virtual-contrast {__version__}: vir-T1c predicted by a 3D UNet from pre-contrast T1, FLAIR, ADC and "
+        f"low-dose T1c; mean of {len(digests)} fold models ({passes}), model.pt sha256 {', '.join(digests)}"
+    )

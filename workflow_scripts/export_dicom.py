@@ -1,0 +1,13 @@
+from _common import setup
+
+from virtual_contrast.dicom.export import describe_models, export_series
+from virtual_contrast.dicom.study import read_manifest
+
+log = setup(snakemake)
+_, _, roles = read_manifest(snakemake.input.manifest)
+export_series(
+    snakemake.input.image,
+    roles["low"],
+    snakemake.output.series,
+    derivation=describe_models(snakemake.input.models, tta=snakemake.params.tta),
+)
