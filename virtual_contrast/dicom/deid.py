@@ -55,9 +55,10 @@ KEPT = (
     "FlipAngle",
 )
 PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
-METHOD = "DICOM PS3.15 E.1 basic profile as an allow list (virtual-contrast)"
+METHOD = "PS3.15 E.1 basic profile, allow list (virtual-contrast)"
 
 
+@strict_writing()
 def deidentified_base(
     source: Dataset | None, case_id: str, *, study_uid: str, frame_uid: str
 ) -> Dataset:
@@ -130,12 +131,12 @@ def write_case_series(
 ) -> list[Path]:
     """Write one image of a case as a de-identified axial series in ``out`` (a new folder)."""
     data, affine_lps = _radiological(load_image(image, subject=subject))
-    series = Dataset()
-    series.update(base)
-    series.SeriesNumber = series_number
-    series.SeriesDescription = description
     written = []
     with new_folder(out) as scratch, strict_writing():
+        series = Dataset()
+        series.update(base)
+        series.SeriesNumber = series_number
+        series.SeriesDescription = description
         for name, ds in slice_datasets(
             data, affine_lps, series, series_uid=generate_uid(), display=True
         ):

@@ -241,7 +241,8 @@ def _ds_number(value: float) -> str:
 
 @contextmanager
 def strict_writing() -> Iterator[None]:
-    """Make pydicom raise on any value that breaks its VR (length, characters) while writing."""
+    """Make pydicom raise on any value that breaks its VR (length, characters). pydicom checks a value when
+    it is set, so datasets are built under this too (it also works as a decorator), not only written."""
     settings = pydicom_config.settings
     previous = settings.writing_validation_mode
     settings.writing_validation_mode = pydicom_config.RAISE
@@ -338,6 +339,7 @@ def slice_datasets(
         yield f"IM{k + 1:04d}.dcm", ds
 
 
+@strict_writing()
 def _derived_base(ref: Reference, description: str, derivation: str) -> Dataset:
     header = ref.header
     base = Dataset()
