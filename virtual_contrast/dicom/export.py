@@ -244,12 +244,13 @@ def strict_writing() -> Iterator[None]:
     """Make pydicom raise on any value that breaks its VR (length, characters). pydicom checks a value when
     it is set, so datasets are built under this too (it also works as a decorator), not only written."""
     settings = pydicom_config.settings
-    previous = settings.writing_validation_mode
-    settings.writing_validation_mode = pydicom_config.RAISE
+    previous = settings.reading_validation_mode, settings.writing_validation_mode
+    # A value is checked against the reading mode when it is set, and against the writing mode when written.
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom_config.RAISE
     try:
         yield
     finally:
-        settings.writing_validation_mode = previous
+        settings.reading_validation_mode, settings.writing_validation_mode = previous
 
 
 @contextmanager
