@@ -81,7 +81,7 @@ def get_final_outputs():
 
 
 def dicom_import_outputs():
-    """Files of rule import_dicom ({subject}, {session} wildcards): each sequence, its sidecar, the report."""
+    """Outputs of import_dicom, with {subject} and {session} wildcards; each sequence, its sidecar, the report."""
     files = bids_exam_files(DICOM_DIR, "{subject}", "{session}")
     outputs = {key: str(path) for key, path in files.items()}
     outputs.update({f"{key}_json": str(sidecar(files[key])) for key in ("t1", "flair", "low", "ref", "dwi")})
