@@ -61,10 +61,11 @@ def exam_folders(root: Path | str) -> list[tuple[str, str, Path]]:
 
 def load_series(
     folder: Path, manifest: Path, *, subject: str | None = None
-) -> tuple[list[Series], str, int]:
+) -> tuple[list[Series], str, int, dict | None]:
     """The exam's series: from the manifest when the folder's listing is unchanged, else from its headers.
 
-    Returns (series, signature of the listing, number of files that are not DICOM images).
+    Returns (series, signature of the listing, number of files that are not DICOM images, the manifest's
+    content when it was reused, else None).
     """
     listing = list_files(folder)
     digest = signature(listing)
@@ -72,19 +73,24 @@ def load_series(
         try:
             saved = json.loads(manifest.read_text())
             if saved.get("version") == MANIFEST_VERSION and saved.get("signature") == digest:
-                return [Series.from_dict(s) for s in saved["series"]], digest, saved["skipped"]
+                return (
+                    [Series.from_dict(s) for s in saved["series"]],
+                    digest,
+                    saved["skipped"],
+                    saved,
+                )
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable manifest: scan again
     log.info("reading the DICOM headers of %s (%d files)", folder, len(listing))
     series, skipped = scan_folder(folder, subject=subject)
-    return series, digest, len(skipped)
+    return series, digest, len(skipped), None
 
 
 def plan_exam(
     folder: Path, manifest: Path, series_map: SeriesMap, *, subject: str
 ) -> tuple[dict, list[str]]:
     """The manifest of one exam (written when it changed) and its problems (ambiguous roles)."""
-    series, digest, skipped = load_series(folder, manifest, subject=subject)
+    series, digest, skipped, saved = load_series(folder, manifest, subject=subject)
     studies = sorted({s.study_uid for s in series})
     problems = []
     if len(studies) > 1:
@@ -98,13 +104,9 @@ def plan_exam(
         "skipped": skipped,
         "series_map": series_map.source,
         "roles": {role: s.uid for role, s in result.roles.items()},
-        "series": [s.to_dict() for s in series],
+        "series": saved["series"] if saved else [s.to_dict() for s in series],
     }
-    try:
-        current = json.loads(manifest.read_text()) if manifest.exists() else None
-    except (OSError, ValueError):
-        current = None
-    if current != json.loads(json.dumps(content)):
+    if content != saved:  # same listing, map and roles: the manifest stays as it is (no rerun)
         write_json(content, manifest)
     return content, problems
 
