@@ -90,6 +90,7 @@ def _reading_lists(args: argparse.Namespace) -> int:
             args.out,
             image_pattern=args.image_pattern,
             pre_pattern=args.pre_pattern,
+            flair_pattern=args.flair_pattern,
         )
     print(json.dumps({"cases": len(lists), "readers": args.readers, "key": str(args.key)}))
     return 0
@@ -188,6 +189,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pre-pattern",
         help="path pattern of the pre-contrast T1 shown beside each case ({patient})",
+    )
+    p.add_argument(
+        "--flair-pattern",
+        help="path pattern of the FLAIR shown beside each case ({patient})",
     )
     p.set_defaults(func=_reading_lists)
 
