@@ -299,9 +299,13 @@ def _port(url: str) -> int:
     return int(url.split(":")[2].split("/")[0])
 
 
-def _nifti_header_text(body: bytes) -> str:
-    """The NIfTI header and extensions of a .nii.gz response (the voxel data are numbers, not text)."""
-    raw = gzip.decompress(body)
+def _nifti(body: bytes) -> bytes:
+    """A served image as .nii bytes (gzip is its transfer encoding: inflated by the browser, not by urllib)."""
+    return gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+
+
+def _nifti_header_text(raw: bytes) -> str:
+    """The NIfTI header and extensions (the voxel data are numbers, not text)."""
     offset = int(nib.Nifti1Header.from_fileobj(io.BytesIO(raw))["vox_offset"])
     return raw[: max(offset, 348)].decode("latin-1")
 
@@ -340,10 +344,10 @@ def test_a_blinded_session_names_no_patient_modality_or_source_file(
         if url.endswith("/niivue.js"):
             # the third-party viewer, the same file for every session: it cannot tell one case from another
             assert body == viewer.VIEWER_PATH.read_bytes()
-        elif url.endswith(".nii.gz"):
-            header = _nifti_header_text(body)
-            scan(header, f"the NIfTI header of {url}")
-            hdr = nib.Nifti1Image.from_bytes(gzip.decompress(body)).header
+        elif url.endswith(".nii"):
+            raw = _nifti(body)
+            scan(_nifti_header_text(raw), f"the NIfTI header of {url}")
+            hdr = nib.Nifti1Image.from_bytes(raw).header
             assert hdr["descrip"].item() == b"" and hdr.get_data_dtype() == np.float32
             kinds["image"] += 1
         else:

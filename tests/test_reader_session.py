@@ -249,17 +249,18 @@ def test_the_server_serves_only_the_session_s_own_cases(server, study) -> None:
     key = study["key"]
     others = key[(key["reader"] != "R1") | (key["phase"] != 1)]["case_id"]
     assert _get(url)[0] == 200 and _get(url + "niivue.js")[0] == 200
-    status, body = _get(url + f"image/{mine}/post.nii.gz")
+    status, body = _get(url + f"image/{mine}/post.nii")
     assert status == 200
     image = nib.Nifti1Image.from_bytes(gzip.decompress(body))
     assert image.header["descrip"].item() == b"", "the source's header text is not served"
     assert np.allclose(image.affine, AFFINE) and image.shape == (8, 8, 8)
     for other in others:
-        assert _get(url + f"image/{other}/post.nii.gz")[0] == 403
+        assert _get(url + f"image/{other}/post.nii")[0] == 403
         assert _get(url + f"api/case/{other}")[0] == 403
     assert _get(url.replace(server.token, "x" * len(server.token)))[0] == 403
     assert _get(url + f"image/{mine}/../../../{protocol.KEY_NAME}")[0] in (403, 404)
-    assert _get(url + f"image/{mine}/key.nii.gz")[0] == 404
+    assert _get(url + f"image/{mine}/key.nii")[0] == 404
+    assert _get(url + f"image/{mine}/post.nii.gz")[0] == 404
     host = url.split("/s/")[0]
     assert _get(host + "/")[0] == 403 and _get(host + "/favicon.ico")[0] == 403
 

@@ -2,8 +2,9 @@
 
 Everything is under ``/s/<token>/``, with a random token made when the server starts (only the person given the
 URL reaches the session). A blinded session's page, URLs and responses carry case ids only: images are served as
-``image/<case_id>/{post,t1,flair}.nii.gz``, re-encoded in memory with a fresh NIfTI header (data and affine,
-float32), so neither a file name, a header field nor the data type tells which image it is. Any case id that is
+``image/<case_id>/{post,t1,flair}.nii``, re-encoded in memory with a fresh NIfTI header (data and affine,
+float32), so neither a file name, a header field nor the data type tells which image it is; they are sent
+gzip-compressed (``Content-Encoding``), and the next case's images are encoded while the reader reads. Any case id that is
 not one of the session's cases is refused (403), and so is a wrong token.
 
 Routes (relative to ``/s/<token>/``)::
@@ -12,7 +13,7 @@ Routes (relative to ``/s/<token>/``)::
     GET  app.js, app.css, niivue.js   the page's script, style, the NiiVue viewer
     GET  api/session                  progress: case ids, read or not, closed, where the CSVs are
     GET  api/case/<case_id>           the saved read of a case (for review), or null
-    GET  image/<case_id>/<series>.nii.gz
+    GET  image/<case_id>/<series>.nii
     POST api/case/<case_id>           {"lesions": [{"long": line, "short": line}], "quality": 1-5, "elapsed_s": s}
     POST api/close                    close the session
 """
@@ -26,6 +27,7 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,8 +58,59 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 MAX_BODY_BYTES = 1_000_000
-_IMAGE_PATH = re.compile(r"^image/(?P<case>[A-Za-z0-9_.-]+)/(?P<series>[a-z0-9]+)\.nii\.gz$")
+_IMAGE_PATH = re.compile(r"^image/(?P<case>[A-Za-z0-9_.-]+)/(?P<series>[a-z0-9]+)\.nii$")
 _CASE_PATH = re.compile(r"^api/case/(?P<case>[A-Za-z0-9_.-]+)$")
+
+
+class ImageCache:
+    """Each case's images as fresh gzip-compressed NIfTI bytes, encoded in worker threads: a requested case and
+    the case after it in the list (prefetched while the reader reads), the last three cases kept."""
+
+    def __init__(self, session: ReadingSession, keep_cases: int = 3):
+        self.session = session
+        self.keep = keep_cases * len(SERIES)
+        self._pool = ThreadPoolExecutor(max_workers=len(SERIES), thread_name_prefix="encode")
+        self._jobs: OrderedDict[tuple[str, str], Future[bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, case_id: str, series: str) -> bytes:
+        job = self._submit(case_id, series)
+        if series == "post":
+            self.prefetch_after(case_id)
+        return job.result()
+
+    def prefetch(self, case_id: str) -> None:
+        for series, name in SERIES.items():
+            if name in self.session.case(case_id).images:
+                self._submit(case_id, series)
+
+    def prefetch_after(self, case_id: str) -> None:
+        ids = [c.case_id for c in self.session.cases]
+        following = ids[ids.index(case_id) + 1 :]
+        if following:
+            self.prefetch(following[0])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, case_id: str, series: str) -> Future[bytes]:
+        with self._lock:
+            job = self._jobs.get((case_id, series))
+            if job is None:
+                job = self._pool.submit(self._encode, case_id, series)
+                self._jobs[(case_id, series)] = job
+            self._jobs.move_to_end((case_id, series))
+            while len(self._jobs) > self.keep:
+                self._jobs.popitem(last=False)
+        return job
+
+    def _encode(self, case_id: str, series: str) -> bytes:
+        case = self.session.case(case_id)
+        img = load_image(case.images[SERIES[series]])
+        fresh = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+        fresh.set_qform(img.affine, code=1)
+        fresh.set_sform(img.affine, code=1)
+        return gzip.compress(fresh.to_bytes(), compresslevel=1, mtime=0)
 
 
 class ReadingServer(ThreadingHTTPServer):
@@ -70,32 +123,20 @@ class ReadingServer(ThreadingHTTPServer):
         self.token = secrets.token_urlsafe(18)
         self.viewer = viewer_path()
         self.lock = threading.Lock()  # one change of the session at a time
-        self._images: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.images = ImageCache(session)
         super().__init__((host, port), ReadingHandler)
+        unread = [c.case_id for c in session.cases if c.case_id not in session.read_case_ids()]
+        if unread and not session.closed:
+            self.images.prefetch(unread[0])
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/s/{self.token}/"
 
-    def image_bytes(self, case_id: str, series: str) -> bytes:
-        """The case's image as a fresh .nii.gz in memory (the last few are kept)."""
-        with self.lock:
-            cached = self._images.get((case_id, series))
-            if cached is not None:
-                self._images.move_to_end((case_id, series))
-                return cached
-        case = self.session.case(case_id)
-        img = load_image(case.images[SERIES[series]])
-        fresh = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-        fresh.set_qform(img.affine, code=1)
-        fresh.set_sform(img.affine, code=1)
-        data = gzip.compress(fresh.to_bytes(), compresslevel=1, mtime=0)
-        with self.lock:
-            self._images[(case_id, series)] = data
-            while len(self._images) > 9:
-                self._images.popitem(last=False)
-        return data
+    def server_close(self) -> None:
+        self.images.close()
+        super().server_close()
 
 
 class ReadingHandler(BaseHTTPRequestHandler):
@@ -106,11 +147,13 @@ class ReadingHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for name, value in SECURITY_HEADERS.items():
+        for name, value in (SECURITY_HEADERS | (headers or {})).items():
             self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
@@ -167,8 +210,12 @@ class ReadingHandler(BaseHTTPRequestHandler):
             if series not in SERIES or SERIES[series] not in case.images:
                 self._error(HTTPStatus.NOT_FOUND, "no such image for this case")
                 return
+            # gzip as the transfer encoding: the browser inflates it natively, NiiVue gets the .nii
             self._send(
-                HTTPStatus.OK, self.server.image_bytes(case_id, series), "application/octet-stream"
+                HTTPStatus.OK,
+                self.server.images.get(case_id, series),
+                "application/octet-stream",
+                {"Content-Encoding": "gzip"},
             )
         else:
             self._error(HTTPStatus.NOT_FOUND, "not found")

@@ -57,11 +57,12 @@ async function makeViewers() {
       isColorbar: false,
       show3Dcrosshair: false,
       crosshairColor: [1, 0.75, 0, 0.6],
-      crosshairWidth: 0.5,
+      crosshairWidth: 1,
       crosshairWidthUnit: "mm",
       crosshairGap: 12,
       measureLineColor: [0.2, 1, 0.35, 1],
       measureTextColor: [0.2, 1, 0.35, 1],
+      measureTextJustify: "end", // lengths at the lines' ends: the two axes of a lesion cross at their middles
       loadingText: "",
       logLevel: "warn",
     });
@@ -259,6 +260,8 @@ async function openCase(caseId) {
   state.shownAt = null;
   state.dirty = false;
   $("message").textContent = "";
+  $("case-controls").hidden = false;
+  $("all-read").hidden = true;
   const { record } = await api(`api/case/${caseId}`);
   const position = state.session.cases.findIndex((c) => c.case_id === caseId) + 1;
   $("case-title").textContent = `${caseId} (${position} of ${state.session.cases.length})`;
@@ -270,7 +273,7 @@ async function openCase(caseId) {
     const nv = viewers[series];
     nv.clearMeasurements();
     try {
-      await nv.loadVolumes([{ url: `image/${caseId}/${series}.nii.gz`, name: `${series}.nii.gz` }]);
+      await nv.loadVolumes([{ url: `image/${caseId}/${series}.nii`, name: `${series}.nii` }]);
       box.querySelector(".absent")?.setAttribute("hidden", "");
       showWindow(series);
     } catch (error) {
@@ -322,11 +325,14 @@ async function next() {
     await openCase(unread.case_id);
     return;
   }
+  // Nothing left to read: the last case stays on screen, but a change needs it opened again from the list.
+  state.caseId = null;
+  state.shownAt = null;
   showCases();
+  $("case-title").textContent = "All cases read";
+  $("case-controls").hidden = true;
   $("all-read").hidden = false;
   $("message").textContent = "";
-  state.shownAt = null;
-  updateDone();
   document.body.dataset.state = "all-read";
 }
 
@@ -360,6 +366,7 @@ function showFinished(summary) {
   $("finished-lesions").textContent = summary.lesions_csv;
   $("finished-reads").textContent = summary.reads_csv;
   $("progress").textContent = "";
+  $("location").textContent = "";
   document.body.dataset.state = "closed";
 }
 
