@@ -378,6 +378,19 @@ def test_the_three_views_follow_one_cursor_view_and_the_window_is_set_by_hand(
     assert np.allclose(post, _location(driver), atol=1e-3)
     for series in ("t1", "flair"):
         assert np.allclose(driver.execute_script(where, series)[:3], post, atol=1e-3), series
+    # the mouse wheel on the post-contrast image moves the slice of all three
+    from selenium.webdriver.common.action_chains import ActionChains, ScrollOrigin
+
+    before = driver.find_element("id", "slice-number").text
+    ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, 120).perform()
+    time.sleep(0.3)
+    moved = np.array(driver.execute_script(where, "post"))[:3]
+    assert driver.find_element("id", "slice-number").text != before
+    # NiiVue steps one voxel and centres the cursor in its voxel
+    voxel = one_case_read["voxel_mm"]
+    assert moved[2] != pytest.approx(post[2]) and np.allclose(moved[:2], post[:2], atol=voxel / 2)
+    for series in ("t1", "flair"):
+        assert np.allclose(driver.execute_script(where, series)[:3], moved, atol=1e-3), series
     slice_type = "return ['post', 't1', 'flair'].map((s) => viewers[s].opts.sliceType)"
     assert driver.execute_script(slice_type) == [0, 0, 0]  # axial
     for button, expected in (("coronal", 1), ("sagittal", 2), ("axial", 0)):
