@@ -6,7 +6,7 @@ CORES ?= $(shell nproc 2>/dev/null || echo 2)
 # Extra arguments for snakemake, e.g. make demo SNAKEMAKE_ARGS="--resources gpu=1"
 SNAKEMAKE_ARGS ?=
 
-.PHONY: demo test lint format report clean venv
+.PHONY: demo test lint format report clean venv viewer
 
 venv: $(VENV)/.installed
 
@@ -18,12 +18,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# The NiiVue viewer of the reading tool (virtual-contrast read): fetched once from the npm registry with npm pack,
+# checked against its SHA-256, kept in the package (virtual_contrast/reader/static/vendor/, not tracked).
+VIEWER_JS := virtual_contrast/reader/static/vendor/niivue.umd.js
+viewer: $(VIEWER_JS)
+
+$(VIEWER_JS): virtual_contrast/reader/viewer.py | venv
+	$(BIN)/python -m virtual_contrast.reader.viewer
+
 demo: venv
 	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete $(SNAKEMAKE_ARGS)
 	$(BIN)/snakemake --cores 1 --report results/report.html
 	@echo "Done: open results/report.html (figures in results/figures/, tables in results/tables/)."
 
-test: venv
+test: venv viewer
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/python -m pytest -x --timeout 1200 tests
 

@@ -161,6 +161,12 @@ def get_reader_inputs(wildcards):
     }
 
 
+def reading_lists_reference_reader():
+    """The reader who also reads every ref-T1c in the reading lists: the configured one, else the first."""
+    rs = config["reader_study"]
+    return rs["reference_reader"] or rs["readers"][0]
+
+
 def get_dwi(wildcards):
     raw = STUDY.raw_inputs(wildcards.subject)
     return {"dwi": raw["dwi"], "bval": raw["bval"]}

@@ -36,12 +36,16 @@ rule reading_lists:
         unpack(get_reading_sources),
         vir=expand(rules.predict.output.atlas, subject=STUDY.test_subjects),
         low=[normalized(s)["lowT1c"] for s in STUDY.test_subjects],
+        ref=[normalized(s)["refT1c"] for s in STUDY.test_subjects],
+        t1=[normalized(s)["T1w"] for s in STUDY.test_subjects],
+        flair=[normalized(s)["FLAIR"] for s in STUDY.test_subjects],
     output:
         key="results/reader_study/reading_key.tsv",
         lists=directory("results/reader_study/reading_lists"),
     params:
         patients=STUDY.test_subjects,
         readers=config["reader_study"]["readers"],
+        reference_reader=reading_lists_reference_reader(),
         seed=config["split"]["seed"],
         image_format=reading_image_format(),
     log:

@@ -105,7 +105,7 @@ def test_cli_exports_pseudonymised_images(tmp_path, capsys) -> None:
     patients = ["vc001", "vc002"]
     (tmp_path / "patients.txt").write_text("# test sample\n" + "\n".join(patients) + "\n")
     for p in patients:
-        for m in ("low", "vir", "ref", "pre"):
+        for m in ("low", "vir", "ref", "pre", "flair"):
             img = nib.Nifti1Image(np.full((4, 4, 4), 1.0, np.float32), np.eye(4))
             img.header["descrip"] = f"patient {p}".encode()  # identifying header text
             path = tmp_path / "data" / f"sub-{p}_{m}.nii.gz"
@@ -129,12 +129,20 @@ def test_cli_exports_pseudonymised_images(tmp_path, capsys) -> None:
             str(tmp_path / "data" / "sub-{patient}_{modality}.nii.gz"),
             "--pre-pattern",
             str(tmp_path / "data" / "sub-{patient}_{modality}.nii.gz"),
+            "--flair-pattern",
+            str(tmp_path / "data" / "sub-{patient}_{modality}.nii.gz"),
         ]
     )
     assert code == 0, capsys.readouterr().err
     images = sorted((tmp_path / "reading").rglob("*.nii.gz"))
     key = protocol.load_key(tmp_path / "key.tsv")
-    assert len(images) == 2 * len(key)  # each case and its pre-contrast T1
+    assert len(images) == 3 * len(key)  # each case, its pre-contrast T1 and its FLAIR
+    case = key.iloc[0]
+    folder = protocol.case_folder(tmp_path / "reading", case.reader, case.phase)
+    assert sorted(p.name for p in folder.glob(f"{case.case_id}*")) == sorted(
+        n.format(case_id=case.case_id)
+        for n in (protocol.CASE_IMAGE, *protocol.COMPANION_IMAGES.values())
+    )
     for path in images:
         rel = str(path.relative_to(tmp_path / "reading"))
         assert not any(p in rel for p in patients) and "low" not in rel and "vir" not in rel

@@ -10,14 +10,19 @@ key = make_reading_lists(
     snakemake.params.readers,
     out_dir=snakemake.output.lists,
     key_path=snakemake.output.key,
+    reference_reader=snakemake.params.reference_reader,
     seed=snakemake.params.seed,
 )
+patients = snakemake.params.patients
 images = {
-    (patient, "vir"): path
-    for patient, path in zip(snakemake.params.patients, snakemake.input.vir, strict=True)
-} | {
-    (patient, "low"): path
-    for patient, path in zip(snakemake.params.patients, snakemake.input.low, strict=True)
+    (patient, modality): path
+    for modality in ("vir", "low", "ref")
+    for patient, path in zip(patients, snakemake.input[modality], strict=True)
+}
+companions = {
+    (patient, series): path
+    for series in ("t1", "flair")
+    for patient, path in zip(patients, snakemake.input[series], strict=True)
 }
 written = []
 if snakemake.params.image_format in ("nifti", "both"):
@@ -25,6 +30,8 @@ if snakemake.params.image_format in ("nifti", "both"):
         key,
         snakemake.output.lists,
         image_pattern=lambda patient, modality: images[(patient, modality)],
+        pre_pattern=lambda patient, _: companions[(patient, "t1")],
+        flair_pattern=lambda patient, _: companions[(patient, "flair")],
     )
 if snakemake.params.image_format in ("dicom", "both"):
     sources = dict(
@@ -37,8 +44,9 @@ if snakemake.params.image_format in ("dicom", "both"):
         source_of=lambda patient: low_dose_file(sources[patient]) if patient in sources else None,
     )
 log.info(
-    "%d cases for %d readers, %d images exported",
+    "%d cases for %d readers (reference reader %s), %d images exported",
     len(key),
     len(snakemake.params.readers),
+    snakemake.params.reference_reader,
     len(written),
 )

@@ -90,6 +90,7 @@ def _reading_lists(args: argparse.Namespace) -> int:
             args.out,
             image_pattern=args.image_pattern,
             pre_pattern=args.pre_pattern,
+            flair_pattern=args.flair_pattern,
         )
     if args.image_pattern and args.image_format in ("dicom", "both"):
         from virtual_contrast.dicom.deid import export_reading_dicom
@@ -104,6 +105,52 @@ def _reading_lists(args: argparse.Namespace) -> int:
             else None,
         )
     print(json.dumps({"cases": len(lists), "readers": args.readers, "key": str(args.key)}))
+    return 0
+
+
+def _read(args: argparse.Namespace) -> int:
+    from virtual_contrast.reader.protocol import KEY_NAME
+    from virtual_contrast.reader.server import serve
+    from virtual_contrast.reader.session import (
+        DEFAULT_READINGS_FOLDER,
+        ReadingSession,
+        session_lock,
+    )
+
+    lists = args.lists
+    session = ReadingSession(
+        lists,
+        args.key or lists.parent / KEY_NAME,
+        args.reader,
+        args.out or lists.parent / DEFAULT_READINGS_FOLDER,
+        phase=args.phase,
+    )
+    with session_lock(session):
+        try:
+            server = serve(session, args.host, args.port)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc
+        summary = session.summary()
+        print(
+            f"reader {session.reader}, phase {session.phase}: {len(session.cases)} cases, "
+            f"{summary['n_read']} read{' (closed)' if session.closed else ''}; "
+            f"results in {session.lesions_path} and {session.reads_path}"
+        )
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                f"warning: listening on {args.host}: anyone who has the URL can open this session"
+            )
+        print(f"open {server.url} in a browser (Ctrl-C stops the server; saved cases are kept)")
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(server.url)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("stopped")
+        finally:
+            server.server_close()
     return 0
 
 
@@ -202,6 +249,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="path pattern of the pre-contrast T1 shown beside each case ({patient})",
     )
     p.add_argument(
+        "--flair-pattern",
+        help="path pattern of the FLAIR shown beside each case ({patient})",
+    )
+    p.add_argument(
         "--image-format",
         choices=("nifti", "dicom", "both"),
         default="nifti",
@@ -214,6 +265,41 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "acquisition attributes (field strength, TR, TE...) are kept; nothing identifying is copied",
     )
     p.set_defaults(func=_reading_lists)
+
+    p = subparsers.add_parser(
+        "read",
+        help="the reading tool: one reader's session of the reading lists in the browser (NiiVue)",
+        description="Serve one reader's cases of one phase, in the list's order and under their case ids, to a "
+        "browser on this machine: the post-contrast image beside the pre-contrast T1 and the FLAIR, a line for "
+        "each lesion's long and short axis, an image-quality grade, the reading time. Each finished case is "
+        "added at once to the lesions and reads CSV files that reader-stats reads; reopening resumes at the "
+        "first unread case.",
+    )
+    p.add_argument(
+        "--lists", type=Path, required=True, help="the reading lists folder (reading-lists --out)"
+    )
+    p.add_argument("--reader", required=True, help="the reader's name in the reading lists")
+    p.add_argument(
+        "--phase", type=int, help="reading phase (default: the reader's first phase not yet closed)"
+    )
+    p.add_argument(
+        "--key",
+        type=Path,
+        help="the reading key (default: reading_key.tsv beside the lists folder); never shown to the reader",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="folder of lesions.csv, reads.csv and the sessions (default: readings/ beside the lists folder)",
+    )
+    p.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.set_defaults(func=_read)
 
     p = subparsers.add_parser(
         "import-markups",

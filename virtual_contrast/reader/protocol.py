@@ -12,11 +12,14 @@ phase, patient, modality) is written to a separate file that must stay outside t
 
 Layout handed to readers (``OUT``)::
 
-    OUT/<reader>/reading_form.tsv            phase, order, case_id, quality, reading_time_s (to fill in)
-    OUT/<reader>/phase-<k>/<case_id>.nii.gz  the post-contrast image to read
-    OUT/<reader>/phase-<k>/<case_id>_T1.nii.gz  the pre-contrast T1 (the only other image readers may see)
+    OUT/<reader>/reading_form.tsv               phase, order, case_id, quality, reading_time_s (to fill in)
+    OUT/<reader>/phase-<k>/<case_id>.nii.gz     the post-contrast image to read
+    OUT/<reader>/phase-<k>/<case_id>_T1.nii.gz  the pre-contrast T1 shown beside it
+    OUT/<reader>/phase-<k>/<case_id>_FLAIR.nii.gz  the FLAIR shown beside it
 
-Readers save their line markups of case ``X`` into ``ANNOTATIONS/X/`` (see :mod:`virtual_contrast.reader.slicer`).
+The reading tool (``virtual-contrast read``, :mod:`virtual_contrast.reader.server`) serves these folders; with 3D
+Slicer instead, readers save their line markups of case ``X`` into ``ANNOTATIONS/X/`` (see
+:mod:`virtual_contrast.reader.slicer`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ from virtual_contrast.io import InputError, load_image, save_image, write_table
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("case_id", "reader", "phase", "order", "patient", "modality")
+# The workflow writes the key beside the readers' folder: results/reader_study/{reading_key.tsv,reading_lists/}.
+KEY_NAME = "reading_key.tsv"
+# The images of one case in the readers' folder: the post-contrast image to read and the series shown beside it.
+CASE_IMAGE = "{case_id}.nii.gz"
+COMPANION_IMAGES = {"T1": "{case_id}_T1.nii.gz", "FLAIR": "{case_id}_FLAIR.nii.gz"}
 FORM_COLUMNS = ("phase", "order", "case_id", "quality", "reading_time_s")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -166,6 +174,11 @@ def load_key(path: Path | str) -> pd.DataFrame:
 ImageSource = str | Callable[[str, str], Path]
 
 
+def case_folder(out_dir: Path | str, reader: str, phase: int) -> Path:
+    """The folder of one reader's phase in the readers' folder ``out_dir``."""
+    return Path(out_dir) / str(reader) / f"phase-{int(phase)}"
+
+
 def _resolve(source: ImageSource, patient: str, modality: str) -> Path:
     if callable(source):
         return Path(source(patient, modality))
@@ -178,28 +191,32 @@ def export_reading_images(
     *,
     image_pattern: ImageSource,
     pre_pattern: ImageSource | None = None,
+    flair_pattern: ImageSource | None = None,
 ) -> list[Path]:
-    """Copy each case's image (and the pre-contrast T1) into the readers' folders, named by case id.
+    """Copy each case's image (and the pre-contrast T1 and FLAIR) into the readers' folders, named by case id.
 
-    ``image_pattern`` is a format string with ``{patient}`` and ``{modality}`` (or a function of both).
+    ``image_pattern`` is a format string with ``{patient}`` and ``{modality}`` (or a function of both);
+    ``pre_pattern`` and ``flair_pattern`` are called with the modality ``pre`` and ``flair``.
     Images are re-written with a fresh NIfTI header (data and affine only), which drops free-text header fields
     (description, aux file, intent name) that could carry identifying text.
     """
-    out_dir = Path(out_dir)
+    companions = {
+        COMPANION_IMAGES["T1"]: (pre_pattern, "pre"),
+        COMPANION_IMAGES["FLAIR"]: (flair_pattern, "flair"),
+    }
     written = []
     for case in key.itertuples(index=False):
-        folder = out_dir / str(case.reader) / f"phase-{case.phase}"
-        src = _resolve(image_pattern, case.patient, case.modality)
-        img = load_image(src, subject=case.patient)
-        written.append(
-            save_image(np.asanyarray(img.dataobj), img.affine, folder / f"{case.case_id}.nii.gz")
-        )
-        if pre_pattern is not None:
-            pre_src = _resolve(pre_pattern, case.patient, "pre")
-            pre = load_image(pre_src, subject=case.patient)
+        folder = case_folder(out_dir, case.reader, case.phase)
+        sources = {CASE_IMAGE: (image_pattern, case.modality)} | {
+            name: source for name, source in companions.items() if source[0] is not None
+        }
+        for name, (pattern, modality) in sources.items():
+            img = load_image(_resolve(pattern, case.patient, modality), subject=case.patient)
             written.append(
                 save_image(
-                    np.asanyarray(pre.dataobj), pre.affine, folder / f"{case.case_id}_T1.nii.gz"
+                    np.asanyarray(img.dataobj),
+                    img.affine,
+                    folder / name.format(case_id=case.case_id),
                 )
             )
     return written

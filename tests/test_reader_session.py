@@ -1,0 +1,282 @@
+"""The reading tool without a browser: a session's results files, resuming, corrections, crashes between
+writes, bad requests, and the server refusing anything outside the session."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from virtual_contrast.cli import main
+from virtual_contrast.io import InputError, write_table
+from virtual_contrast.reader import protocol, viewer
+from virtual_contrast.reader.session import ReadingSession, session_lock
+from virtual_contrast.reader.stats import LESION_COLUMNS, load_lesions, load_reads, reader_stats
+
+PATIENTS = ["vc001", "vc002", "vc003"]
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+AFFINE[:3, 3] = [-8, -8, -8]
+
+
+def _line(start, end, slice_index=4):
+    return {
+        "start_mm": list(map(float, start)),
+        "end_mm": list(map(float, end)),
+        "view": {"sliceType": 0, "sliceIndex": slice_index, "slicePosition": 0.5},
+    }
+
+
+# A lesion centred at (1, 2, 3): long axis 10 mm along x, short axis 4 mm along y.
+LESION = {"long": _line((-4, 2, 3), (6, 2, 3)), "short": _line((1, 0, 3), (1, 4, 3))}
+
+
+@pytest.fixture
+def study(tmp_path):
+    """Reading lists of 3 patients for R1 (also the reference reader) and R2, with 8³ images."""
+    for patient in PATIENTS:
+        for modality in ("low", "vir", "ref", "pre", "flair"):
+            img = nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), np.float32), AFFINE)
+            img.header["descrip"] = f"{patient} {modality}".encode()
+            nib.save(img, tmp_path / f"{patient}_{modality}.nii.gz")
+    lists = tmp_path / "study" / "reading_lists"
+    key_path = tmp_path / "study" / protocol.KEY_NAME
+    key = protocol.make_reading_lists(
+        PATIENTS, ["R1", "R2"], out_dir=lists, key_path=key_path, reference_reader="R1", seed=3
+    )
+    pattern = str(tmp_path / "{patient}_{modality}.nii.gz")
+    protocol.export_reading_images(
+        key, lists, image_pattern=pattern, pre_pattern=pattern, flair_pattern=pattern
+    )
+    return {"lists": lists, "key_path": key_path, "key": key, "out": tmp_path / "readings"}
+
+
+def _session(study, reader="R1", phase=1):
+    return ReadingSession(study["lists"], study["key_path"], reader, study["out"], phase=phase)
+
+
+def test_reads_land_in_csv_files_that_reader_stats_reads(study) -> None:
+    s1 = _session(study)
+    first, second, third = (c.case_id for c in s1.cases)
+    s1.save_read(first, [LESION], 4, 12.5)
+    s1.save_read(second, [], 2, 3.0)  # no lesion: a read all the same
+    lesions = load_lesions(study["out"] / "lesions.csv")
+    reads = load_reads(study["out"] / "reads.csv")
+    case = s1.case(first)
+    assert lesions[["patient", "reader", "modality"]].values.tolist() == [
+        [case.patient, "R1", case.modality]
+    ]
+    row = lesions.iloc[0]
+    assert (row.x_mm, row.y_mm, row.z_mm, row.long_axis_mm, row.short_axis_mm) == (
+        1.0,
+        2.0,
+        3.0,
+        10.0,
+        4.0,
+    )
+    assert reads["quality"].tolist() == [4, 2] and reads["reading_time_s"].tolist() == [12.5, 3.0]
+    assert s1.summary()["n_read"] == 2
+    # reopening resumes at the first unread case, in the list's order
+    again = _session(study)
+    assert [c["read"] for c in again.summary()["cases"]] == [True, True, False]
+    assert again.summary()["cases"][2]["case_id"] == third
+
+
+def test_a_corrected_case_replaces_its_rows_and_adds_its_time(study) -> None:
+    s1 = _session(study)
+    first = s1.cases[0].case_id
+    s1.save_read(first, [LESION, LESION], 3, 10.0)
+    s1.save_read(first, [LESION], 5, 4.0)
+    lesions = pd.read_csv(study["out"] / "lesions.csv")
+    reads = pd.read_csv(study["out"] / "reads.csv")
+    assert len(lesions) == 1 and len(reads) == 1
+    assert reads.loc[0, "quality"] == 5 and reads.loc[0, "reading_time_s"] == 14.0
+    assert s1.record(first)["lesions"] == [LESION]
+
+
+def test_sessions_of_other_readers_share_the_files_and_keep_each_others_rows(study) -> None:
+    s1, s2 = _session(study, "R1"), _session(study, "R2")
+    s1.save_read(s1.cases[0].case_id, [LESION], 4, 5.0)
+    s2.save_read(s2.cases[0].case_id, [LESION], 3, 6.0)
+    s1.save_read(s1.cases[0].case_id, [], 4, 1.0)
+    reads = load_reads(study["out"] / "reads.csv")
+    lesions = load_lesions(study["out"] / "lesions.csv")
+    assert sorted(reads["reader"]) == ["R1", "R2"]
+    assert lesions["reader"].tolist() == ["R2"]
+
+
+def test_a_crash_between_the_writes_is_repaired_on_reopening(study) -> None:
+    s1 = _session(study)
+    s1.save_read(s1.cases[0].case_id, [LESION], 4, 5.0)
+    (study["out"] / "reads.csv").unlink()  # as if the process died before the last rename
+    (study["out"] / "lesions.csv").write_text(",".join(LESION_COLUMNS) + "\n")
+    _session(study)
+    assert len(load_reads(study["out"] / "reads.csv")) == 1
+    assert len(load_lesions(study["out"] / "lesions.csv")) == 1
+    assert not list(study["out"].glob(".*.csv")), "no temporary file is left"
+
+
+def test_reference_phase_is_the_only_unblinded_one_and_a_full_study_runs_reader_stats(
+    study, tmp_path
+) -> None:
+    key = study["key"]
+    for (reader, phase), _ in key.groupby(["reader", "phase"]):
+        session = _session(study, reader, phase)
+        assert session.blinded == (phase != 3)
+        for case in session.cases:
+            session.save_read(case.case_id, [LESION], 3, 1.0)
+        session.close()
+    tables = reader_stats(
+        load_lesions(study["out"] / "lesions.csv"),
+        load_reads(study["out"] / "reads.csv"),
+        tmp_path / "stats",
+    )
+    detection = tables["detection"]
+    # every reader marked the same lesion on every image: all detected, no false positive
+    assert set(detection["sensitivity"]) == {1.0} and set(detection["fdr"]) == {0.0}
+
+
+def test_closing_freezes_the_session_and_the_default_phase_moves_on(study) -> None:
+    s1 = ReadingSession(study["lists"], study["key_path"], "R1", study["out"])
+    assert s1.phase == 1
+    s1.close()
+    with pytest.raises(InputError, match="closed"):
+        s1.save_read(s1.cases[0].case_id, [], 3, 1.0)
+    assert ReadingSession(study["lists"], study["key_path"], "R1", study["out"]).phase == 2
+
+
+@pytest.mark.parametrize(
+    ("lesions", "quality", "elapsed", "message"),
+    [
+        ([], 0, 1.0, "quality"),
+        ([], 6, 1.0, "quality"),
+        ([], "3", 1.0, "quality"),
+        ([], True, 1.0, "quality"),
+        ([], 3, -1.0, "reading time"),
+        ([], 3, float("nan"), "reading time"),
+        ([{"long": LESION["long"]}], 3, 1.0, "long and a short"),
+        ([{"long": LESION["long"], "short": _line((0, 0, 0), (0, 0, 0))}], 3, 1.0, "zero length"),
+        ([{"long": LESION["long"], "short": _line((0, 0), (1, 1))}], 3, 1.0, "3 finite"),
+    ],
+)
+def test_bad_reads_are_refused_and_write_nothing(study, lesions, quality, elapsed, message) -> None:
+    s1 = _session(study)
+    with pytest.raises(InputError, match=message):
+        s1.save_read(s1.cases[0].case_id, lesions, quality, elapsed)
+    assert not (study["out"] / "reads.csv").exists()
+
+
+def test_bad_session_arguments_are_one_clear_line(study, capsys) -> None:
+    with pytest.raises(InputError, match="reader 'R9' is not in the key"):
+        _session(study, "R9")
+    with pytest.raises(InputError, match="no phase 3"):
+        _session(study, "R2", 3)
+    case = study["key"].iloc[0]
+    image = protocol.case_folder(study["lists"], case.reader, case.phase) / f"{case.case_id}.nii.gz"
+    image.unlink()
+    args = ["read", "--lists", str(study["lists"]), "--reader", case.reader]
+    assert main([*args, "--phase", str(case.phase)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and case.case_id in err and "missing" in err
+
+
+def test_new_reading_lists_do_not_mix_with_an_old_session(study) -> None:
+    _session(study)
+    key = study["key"].copy()
+    key.loc[key.index[0], "case_id"] = "case-999999"
+    write_table(key, study["key_path"])
+    old = study["key"].iloc[0]
+    folder = protocol.case_folder(study["lists"], old.reader, old.phase)
+    for path in folder.glob(f"{old.case_id}*"):
+        path.rename(path.with_name(path.name.replace(old.case_id, "case-999999")))
+    with pytest.raises(InputError, match="have changed since this session started"):
+        _session(study, old.reader, old.phase)
+
+
+def test_a_session_is_served_by_one_server_at_a_time(study) -> None:
+    with session_lock(_session(study)):
+        with pytest.raises(InputError, match="already open in another process"):
+            with session_lock(_session(study)):
+                pass
+    with session_lock(_session(study)):  # free again once the first server stopped
+        pass
+
+
+# ------------------------------------------------------------------------------------------------- server
+@pytest.fixture
+def server(study):
+    if not viewer.VIEWER_PATH.exists():
+        msg = f"the NiiVue viewer is not installed ({viewer.VIEWER_PATH}: make viewer)"
+        if os.environ.get("VC_REQUIRE_BROWSER", "") == "1":
+            pytest.fail(msg + " and VC_REQUIRE_BROWSER=1")
+        pytest.skip(msg)
+    from virtual_contrast.reader.server import serve
+
+    srv = serve(_session(study), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_server_serves_only_the_session_s_own_cases(server, study) -> None:
+    url = server.url
+    mine = server.session.cases[0].case_id
+    key = study["key"]
+    others = key[(key["reader"] != "R1") | (key["phase"] != 1)]["case_id"]
+    assert _get(url)[0] == 200 and _get(url + "niivue.js")[0] == 200
+    status, body = _get(url + f"image/{mine}/post.nii")
+    assert status == 200
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(body))
+    assert image.header["descrip"].item() == b"", "the source's header text is not served"
+    assert np.allclose(image.affine, AFFINE) and image.shape == (8, 8, 8)
+    for other in others:
+        assert _get(url + f"image/{other}/post.nii")[0] == 403
+        assert _get(url + f"api/case/{other}")[0] == 403
+    assert _get(url.replace(server.token, "x" * len(server.token)))[0] == 403
+    assert _get(url + f"image/{mine}/../../../{protocol.KEY_NAME}")[0] in (403, 404)
+    assert _get(url + f"image/{mine}/key.nii")[0] == 404
+    assert _get(url + f"image/{mine}/post.nii.gz")[0] == 404
+    host = url.split("/s/")[0]
+    assert _get(host + "/")[0] == 403 and _get(host + "/favicon.ico")[0] == 403
+
+
+def test_the_server_saves_a_read_and_refuses_bad_requests(server, study) -> None:
+    url = server.url
+    mine = server.session.cases[0].case_id
+    status, reply = _post(url + f"api/case/{mine}", b"not json")
+    assert status == 400
+    status, reply = _post(url + f"api/case/{mine}", json.dumps({"quality": 9}).encode())
+    assert status == 400 and "quality" in reply["error"]
+    body = {"lesions": [LESION], "quality": 4, "elapsed_s": 7.5}
+    status, reply = _post(url + f"api/case/{mine}", json.dumps(body).encode())
+    assert status == 200 and reply["n_read"] == 1
+    assert json.loads(_get(url + f"api/case/{mine}")[1])["record"]["lesions"] == [LESION]
+    status, reply = _post(url + "api/close", b"{}")
+    assert status == 200 and reply["closed"] and reply["lesions_csv"].endswith("lesions.csv")
+    status, reply = _post(url + f"api/case/{mine}", json.dumps(body).encode())
+    assert status == 409 and "closed" in reply["error"]
