@@ -93,6 +93,7 @@ class Study:
     split: dict[str, str]
     embedded: bool
     cohort_plan: list[CohortExam] = field(default_factory=list)
+    source: str = ""  # where the exams come from, for messages
 
     @property
     def subjects(self) -> list[str]:
@@ -173,8 +174,10 @@ def plan_study(config: dict) -> Study:
     """Read the configured inputs (or plan the embedded cohort), apply exclusions, assign the split."""
     if config.get("subjects"):
         exams, embedded, plan = read_subjects_table(config["subjects"]), False, []
+        source = f"subjects table {config['subjects']}"
     elif config.get("bids_dir"):
         exams, embedded, plan = discover_bids(config["bids_dir"]), False, []
+        source = f"BIDS folder {config['bids_dir']}"
     else:
         c = config["cohort"]
         plan = plan_cohort(
@@ -183,15 +186,15 @@ def plan_study(config: dict) -> Study:
             missing_sequence=c["missing_sequence"],
         )
         exams, embedded = _cohort_exams(plan), True
+        source = f"embedded cohort of cohort.n_subjects = {c['n_subjects']} patients"
     selection = select_exams(exams, check_files=not embedded)
     subjects = list(selection.included["subject"])
     s = config["split"]
     split = assign_split(subjects, test_fraction=s["test_fraction"], seed=s["seed"])
     if "split" in selection.included.columns:
-        for subject, value in zip(subjects, selection.included["split"], strict=True):
-            if value in ("train", "test"):
-                split[subject] = value
-    return Study(exams, selection, split, embedded, plan)
+        # Checked to be train or test by the subjects table's reader: no value is guessed or ignored here.
+        split.update(zip(subjects, selection.included["split"], strict=True))
+    return Study(exams, selection, split, embedded, plan, source)
 
 
 def job_counts(snakemake_output: str) -> dict[str, int]:
