@@ -40,6 +40,9 @@ def _error_hook(job: str, log_path: str):
             "%s: %s", exc_type.__name__, exc, exc_info=(exc_type, exc, tb)
         )
         logging.shutdown()
+        if issubclass(exc_type, KeyboardInterrupt):
+            print(f"{job}: interrupted", file=sys.stderr)
+            return
         text = " ".join(str(exc).split()) or exc_type.__name__
         if exc_type.__name__ != "InputError":
             text = f"{exc_type.__name__}: {text}"
