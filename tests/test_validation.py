@@ -229,11 +229,21 @@ def test_export_markups_refuses_a_patient_id_that_climbs_out(tmp_path, capsys):
     lesions = tmp_path / "lesions.csv"
     row = {"patient": "../../evil", "reader": "R1", "modality": "low", "x_mm": 0.0, "y_mm": 0.0}
     row |= {"z_mm": 0.0, "long_axis_mm": 10.0, "short_axis_mm": 5.0}
-    pd.DataFrame([row]).to_csv(lesions, index=False)
+    good = {**row, "patient": "p01"}
+    pd.DataFrame([good, row]).to_csv(lesions, index=False)
     out = tmp_path / "a" / "b" / "markups"
     assert cli.main(["export-markups", "--lesions", str(lesions), "--out", str(out)]) == 2
     assert "would be written outside the output folder" in capsys.readouterr().err
     assert not (tmp_path / "a" / "evil").exists() and not (tmp_path / "evil").exists()
+    # The valid patient's markups were staged, not left behind: a failed command writes nothing.
+    assert not out.exists()
+    pd.DataFrame([good]).to_csv(lesions, index=False)
+    assert cli.main(["export-markups", "--lesions", str(lesions), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.rglob("*.mrk.json")) == [
+        "lesion-001-long.mrk.json",
+        "lesion-001-short.mrk.json",
+    ]
+    assert [p.name for p in out.iterdir()] == ["R1"]  # no staging folder left
 
 
 # --- the workflow's config, checked at parse time ---------------------------------------------------------------
