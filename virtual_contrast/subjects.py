@@ -14,6 +14,7 @@ typo or an unmounted disk should not quietly shrink the cohort.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,12 +187,12 @@ def check_unique_exams(table: pd.DataFrame, *, source: Path | str | None = None)
 def _check_listed_files(table: pd.DataFrame, source: Path) -> None:
     missing = [
         (index, column, value)
-        for index, row in table.iterrows()
         for column in SEQUENCES
-        if (value := row[column]) and not Path(value).exists()
+        for index, value in table[column].items()
+        if value and not os.path.exists(value)
     ]
     if missing:
-        index, column, value = missing[0]
+        index, column, value = min(missing)  # the first line with a missing file
         more = (
             f" (and {len(missing) - 1} more listed files that do not exist)"
             if len(missing) > 1
