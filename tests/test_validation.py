@@ -312,3 +312,45 @@ def test_the_study_needs_a_training_subject_per_fold_and_a_test_subject():
     )
     with pytest.raises(InputError, match=r"no test subject \(x\)"):
         check_study(_config(), n_train=4, n_test=0, source="x")
+
+
+# --- rule scripts: one line on stderr, the traceback in the job's log, SIGTERM cleans up -------------------------
+
+JOB = """
+import os, signal, sys, types
+sys.path.insert(0, {scripts!r})
+from _common import setup
+from virtual_contrast.io import InputError, atomic_path
+
+snakemake = types.SimpleNamespace(log=[{log!r}], rule="demo", wildcards={{"subject": "p1"}})
+setup(snakemake)
+with atomic_path({out!r}) as tmp:
+    tmp.write_bytes(b"half-written")
+    if sys.argv[1] == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    raise InputError("what is wrong", subject="p1", path="in.nii.gz")
+"""
+
+
+@pytest.mark.parametrize("how", ["error", "sigterm"])
+def test_a_rule_script_that_stops_leaves_one_line_a_log_and_no_temporary_file(tmp_path, how):
+    from workflow_helpers import REPO
+
+    log, out = tmp_path / "demo.log", tmp_path / "out" / "x.nii.gz"
+    script = tmp_path / "job.py"
+    script.write_text(
+        JOB.format(scripts=str(REPO / "workflow_scripts"), log=str(log), out=str(out))
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), how], capture_output=True, text=True, timeout=120
+    )
+    assert list(out.parent.iterdir()) == []  # the atomic writer's temporary file is gone
+    if how == "sigterm":
+        assert proc.returncode == 128 + 15
+        assert "stopped by signal 15" in log.read_text()
+        return
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"demo subject=p1: error: subject 'p1', file 'in.nii.gz': what is wrong (traceback in {log})\n"
+    )
+    assert "Traceback (most recent call last)" in log.read_text()
