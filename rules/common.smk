@@ -8,6 +8,9 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)
 
 from virtual_contrast.atlas import ATLAS_FILES  # noqa: E402
+from virtual_contrast.checks import check_config, check_study  # noqa: E402
+from virtual_contrast.cli import report_error  # noqa: E402
+from virtual_contrast.io import InputError  # noqa: E402
 from virtual_contrast.subjects import SUBJECT_ID_PATTERN, flowchart_counts  # noqa: E402
 from virtual_contrast.workflow import BIDS_FILES, cohort_lesion_table, plan_study  # noqa: E402
 from virtual_contrast.dicom import sidecar  # noqa: E402
@@ -16,7 +19,19 @@ from virtual_contrast.workflow import DICOM_DIR, bids_exam_files, dicom_exam_rec
 
 validate(config, "../virtual_contrast/schemas/config.schema.yaml")
 
-STUDY = plan_study(config)
+# What the schema cannot say (related values, files, the study itself) is checked before any job, even in a
+# dry run: a mistake stops the run with one line naming the key, table row or file, and exit status 2.
+try:
+    check_config(config)
+    STUDY = plan_study(config)
+    check_study(
+        config,
+        n_train=len(STUDY.train_subjects),
+        n_test=len(STUDY.test_subjects),
+        source=STUDY.source,
+    )
+except InputError as exc:
+    sys.exit(report_error("virtual-contrast workflow", exc))
 SUBJECTS = STUDY.subjects
 CHANNELS = ["T1w", "FLAIR", "ADC", "lowT1c", "refT1c"]
 # Network inputs (config model.channels, in order) and the training folds.

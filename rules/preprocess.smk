@@ -8,6 +8,8 @@ rule adc:
     output:
         adc=sub("{subject}", "adc", "space-dwi_ADC.nii.gz"),
         b0=sub("{subject}", "adc", "space-dwi_desc-b0_dwi.nii.gz"),
+    params:
+        allow_degenerate=config["preprocess"]["adc_allow_degenerate"],
     group:
         "subject"
     log:

@@ -15,6 +15,20 @@ def _require_shared() -> bool:
     return os.environ.get("VC_REQUIRE_SHARED_DATA", "") == "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def error_log_dir(tmp_path_factory) -> Path:
+    """Saved tracebacks of failing commands (virtual_contrast.cli) go here, not to the user's home; the
+    variable is inherited by the Snakemake runs of the tests."""
+    folder = tmp_path_factory.mktemp("error_logs")
+    previous = os.environ.get("VIRTUAL_CONTRAST_LOG_DIR")
+    os.environ["VIRTUAL_CONTRAST_LOG_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("VIRTUAL_CONTRAST_LOG_DIR", None)
+    else:
+        os.environ["VIRTUAL_CONTRAST_LOG_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path of ../shared/data; skips (or fails when VC_REQUIRE_SHARED_DATA=1) when it is absent."""

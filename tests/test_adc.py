@@ -117,6 +117,9 @@ def test_real_dipy_dwi(shared_data: Path, tmp_path: Path):
     out, out_b0 = tmp_path / "adc.nii.gz", tmp_path / "b0.nii.gz"
     prov = adc_from_files(dwi_path, bval_path, out, out_b0, subject="dipy")
     assert prov["n_b0"] == 1 and prov["n_b1000"] == 64
+    assert (
+        prov["problems"] == [] and prov["adc_zero_fraction"] == 0.0
+    )  # real tissue: nothing degenerate
     assert 985.0 < prov["b1000_mean"] < 1005.0
 
     img = nib.load(str(dwi_path))

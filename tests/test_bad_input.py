@@ -181,3 +181,81 @@ def test_corrupt_mask_is_named(inputs, tmp_path):
     with pytest.raises(InputError, match=rf"subject '{SUBJECT}'.*mask.nii.gz.*cannot be read"):
         _normalize(inputs, tmp_path / "out")
     _assert_nothing_written(tmp_path / "out")
+
+
+def _rewrite_dwi(path: Path, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    save_image(change(np.asarray(img.dataobj, dtype=np.float32)), img.affine, path)
+
+
+def _overflowed(dwi: np.ndarray) -> np.ndarray:
+    """int16 wrap-around: the brightest b0 voxels become large negative numbers."""
+    out = dwi.copy()
+    out[out > 900] -= 65536
+    return out
+
+
+#: Series whose ADC is mostly or wholly 0 although the computation "succeeds".
+DEGENERATE_DWI = {
+    "all zero": (lambda d: d * 0, "no positive signal"),
+    "negated": (lambda d: -d, "no positive signal"),
+    "b1000 brighter than b0": (
+        lambda d: d[..., ::-1],
+        "b≈1000 is at least as bright as b≈0 in 100 %",
+    ),
+    "int16 overflow": (_overflowed, "are negative"),
+}
+
+
+@pytest.mark.parametrize("case", DEGENERATE_DWI)
+def test_a_degenerate_dwi_is_an_error_unless_allowed(case, inputs, tmp_path):
+    change, expected = DEGENERATE_DWI[case]
+    _rewrite_dwi(inputs["dwi"], change)
+    out = tmp_path / "out"
+    with pytest.raises(InputError) as err:
+        _adc(inputs, out)
+    message = str(err.value)
+    assert f"subject {SUBJECT!r}" in message and str(inputs["dwi"]) in message
+    assert expected in message and "--allow-degenerate" in message
+    _assert_nothing_written(out)
+
+    prov = adc_from_files(
+        inputs["dwi"], inputs["bval"], out / "adc.nii.gz", subject=SUBJECT, allow_degenerate=True
+    )
+    assert (out / "adc.nii.gz").exists()
+    assert any(expected in problem for problem in prov["problems"])
+
+
+def test_a_healthy_dwi_has_no_problem_and_the_median_covers_zero_voxels(inputs, tmp_path):
+    prov = adc_from_files(inputs["dwi"], inputs["bval"], tmp_path / "adc.nii.gz", subject=SUBJECT)
+    assert prov["problems"] == [] and prov["adc_zero_fraction"] == 0.0
+    expected = np.log(1000 / 410) / 1000  # b0 1000, mean b1000 410 (plus a little noise)
+    assert prov["adc_median_mm2_s"] == pytest.approx(expected, rel=0.02)
+
+    # A few voxels where b1000 is brighter, and one negative voxel: possible (noise, interpolation), warned.
+    def spoil(d: np.ndarray) -> np.ndarray:
+        d = d.copy()
+        d[:, :, 8:12, 1:] = 2000.0
+        d[0, 0, 0, 0] = -5.0
+        return d
+
+    _rewrite_dwi(inputs["dwi"], spoil)
+    prov = adc_from_files(inputs["dwi"], inputs["bval"], tmp_path / "adc.nii.gz", subject=SUBJECT)
+    assert 0.05 < prov["adc_zero_fraction"] < 0.5
+    assert len(prov["problems"]) == 2
+    assert "check the series" in prov["problems"][0] and "1 voxels" in prov["problems"][1]
+
+
+def test_cli_adc_allow_degenerate(inputs, tmp_path, capsys):
+    from virtual_contrast import cli
+
+    _rewrite_dwi(inputs["dwi"], lambda d: d[..., ::-1])
+    argv = ["adc", "--dwi", str(inputs["dwi"]), "--bval", str(inputs["bval"]), "--subject", "bad01"]
+    out = tmp_path / "adc.nii.gz"
+    assert cli.main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "at least as bright" in err and not out.exists()
+    assert cli.main([*argv, "--out", str(out), "--allow-degenerate"]) == 0
+    assert "warning: b≈1000 is at least as bright" in capsys.readouterr().out and out.exists()

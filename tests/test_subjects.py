@@ -74,19 +74,98 @@ def test_bids_discovery_keeps_the_earliest_exam_and_excludes_incomplete_ones(tmp
     ]
 
 
-def test_subjects_table_resolves_paths_and_flags_absent_files(tmp_path):
+def _table_row(subject: str, session: str = "", **extra: str) -> dict[str, str]:
+    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    folder = f"sub-{subject}/" + (f"ses-{session}/" if session else "")
+    row = {"subject": subject, "session": session}
+    row.update({k: folder + v.format(p=prefix) for k, v in SEQ_FILES.items()})
+    row.update(extra)
+    return row
+
+
+def _write_table(path: Path, rows: list[dict[str, str]]) -> Path:
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_subjects_table_resolves_paths_and_excludes_exams_with_an_empty_cell(tmp_path):
     _touch_exam(tmp_path, "p01")
-    table = tmp_path / "subjects.tsv"
-    rows = [
-        {"subject": "p01", **{k: f"sub-p01/{v.format(p='sub-p01')}" for k, v in SEQ_FILES.items()}},
-        {"subject": "p02", **{k: f"sub-p02/{v.format(p='sub-p02')}" for k, v in SEQ_FILES.items()}},
-    ]
-    pd.DataFrame(rows).to_csv(table, sep="\t", index=False)
+    _touch_exam(tmp_path, "p02", skip=("flair",))
+    table = _write_table(
+        tmp_path / "subjects.tsv", [_table_row("p01"), _table_row("p02", flair="")]
+    )
     exams = read_subjects_table(table)
-    assert Path(exams.loc[0, "t1"]).is_absolute()
+    assert Path(exams.iloc[0]["t1"]).is_absolute()
     selection = select_exams(exams)
     assert list(selection.included["subject"]) == ["p01"]
-    assert selection.excluded.iloc[0]["reason"].startswith("missing T1w, FLAIR")
+    assert selection.excluded.iloc[0]["reason"] == "missing FLAIR"
+
+
+def test_a_listed_file_that_does_not_exist_stops_naming_line_column_and_path(tmp_path):
+    _touch_exam(tmp_path, "p01")
+    _touch_exam(tmp_path, "p02")
+    rows = [_table_row("p01"), _table_row("p02", t1="sub-p02/anat/typo_T1w.nii.gz")]
+    table = _write_table(tmp_path / "subjects.tsv", rows)
+    with pytest.raises(InputError) as err:
+        read_subjects_table(table)
+    message = str(err.value)
+    assert "subject 'p02'" in message and "subjects.tsv" in message and "line 3" in message
+    assert "the t1 file" in message and str(tmp_path / "sub-p02/anat/typo_T1w.nii.gz") in message
+
+
+@pytest.mark.parametrize("typo", ["tset", "training", "", "tes t"])
+def test_a_split_value_other_than_train_or_test_is_an_error_naming_the_row(tmp_path, typo):
+    for subject in ("p01", "p02"):
+        _touch_exam(tmp_path, subject)
+    rows = [_table_row("p01", split="train"), _table_row("p02", split=typo)]
+    table = _write_table(tmp_path / "subjects.tsv", rows)
+    with pytest.raises(InputError) as err:
+        read_subjects_table(table)
+    message = str(err.value)
+    assert "subject 'p02'" in message and "line 3" in message and f"split {typo!r}" in message
+    assert "'train' or 'test'" in message
+
+
+def test_split_values_are_case_insensitive_and_no_test_subject_reaches_training(tmp_path):
+    subjects = [f"p{i:02d}" for i in range(1, 7)]
+    for subject in subjects:
+        _touch_exam(tmp_path, subject)
+    values = ["Train", " TRAIN", "train ", "Test", "TEST", "test"]
+    rows = [_table_row(s, split=v) for s, v in zip(subjects, values, strict=True)]
+    table = _write_table(tmp_path / "subjects.tsv", rows)
+    config = {
+        "subjects": str(table),
+        "bids_dir": "",
+        # A hash split would hold out about none of them: the column must win for every row.
+        "split": {"test_fraction": 0.01, "seed": 0},
+    }
+    study = plan_study(config)
+    assert study.train_subjects == ["p01", "p02", "p03"]
+    assert study.test_subjects == ["p04", "p05", "p06"]
+    assert set(study.split_table()["split"]) == {"train", "test"}
+
+
+@pytest.mark.parametrize("session", ["", "01"])
+def test_a_duplicated_exam_is_an_error_naming_both_rows(tmp_path, session):
+    _touch_exam(tmp_path, "p01", session)
+    _touch_exam(tmp_path, "p02", session)
+    rows = [_table_row("p01", session), _table_row("p02", session), _table_row("p01", session)]
+    table = _write_table(tmp_path / "subjects.tsv", rows)
+    with pytest.raises(InputError) as err:
+        read_subjects_table(table)
+    message = str(err.value)
+    assert "subject 'p01'" in message and "line 2 and line 4 are the same exam" in message
+    assert "later visit" not in message
+    # Another session of the same subject is a later visit, not a duplicate.
+    _touch_exam(tmp_path, "p01", "02")
+    rows[2] = _table_row("p01", "02")
+    read_subjects_table(_write_table(table, rows))
+
+
+def test_select_exams_refuses_duplicates_from_any_source():
+    exams = pd.DataFrame([{"subject": "p01", "session": "01", **dict.fromkeys(SEQ_FILES, "x")}] * 2)
+    with pytest.raises(InputError, match=r"subject 'p01'.*row 1 and row 2 are the same exam"):
+        select_exams(exams, check_files=False)
 
 
 def test_subjects_table_errors_name_the_file_and_the_problem(tmp_path):

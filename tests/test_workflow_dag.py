@@ -48,6 +48,34 @@ def test_invalid_config_stops_before_any_job_and_names_the_key(tmp_path, overlay
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize(
+    ("overlay", "expected"),
+    [
+        (
+            {"preprocess": {"normalize_percentiles": [99, 1]}},
+            "config preprocess.normalize_percentiles = [99, 1]: the low percentile (99) must be below",
+        ),
+        ({"model": {"depth": 5}}, "config grid.crop_shape = [40, 48, 40] with model.depth = 5"),
+        (
+            {"split": {"folds": 5}},
+            "config split.folds = 5 but there are only 3 training subject(s)",
+        ),
+    ],
+)
+def test_what_the_schema_cannot_see_stops_the_dry_run_with_one_line(tmp_path, overlay, expected):
+    """Valid for the schema, wrong in meaning: each used to pass the dry run and fail later in a job (every
+    normalize job, train after all pre-processing, split)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(overlay))
+    proc = snakemake(tmp_path, "-n", overlays=("tests/tiny.yaml", bad), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("virtual-contrast workflow: error: config ")
+    assert expected in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr and "Job stats" not in proc.stdout
+    assert not (tmp_path / "results").exists()
+
+
 def test_subject_id_with_path_separator_stops_the_run_naming_it(tmp_path):
     table = tmp_path / "subjects.tsv"
     row = {
@@ -63,9 +91,9 @@ def test_subject_id_with_path_separator_stops_the_run_naming_it(tmp_path):
     overlay = tmp_path / "data.yaml"
     overlay.write_text(yaml.safe_dump({"subjects": str(table)}))
     proc = snakemake(tmp_path, "-n", overlays=("tests/tiny.yaml", overlay), check=False)
-    assert proc.returncode != 0
-    assert "invalid subject id" in proc.stderr + proc.stdout
-    assert "'a/../b'" in proc.stderr + proc.stdout
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("virtual-contrast workflow: error: subject 'a/../b', file ")
+    assert "line 2: invalid subject id" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_lint_reports_nothing_serious(tmp_path):

@@ -97,6 +97,9 @@ def test_a_corrupt_raw_file_fails_that_subject_only_naming_subject_and_file(tiny
     )
     proc = snakemake(work, "--cores", "2", "--keep-going", check=False)
     assert proc.returncode != 0
+    # The terminal gets one line from the job (its traceback is in the job's log), not a Python traceback.
+    assert f"register subject={subject}: error: subject '{subject}', file " in proc.stderr
+    assert "Traceback (most recent call last)" not in proc.stdout + proc.stderr
     log = (work / "logs" / "register" / f"sub-{subject}.log").read_text()
     assert f"subject '{subject}'" in log and raw.name in log and "truncated or corrupt" in log
     # Snakemake removed the failed job's outputs; nothing half-written is left behind.

@@ -10,16 +10,13 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def snakemake(
-    workdir: Path,
-    *args: str,
-    overlays: tuple[str | Path, ...] = ("tests/tiny.yaml",),
-    check: bool = True,
-) -> subprocess.CompletedProcess:
+def snakemake_command(
+    workdir: Path, *args: str, overlays: tuple[str | Path, ...] = ("tests/tiny.yaml",)
+) -> list[str]:
     """``snakemake -s REPO/Snakefile --directory WORKDIR --configfile config.yaml [overlays] ARGS``."""
     configfiles = [str(REPO / "config.yaml")]
     configfiles += [str(o) if Path(o).is_absolute() else str(REPO / o) for o in overlays]
-    cmd = [
+    return [
         *SNAKEMAKE,
         "--snakefile",
         str(REPO / "Snakefile"),
@@ -29,6 +26,16 @@ def snakemake(
         *configfiles,
         *args,
     ]
+
+
+def snakemake(
+    workdir: Path,
+    *args: str,
+    overlays: tuple[str | Path, ...] = ("tests/tiny.yaml",),
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run :func:`snakemake_command` to the end."""
+    cmd = snakemake_command(workdir, *args, overlays=overlays)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     if check and proc.returncode != 0:
         raise AssertionError(

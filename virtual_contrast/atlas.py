@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from virtual_contrast.checks import check_positive
 from virtual_contrast.io import InputError, load_image, save_image, write_json
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def build_atlas(
     head_margin_mm: float = 16.0,
 ) -> tuple[Atlas, dict]:
     """Build the atlas on an isotropic ``voxel_mm`` grid; returns it and a provenance dict."""
+    check_positive(voxel_mm, what="the atlas voxel size (mm)")
     data_dir = nilearn_data_dir()
     t1_path = Path(t1) if t1 else data_dir / NILEARN_T1
     t1_img = load_image(t1_path)

@@ -2,7 +2,10 @@
 
 Every reader names the subject and the file in its error, so that a bad input in a cohort of hundreds is found
 at once; every writer writes to a temporary file in the destination folder and renames it, so that an
-interrupted job never leaves a half-written output that looks complete.
+interrupted job never leaves a half-written output that looks complete. Outputs get the mode the user's umask
+gives any new file (0644 under the usual umask 022). A command with several outputs writes them in a
+:func:`staged_folder` and moves them into place at the end; :func:`path_inside` keeps names built from data
+(subject ids, reader names) inside the output folder.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import contextlib
 import gzip
 import json
 import os
-import tempfile
+import secrets
+import shutil
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +29,7 @@ class InputError(ValueError):
     """A problem with a user-provided input, naming the subject and the file."""
 
     def __init__(self, message: str, *, subject: str | None = None, path: Path | str | None = None):
+        self.reason = message  # what is wrong, without the subject and file
         self.subject = subject
         self.path = None if path is None else Path(path)
         where = []
@@ -100,22 +105,92 @@ def load_array(path: Path | str, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary file is created with mode 0666 filtered by the process umask (as ``open()`` would), not
+    ``tempfile.mkstemp``'s 0600, so that the renamed output is as readable as any other file the user writes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the full suffix (.nii.gz) so that writers that dispatch on it still work.
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name.split('.')[0]}.", suffix=suffix, dir=path.parent
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_unique(path.parent, f".{path.name.split('.')[0]}.", suffix)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _create_unique(folder: Path, prefix: str, suffix: str, *, directory: bool = False) -> Path:
+    """Create an empty file (or folder) with a new random name in ``folder``; the umask applies to its mode."""
+    for _ in range(100):
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            if directory:
+                candidate.mkdir(mode=0o777)
+            else:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path | str) -> Iterator[Path]:
+    """Yield an empty hidden folder inside ``out_dir`` to write a command's outputs into.
+
+    When the block succeeds, every file and folder written there is moved into ``out_dir`` (replacing files
+    of the same name); when it fails, or is interrupted, the staging folder is deleted, and so is ``out_dir``
+    if this call created it and it is still empty. Partial results of a failed command therefore never sit
+    beside complete ones. The moves are renames on one file system: the set of outputs appears almost at
+    once, each file atomically.
+    """
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = _create_unique(out_dir, ".staging-", "", directory=True)
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            target = out_dir / item.name
+            if item.is_dir() and target.is_dir():
+                _merge_folder(item, target)
+            else:
+                os.replace(item, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and out_dir.exists() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def _merge_folder(src: Path, dst: Path) -> None:
+    for item in sorted(src.iterdir()):
+        target = dst / item.name
+        if item.is_dir() and target.is_dir():
+            _merge_folder(item, target)
+        else:
+            os.replace(item, target)
+
+
+def path_inside(folder: Path | str, *names: str) -> Path:
+    """``folder / name / ...``, where each name must be one plain file or folder name.
+
+    For output names built from data (subject ids, reader names, patient ids): a name with a path separator,
+    ``..``, ``.``, or nothing in it could put a file somewhere else than in ``folder``, so it is refused with
+    an :class:`InputError`. The check is on the text (no symlink is followed), so an output folder that is a
+    symlink is fine.
+    """
+    for name in map(str, names):
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise InputError(
+                f"output name {name!r} would be written outside the output folder (it must be one "
+                "file or folder name, without '/' or '..')",
+                path=folder,
+            )
+    return Path(folder).joinpath(*names)
 
 
 def save_image(

@@ -3,10 +3,18 @@
 One row per *exam* (a subject's session). The paper keeps one exam per patient (the earliest; later visits are
 excluded) and excludes exams that lack any of DWI, FLAIR, T1, low-dose T1c and full-dose T1c. Every exclusion
 keeps its reason, for ``results/tables/exclusions.tsv`` and the flow chart (the paper's Figure 2).
+
+A subjects table is checked row by row before anything else, and each problem stops the run naming the table,
+the line and the value: an invalid subject id, a ``split`` value other than ``train`` or ``test`` (case does not
+matter; a typo must never send a test patient into training), the same exam (subject and session) on two lines,
+or a listed file that does not exist. An empty sequence cell means the sequence was not acquired: that exam is
+excluded, as in the paper. A listed path that does not exist is an error rather than an exclusion, because a
+typo or an unmounted disk should not quietly shrink the cohort.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +47,10 @@ BIDS_PATTERNS = {
     "dwi": "dwi/*_dwi.nii*",
     "bval": "dwi/*_dwi.bval",
 }
+
+
+#: Values of the optional ``split`` column (compared case-insensitively, surrounding spaces ignored).
+SPLIT_VALUES = ("train", "test")
 
 
 @dataclass(frozen=True)
@@ -85,24 +97,113 @@ def discover_bids(root: Path | str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def read_subjects_table(path: Path | str) -> pd.DataFrame:
-    """Read a subjects TSV; relative file paths are taken relative to the table's folder."""
+def read_subjects_table(path: Path | str, *, check_files: bool = True) -> pd.DataFrame:
+    """Read and check a subjects TSV; relative file paths are taken relative to the table's folder.
+
+    The returned frame is indexed by the line number of each row in the file (the header is line 1), so that
+    later messages can point at the line. ``split`` values come back in lower case. Raises an
+    :class:`InputError` naming the table and the line for an invalid subject id, a ``split`` value other than
+    train/test, a duplicated (subject, session) and, with ``check_files``, a listed file that does not exist.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError("subjects table not found", path=path)
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise InputError(f"cannot be read as a tab-separated table: {exc}", path=path) from exc
+    table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in ("subject", *SEQUENCES) if c not in table.columns]
     if missing:
         raise InputError(f"subjects table lacks column(s) {', '.join(missing)}", path=path)
+    table.index = pd.RangeIndex(2, len(table) + 2, name="line")
     if "session" not in table.columns:
         table["session"] = ""
-    for subject in table["subject"]:
-        check_subject_id(subject, source=path)
+    table["subject"] = table["subject"].str.strip()
+    table["session"] = table["session"].str.strip()
+    for line, subject in table["subject"].items():
+        try:
+            check_subject_id(subject)
+        except InputError as exc:
+            raise InputError(f"line {line}: {exc.reason}", subject=subject, path=path) from None
+    table = check_split_column(table, source=path)
+    check_unique_exams(table, source=path)
     for column in SEQUENCES:
         table[column] = [
-            str(p if not p or Path(p).is_absolute() else path.parent / p) for p in table[column]
+            str(p if not p or Path(p).is_absolute() else path.parent / p)
+            for p in table[column].str.strip()
         ]
+    if check_files:
+        _check_listed_files(table, path)
     return table
+
+
+def _row_label(table: pd.DataFrame, index) -> str:
+    """``line N`` for a table read from a file (indexed by line), else ``row N`` (1-based)."""
+    if table.index.name == "line":
+        return f"line {index}"
+    return f"row {table.index.get_loc(index) + 1}"
+
+
+def check_split_column(table: pd.DataFrame, *, source: Path | str | None = None) -> pd.DataFrame:
+    """``table`` with its ``split`` column (if any) in lower case; anything but train/test is an error.
+
+    An unknown value (``tset``, ``training``, empty) is refused rather than guessed: treating it as ``train``
+    would put a held-out patient into training. Raises an :class:`InputError` naming the subject, the table
+    and the row. Without a ``split`` column the workflow draws the split itself.
+    """
+    if "split" not in table.columns:
+        return table
+    values = table["split"].fillna("").astype(str).str.strip().str.lower()
+    for index, value in values.items():
+        if value not in SPLIT_VALUES:
+            original = table.at[index, "split"]
+            raise InputError(
+                f"{_row_label(table, index)}: split {original!r} must be 'train' or 'test' (any case); "
+                "leave the split column out to let the workflow draw the split",
+                subject=str(table.at[index, "subject"]) if "subject" in table.columns else None,
+                path=source,
+            )
+    return table.assign(split=values)
+
+
+def check_unique_exams(table: pd.DataFrame, *, source: Path | str | None = None) -> None:
+    """Raise an :class:`InputError` naming both rows when two rows hold the same subject and session."""
+    sessions = table["session"] if "session" in table.columns else pd.Series("", index=table.index)
+    seen: dict[tuple[str, str], object] = {}
+    keys = zip(table["subject"].astype(str), sessions.astype(str), strict=True)
+    for index, key in zip(table.index, keys, strict=True):
+        if key in seen:
+            session = f"session {key[1]!r}" if key[1] else "no session"
+            raise InputError(
+                f"{_row_label(table, seen[key])} and {_row_label(table, index)} are the same exam "
+                f"({session}): one row per exam (subject and session)",
+                subject=key[0],
+                path=source,
+            )
+        seen[key] = index
+
+
+def _check_listed_files(table: pd.DataFrame, source: Path) -> None:
+    missing = [
+        (index, column, value)
+        for column in SEQUENCES
+        for index, value in table[column].items()
+        if value and not os.path.exists(value)
+    ]
+    if missing:
+        index, column, value = min(missing)  # the first line with a missing file
+        more = (
+            f" (and {len(missing) - 1} more listed files that do not exist)"
+            if len(missing) > 1
+            else ""
+        )
+        raise InputError(
+            f"line {index}: the {column} file {value!r} does not exist{more}; leave the cell empty "
+            "for a sequence that was not acquired",
+            subject=str(table.at[index, "subject"]),
+            path=source,
+        )
 
 
 def select_exams(exams: pd.DataFrame, *, check_files: bool = True) -> Selection:
@@ -116,6 +217,8 @@ def select_exams(exams: pd.DataFrame, *, check_files: bool = True) -> Selection:
         check_subject_id(subject)
     if "session" not in exams.columns:
         exams["session"] = ""
+    exams = check_split_column(exams)
+    check_unique_exams(exams)
     n_exams, n_patients = len(exams), exams["subject"].nunique()
     excluded = []
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from virtual_contrast.io import InputError
 from virtual_contrast.subjects import (
     SEQUENCES,
     Selection,
@@ -112,6 +111,7 @@ class Study:
     cohort_plan: list[CohortExam] = field(default_factory=list)
     #: Included subject -> manifest of its DICOM exam (empty unless the inputs come from dicom_dir).
     dicom_manifests: dict[str, str] = field(default_factory=dict)
+    source: str = ""  # where the exams come from, for messages
 
     @property
     def subjects(self) -> list[str]:
@@ -191,12 +191,12 @@ def _cohort_exams(plan: list[CohortExam]) -> pd.DataFrame:
 def plan_study(config: dict) -> Study:
     """Read the configured inputs (or plan the embedded cohort), apply exclusions, assign the split."""
     manifests: dict[tuple[str, str], Path] = {}
-    if config.get("dicom_dir") and (config.get("subjects") or config.get("bids_dir")):
-        raise InputError("set one of subjects, bids_dir and dicom_dir in the config, not several")
     if config.get("subjects"):
         exams, embedded, plan = read_subjects_table(config["subjects"]), False, []
+        source = f"subjects table {config['subjects']}"
     elif config.get("bids_dir"):
         exams, embedded, plan = discover_bids(config["bids_dir"]), False, []
+        source = f"BIDS folder {config['bids_dir']}"
     elif config.get("dicom_dir"):
         from virtual_contrast.dicom.rules import load_series_map
         from virtual_contrast.dicom.study import discover_dicom
@@ -208,6 +208,7 @@ def plan_study(config: dict) -> Study:
             series_map=load_series_map(config["dicom"]["series_map"]),
         )
         embedded, plan = False, []
+        source = f"DICOM folder {config['dicom_dir']}"
     else:
         c = config["cohort"]
         plan = plan_cohort(
@@ -216,22 +217,23 @@ def plan_study(config: dict) -> Study:
             missing_sequence=c["missing_sequence"],
         )
         exams, embedded = _cohort_exams(plan), True
-    # Files of the embedded cohort and of DICOM exams are made by the workflow (rules cohort, import_dicom).
-    selection = select_exams(exams, check_files=not embedded and not manifests)
+        source = f"embedded cohort of cohort.n_subjects = {c['n_subjects']} patients"
+    # Listed files were checked to exist by the table reader (BIDS files were found on disk, cohort and DICOM
+    # files are made by the workflow: rules cohort, import_dicom): no second round of stat calls.
+    selection = select_exams(exams, check_files=False)
     subjects = list(selection.included["subject"])
     s = config["split"]
     split = assign_split(subjects, test_fraction=s["test_fraction"], seed=s["seed"])
     if "split" in selection.included.columns:
-        for subject, value in zip(subjects, selection.included["split"], strict=True):
-            if value in ("train", "test"):
-                split[subject] = value
+        # Checked to be train or test by the subjects table's reader: no value is guessed or ignored here.
+        split.update(zip(subjects, selection.included["split"], strict=True))
     included = set(zip(selection.included["subject"], selection.included["session"], strict=True))
     dicom = {
         subject: str(m)
         for (subject, session), m in manifests.items()
         if (subject, session) in included
     }
-    return Study(exams, selection, split, embedded, plan, dicom)
+    return Study(exams, selection, split, embedded, plan, dicom_manifests=dicom, source=source)
 
 
 def job_counts(snakemake_output: str) -> dict[str, int]:

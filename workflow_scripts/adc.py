@@ -9,5 +9,6 @@ info = adc_from_files(
     snakemake.output.adc,
     snakemake.output.b0,
     subject=snakemake.wildcards.subject,
+    allow_degenerate=snakemake.params.allow_degenerate,
 )
 log.info("ADC: %s", info)

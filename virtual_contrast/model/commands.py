@@ -43,10 +43,13 @@ def _add_split(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_split(args: argparse.Namespace) -> int:
     from virtual_contrast.model.folds import make_folds, read_folds
+    from virtual_contrast.subjects import check_split_column
 
     if not args.subjects.exists():
         raise InputError("subjects table not found", path=args.subjects)
     subjects = pd.read_csv(args.subjects, sep="\t", dtype={"subject": str})
+    # A typo such as "tset" must stop here, naming the row: it would otherwise never reach a test fold.
+    subjects = check_split_column(subjects, source=args.subjects)
     previous = read_folds(args.previous) if args.previous else None
     folds = make_folds(subjects, k=args.k, seed=args.seed, previous=previous)
     write_table(folds, args.out)

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+# The grid rule lives with the other checks so that the workflow can apply it at parse time without torch.
+from virtual_contrast.checks import check_grid, max_depth_for_grid  # noqa: F401 (re-exported)
 from virtual_contrast.io import InputError
 
 NEGATIVE_SLOPE = 0.2
@@ -184,36 +186,6 @@ class UNet3D(nn.Module):
             low = inputs[:, c : c + 1].float().clamp(RESIDUAL_EPS, 1 - RESIDUAL_EPS)
             logits = logits + torch.log(low / (1 - low))
         return torch.sigmoid(logits)
-
-
-def max_depth_for_grid(shape: Sequence[int]) -> int:
-    """The deepest UNet that a grid allows: 1 + the smallest power of 2 dividing every dimension."""
-    depth = 1
-    while all(s % 2**depth == 0 and s // 2**depth >= 1 for s in shape):
-        depth += 1
-    return depth
-
-
-def check_grid(shape: Sequence[int], depth: int) -> None:
-    """Raise :class:`InputError` if a UNet of ``depth`` levels cannot process a grid of ``shape``.
-
-    Each of the ``depth - 1`` stride-2 convolutions halves the grid, and each transposed convolution doubles it,
-    so the output matches the input only when every dimension is a multiple of ``2 ** (depth - 1)``.
-    """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3:
-        raise InputError(f"the UNet needs a 3D grid, got shape {shape}")
-    factor = 2 ** (depth - 1)
-    bad = sorted({s for s in shape if s % factor != 0 or s < factor})
-    if not bad:
-        return
-    grid = "×".join(map(str, shape))
-    nearest = "×".join(str(max(factor, round(s / factor) * factor)) for s in shape)
-    raise InputError(
-        f"a depth-{depth} UNet cannot process a {grid} grid: every dimension must be a positive multiple of "
-        f"2**(depth-1) = {factor} ({' and '.join(map(str, bad))} {'is' if len(bad) == 1 else 'are'} not). Crop or pad to e.g. {nearest}, "
-        f"or use depth <= {max_depth_for_grid(shape)}."
-    )
 
 
 def count_parameters(model: nn.Module) -> int:

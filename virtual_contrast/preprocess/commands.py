@@ -9,6 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from virtual_contrast.checks import (
+    check_nifti_output,
+    check_percentiles,
+    check_positive,
+    check_shape,
+)
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands."""
@@ -19,6 +26,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bval", type=Path, required=True, help="FSL b-value file (one row)")
     p.add_argument("--out", type=Path, required=True, help="ADC map to write (.nii.gz)")
     p.add_argument("--b0-out", type=Path, help="also write the mean b=0 image here")
+    p.add_argument(
+        "--allow-degenerate",
+        action="store_true",
+        help="write the ADC even when it is degenerate (no b0 signal, negative series, b≈1000 brighter "
+        "than b0 in most tissue), with a warning instead of an error",
+    )
     p.add_argument("--subject", help="subject id, for messages")
     p.set_defaults(func=_adc)
 
@@ -91,18 +104,35 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def _adc(args: argparse.Namespace) -> int:
     from virtual_contrast.preprocess.adc import adc_from_files
 
-    prov = adc_from_files(args.dwi, args.bval, args.out, args.b0_out, subject=args.subject)
+    check_nifti_output(args.out)
+    if args.b0_out is not None:
+        check_nifti_output(args.b0_out, what="--b0-out")
+    prov = adc_from_files(
+        args.dwi,
+        args.bval,
+        args.out,
+        args.b0_out,
+        subject=args.subject,
+        allow_degenerate=args.allow_degenerate,
+    )
     print(
         f"ADC from {prov['n_b0']} b=0 and {prov['n_b1000']} b≈1000 volumes (mean b "
-        f"{prov['b1000_mean']:.1f} s/mm²), median {prov['adc_median_mm2_s']:.2e} mm²/s -> {args.out}"
-        + (f"; mean b0 -> {args.b0_out}" if args.b0_out else "")
+        f"{prov['b1000_mean']:.1f} s/mm²), median {prov['adc_median_mm2_s']:.2e} mm²/s over the tissue "
+        f"voxels -> {args.out}" + (f"; mean b0 -> {args.b0_out}" if args.b0_out else "")
     )
+    for problem in prov["problems"]:
+        print(f"warning: {problem}")
     return 0
 
 
 def _skull_strip(args: argparse.Namespace) -> int:
     from virtual_contrast.preprocess.skull_strip import apply_mask, skull_strip
 
+    check_nifti_output(args.out)
+    for _, out in args.apply:
+        check_nifti_output(out, what="--apply OUT")
+    if args.voxel_mm is not None:
+        check_positive(args.voxel_mm, what="--voxel-mm")
     atlas = None
     if args.voxel_mm is not None:
         from virtual_contrast.atlas import build_atlas
@@ -132,6 +162,8 @@ def _skull_strip(args: argparse.Namespace) -> int:
 def _crop(args: argparse.Namespace) -> int:
     from virtual_contrast.preprocess.crop import crop_images
 
+    check_nifti_output(args.out)
+    check_shape(args.shape, what="--shape")
     prov = crop_images(
         {"image": args.image},
         {"image": args.out},
@@ -151,6 +183,8 @@ def _crop(args: argparse.Namespace) -> int:
 def _normalize(args: argparse.Namespace) -> int:
     from virtual_contrast.preprocess.normalize import normalize_image
 
+    check_nifti_output(args.out)
+    check_percentiles(args.low, args.high, what="--low/--high percentiles")
     prov = normalize_image(
         args.image, args.mask, args.out, low=args.low, high=args.high, subject=args.subject
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from virtual_contrast.checks import check_percentiles
 from virtual_contrast.io import InputError, load_image, save_image
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,7 @@ def brain_range(
     Raises :class:`InputError` when the mask is empty or the brain intensities are constant (there is no
     range to map: a blank or corrupted image).
     """
-    if not 0.0 <= low < high <= 100.0:
-        raise ValueError(f"need 0 <= low < high <= 100, got low={low}, high={high}")
+    check_percentiles(low, high)
     data = np.asarray(data)
     brain = np.asarray(mask) > 0
     if brain.shape != data.shape:

@@ -425,6 +425,9 @@ def add_register_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_cmd(args: argparse.Namespace) -> int:
+    from virtual_contrast.checks import check_nifti_output
+
+    check_nifti_output(args.out)
     engine = select_backend(args.backend, threads=args.threads)
     out, xfm, name = register_to_reference(
         args.moving,

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from virtual_contrast.io import InputError
+from virtual_contrast.io import InputError, staged_folder
 
 
 def _reader_stats(args: argparse.Namespace) -> int:
@@ -14,14 +14,16 @@ def _reader_stats(args: argparse.Namespace) -> int:
 
     lesions = load_lesions(args.lesions)
     reads = load_reads(args.reads) if args.reads else None
-    tables = reader_stats(
-        lesions,
-        reads,
-        args.out,
-        reference_reader=args.reference_reader,
-        thresholds=args.thresholds,
-        rule=args.matching,
-    )
+    # All tables or none: they are written in a staging folder and moved into --out at the end.
+    with staged_folder(args.out) as stage:
+        tables = reader_stats(
+            lesions,
+            reads,
+            stage,
+            reference_reader=args.reference_reader,
+            thresholds=args.thresholds,
+            rule=args.matching,
+        )
     print(
         f"wrote {', '.join(f'{name}.tsv' for name in tables)}, table5.md, table5.html to {args.out}"
     )
@@ -63,7 +65,8 @@ def _export_markups(args: argparse.Namespace) -> int:
     from virtual_contrast.reader.stats import load_lesions
 
     lesions = load_lesions(args.lesions)
-    written = lesions_to_markups(lesions, args.out)
+    with staged_folder(args.out) as stage:
+        written = lesions_to_markups(lesions, stage)
     print(f"wrote {len(written)} markup files under {args.out}")
     return 0
 

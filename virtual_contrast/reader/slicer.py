@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from virtual_contrast.io import InputError, write_text
+from virtual_contrast.io import InputError, path_inside, write_text
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,8 @@ def lesions_to_markups(lesions: pd.DataFrame, out_dir: Path | str) -> list[Path]
     for (patient, reader, modality), group in lesions.groupby(
         ["patient", "reader", "modality"], sort=True
     ):
-        folder = out_dir / str(reader) / str(patient) / str(modality)
+        # Reader and patient come from the table: they must not climb out of the output folder.
+        folder = path_inside(out_dir, str(reader), str(patient), str(modality))
         for k, row in enumerate(group.itertuples(index=False), start=1):
             centre = np.array([row.x_mm, row.y_mm, row.z_mm], float)
             for axis, length, direction in (

@@ -1,0 +1,184 @@
+"""One validation layer: values checked against their meaning before any work is done.
+
+The config schema checks each value alone (types, ranges, closed objects). What it cannot say, because it
+relates two values or needs the data, is checked here: ordered percentile pairs, a crop shape the UNet can
+process at the configured depth, as many training subjects as folds, configured files that exist, file names
+of the right kind. The workflow calls :func:`check_config` and :func:`check_study` at parse time (a dry run
+stops on them), and each command-line subcommand calls the same functions on its arguments before it reads
+or writes anything. Every problem is an :class:`~virtual_contrast.io.InputError` with one line saying which
+value is wrong and why.
+
+No heavy imports here (no torch, no image libraries): the workflow imports this module while it parses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from virtual_contrast.io import InputError
+
+#: File name endings of NIfTI images, the format every step writes.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def check_percentiles(low: float, high: float, *, what: str = "percentiles") -> tuple[float, float]:
+    """Return ``(low, high)`` if ``0 <= low < high <= 100``, else raise an :class:`InputError`."""
+    low, high = float(low), float(high)
+    if not (0.0 <= low <= 100.0 and 0.0 <= high <= 100.0):
+        raise InputError(f"{what} must lie in [0, 100], got low {low:g} and high {high:g}")
+    if not low < high:
+        raise InputError(
+            f"{what}: the low percentile ({low:g}) must be below the high one ({high:g})"
+        )
+    return low, high
+
+
+def check_shape(shape: Sequence[Any], *, what: str = "shape") -> tuple[int, int, int]:
+    """Return ``shape`` as three positive integers, else raise an :class:`InputError`."""
+    values = tuple(shape)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise InputError(f"{what} must be three integers (X Y Z voxels), got {list(values)}")
+    if min(values) < 1:
+        raise InputError(f"{what} must be three positive numbers of voxels, got {list(values)}")
+    return values  # type: ignore[return-value]
+
+
+def max_depth_for_grid(shape: Sequence[int]) -> int:
+    """The deepest UNet that a grid allows: 1 + the smallest power of 2 dividing every dimension."""
+    depth = 1
+    while all(s % 2**depth == 0 and s // 2**depth >= 1 for s in shape):
+        depth += 1
+    return depth
+
+
+def check_grid(shape: Sequence[int], depth: int) -> None:
+    """Raise :class:`InputError` if a UNet of ``depth`` levels cannot process a grid of ``shape``.
+
+    Each of the ``depth - 1`` stride-2 convolutions halves the grid, and each transposed convolution doubles it,
+    so the output matches the input only when every dimension is a multiple of ``2 ** (depth - 1)``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3:
+        raise InputError(f"the UNet needs a 3D grid, got shape {shape}")
+    factor = 2 ** (depth - 1)
+    bad = sorted({s for s in shape if s % factor != 0 or s < factor})
+    if not bad:
+        return
+    grid = "×".join(map(str, shape))
+    nearest = "×".join(str(max(factor, round(s / factor) * factor)) for s in shape)
+    raise InputError(
+        f"a depth-{depth} UNet cannot process a {grid} grid: every dimension must be a positive multiple of "
+        f"2**(depth-1) = {factor} ({' and '.join(map(str, bad))} {'is' if len(bad) == 1 else 'are'} not). "
+        f"Crop or pad to e.g. {nearest}, or use depth <= {max_depth_for_grid(shape)}."
+    )
+
+
+def check_folds(folds: int, n_train: int, *, what: str = "folds") -> None:
+    """Raise :class:`InputError` unless ``2 <= folds <= n_train`` (every fold needs a tuning subject)."""
+    if folds < 2:
+        raise InputError(f"{what} = {folds}: cross-validation needs at least 2 folds")
+    if n_train < folds:
+        raise InputError(
+            f"{what} = {folds} but there are only {n_train} training subject(s): each fold needs at least "
+            f"one (lower the number of folds or add training subjects)"
+        )
+
+
+def check_nifti_output(path: Path | str, *, what: str = "--out") -> Path:
+    """Return ``path`` if its name ends in .nii or .nii.gz (every image output is NIfTI), else raise."""
+    path = Path(path)
+    if not path.name.lower().endswith(NIFTI_SUFFIXES) or path.name.lower() in NIFTI_SUFFIXES:
+        raise InputError(
+            f"{what} must be a NIfTI file name ending in .nii.gz or .nii (images are written as NIfTI)",
+            path=path,
+        )
+    return path
+
+
+def check_positive(value: float, *, what: str) -> float:
+    """Return ``value`` if it is a finite number above 0, else raise an :class:`InputError`."""
+    if not value > 0 or value == float("inf"):
+        raise InputError(f"{what} must be a positive number, got {value:g}")
+    return value
+
+
+# --- the workflow's config --------------------------------------------------------------------------------
+
+#: Config keys that name a file or folder which must exist when set (empty means "not used" or "default").
+CONFIG_PATHS = {
+    ("subjects",): "subjects table",
+    ("bids_dir",): "BIDS folder",
+    ("dicom_dir",): "DICOM folder",
+    ("dicom", "series_map"): "DICOM series map",
+    ("atlas", "t1"): "atlas T1",
+    ("atlas", "brain_mask"): "atlas brain mask",
+    ("atlas", "head_mask"): "atlas head mask",
+    ("preprocess", "hdbet_weights"): "HD-BET weights folder",
+    ("reader_study", "lesions"): "reader lesions CSV",
+    ("reader_study", "reads"): "reader reads CSV",
+}
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """The checks of a schema-validated config that relate values or need the file system.
+
+    Raises an :class:`InputError` naming the key (``section.key``), its value and what is wrong.
+    """
+    low, high = config["preprocess"]["normalize_percentiles"]
+    key = "preprocess.normalize_percentiles"
+    try:
+        check_percentiles(low, high, what=f"config {key} = [{low:g}, {high:g}]")
+    except InputError as exc:
+        raise InputError(f"{exc} (e.g. [1, 99])") from None
+
+    shape, depth = config["grid"]["crop_shape"], config["model"]["depth"]
+    try:
+        check_grid(shape, depth)
+    except InputError as exc:
+        raise InputError(
+            f"config grid.crop_shape = {list(shape)} with model.depth = {depth}: {exc}"
+        ) from None
+
+    for keys, label in CONFIG_PATHS.items():
+        value = _lookup(config, keys)
+        if value and not Path(value).exists():
+            raise InputError(f"config {'.'.join(keys)}: {label} not found", path=value)
+    sources = [key for key in ("subjects", "bids_dir", "dicom_dir") if config.get(key)]
+    if len(sources) > 1:
+        raise InputError(
+            f"config: set one of subjects (a table), bids_dir or dicom_dir (folders), not {' and '.join(sources)}: "
+            "which exams to use would be ambiguous"
+        )
+    reader = config["reader_study"]
+    if reader["reads"] and not reader["lesions"]:
+        raise InputError(
+            "config reader_study.reads is set but reader_study.lesions is empty: the reads are only used "
+            "with the readers' lesions"
+        )
+
+
+def check_study(config: Mapping[str, Any], *, n_train: int, n_test: int, source: str) -> None:
+    """Checks of the study as planned from the config: enough training subjects for the folds, a test set.
+
+    ``source`` says where the subjects come from (the table, the BIDS folder or the embedded cohort), for the
+    message.
+    """
+    folds = config["split"]["folds"]
+    try:
+        check_folds(folds, n_train, what="config split.folds")
+    except InputError as exc:
+        raise InputError(f"{exc} ({source})") from None
+    if n_test < 1:
+        raise InputError(
+            f"no test subject ({source}): the evaluation needs at least one; mark some as test in the "
+            "split column or raise split.test_fraction"
+        )
+
+
+def _lookup(config: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    value: Any = config
+    for key in keys:
+        value = value.get(key, "") if isinstance(value, Mapping) else ""
+    return value
