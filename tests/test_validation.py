@@ -298,7 +298,7 @@ def test_reads_without_lesions_and_table_with_bids_are_refused(tmp_path):
     reads.write_text("patient\n")
     with pytest.raises(InputError, match="reads is set but reader_study.lesions is empty"):
         check_config(_config(reader_study={"reads": str(reads)}))
-    with pytest.raises(InputError, match="either subjects .* or bids_dir"):
+    with pytest.raises(InputError, match="one of subjects .* not subjects and bids_dir"):
         check_config(_config(subjects=str(reads), bids_dir=str(tmp_path)))
 
 
