@@ -58,10 +58,10 @@ def test_validate_detector_counts_per_size_bin():
 
 
 def _candidates(rows):
-    """Candidates as find_candidates tables: (subject, x, long axis, peak, status)."""
+    """Candidates as find_candidates tables: (subject, x, long axis, score, status)."""
     return pd.DataFrame(
         [
-            _lesion(s, x, long_axis, max_enhancement=peak, status=status)
+            _lesion(s, x, long_axis, score=peak, status=status)
             for s, x, long_axis, peak, status in rows
         ]
     )

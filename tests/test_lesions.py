@@ -167,16 +167,27 @@ def test_noise_specks_the_surface_and_the_prior_give_no_lesion():
     assert L.detect_lesions(blob, pre, mask, affine, SETTINGS, prior=prior).empty
 
 
-def test_the_decision_threshold_is_on_the_peak_enhancement():
+def test_the_decision_threshold_is_on_the_lesion_score():
+    """score = peak x (1 - tubularity) x (1 - prior overlap): a ball's score is about 0.9 of its peak; half
+    inside the prior, half of that."""
     affine, world = grid(1.0)
     pre, post, mask = brain(world, 1.0)
     post = post + 0.25 * ball(world, (0.0, 0.0, 0.0), 12.0, 1.0).astype(np.float32) * mask
     found = read(post, pre, mask, affine)
-    peak = float(found.table.loc[found.table["status"] == L.LESION, "max_enhancement"].max())
-    assert 0.2 < peak < 0.3
-    assert len(found.lesions(peak - 0.01)) == 1 and found.lesions(peak + 0.01).empty
-    labels = found.lesion_labels(peak - 0.01)
+    row = found.table[found.table["status"] == L.LESION].iloc[0]
+    assert 0.2 < row["max_enhancement"] < 0.3
+    assert row["score"] == pytest.approx(row["max_enhancement"] * (1 - row["tubularity"]), rel=1e-6)
+    score = float(row["score"])
+    assert len(found.lesions(score - 0.01)) == 1 and found.lesions(score + 0.01).empty
+    labels = found.lesion_labels(score - 0.01)
     assert set(np.unique(labels)) == {0, 1} and labels.dtype == np.int16
+    prior = world[..., 0] < 0
+    half = L.find_candidates(
+        post, pre, mask, affine, SETTINGS.replace(max_prior_overlap=1.01), prior=prior
+    )
+    row = half.table.iloc[0]
+    assert row["prior_overlap"] == pytest.approx(0.5, abs=0.1)
+    assert row["score"] == pytest.approx(score * (1 - row["prior_overlap"]), rel=0.05)
 
 
 def test_enhancement_maps_pre_onto_post_before_subtracting():
@@ -409,7 +420,29 @@ def test_real_metastasis_is_found_without_vessels(shared_data, tmp_path):
     assert 15 < det.loc[0, "long_axis_mm"] < 45
     assert (det["long_axis_mm"].iloc[1:] < 10).all() and (det["axis_ratio"] >= 0.4).all()
     candidates = pd.read_csv(tmp_path / "candidates.tsv", sep="\t")
-    bright = candidates[candidates["max_enhancement"] >= L.DetectorSettings.from_schema().threshold]
+    bright = candidates[candidates["max_enhancement"] >= 0.3]
     assert (
         bright["status"] != L.LESION
     ).sum() >= 10  # vessels and sinuses were candidates, rejected
+
+
+def test_the_prior_keeps_what_several_subjects_share():
+    a, b, c = (np.zeros((4, 4, 4)) for _ in range(3))
+    a[0, 0, 0] = b[0, 0, 0] = c[0, 0, 0] = 1.0  # choroid plexus: in every subject
+    a[1, 1, 1] = b[1, 1, 1] = 1.0  # in two of three
+    c[2, 2, 2] = 1.0  # one subject's own lesion: never physiological, even when 0.3 x 3 < 1
+    m = L.normal_enhancement_mask([a, b, c], threshold=0.5, fraction=0.3)
+    assert m[0, 0, 0] and m[1, 1, 1] and not m[2, 2, 2] and m.sum() == 2
+    assert L.normal_enhancement_mask([a, b, c], threshold=0.5, fraction=0.9).sum() == 1
+
+
+def test_the_hessian_at_one_voxel_equals_gaussian_filtering():
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((30, 28, 26)).astype(np.float32)
+    affine = np.diag([1.0, 1.5, 3.0, 1.0])
+    for ijk in ((15, 14, 13), (1, 2, 25)):  # inside, and at the edge (the image is extended)
+        where = np.zeros(image.shape, bool)
+        where[ijk] = True
+        filtered = shape.hessian_eigenvalues(image, shape.voxel_sizes(affine), 2.0, where)[0]
+        eig = np.linalg.eigvalsh(shape.hessian_at(image, affine, ijk, 2.0))
+        assert eig[np.argsort(np.abs(eig))] == pytest.approx(filtered, abs=1e-5)

@@ -22,8 +22,9 @@
    (volume over the inertia ellipsoid's volume: about 1 for solid shapes, tubes and filled rings included,
    small for branching vessels and curved sheets such as the dura), ``depth_mm`` (the deepest voxel's
    distance to the brain mask's surface), ``prior_overlap`` (fraction in the physiological-enhancement
-   prior) and ``tubularity`` (median Frangi vesselness over the object at its own scale, the shortest
-   inertia semi-axis / sqrt(2), see :mod:`virtual_contrast.evaluate.shape`).
+   prior), ``tubularity`` (Frangi vesselness at the object's centre and at its own scale, the shortest
+   inertia semi-axis / sqrt(2), see :mod:`virtual_contrast.evaluate.shape`) and ``score``
+   (:func:`lesion_score`, the decision variable).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ FEATURE_COLUMNS = (
     "depth_mm",
     "prior_overlap",
     "tubularity",
+    "score",
 )
 #: Percentiles of the brain's intensities matched between pre- and post-contrast images.
 CALIBRATION_PERCENTILES = tuple(range(10, 91, 10))
@@ -196,6 +198,13 @@ def object_cores(enh: np.ndarray, objects: np.ndarray, *, edge_fraction: float) 
     return lut[cores]
 
 
+def lesion_score(peak: float, tubularity: float, prior_overlap: float) -> float:
+    """The decision variable: peak enhancement discounted by how much the object looks like a vessel at its
+    own scale and by how much of it lies where physiological enhancement sits,
+    ``peak * (1 - tubularity) * (1 - prior_overlap)``, in normalised units of enhancement."""
+    return float(peak * (1.0 - tubularity) * (1.0 - prior_overlap))
+
+
 def object_features(
     enh: np.ndarray,
     cores: np.ndarray,
@@ -256,4 +265,6 @@ def object_features(
                 ),
             }
         )
+        row = rows[-1]
+        row["score"] = lesion_score(row["max_enhancement"], row["tubularity"], row["prior_overlap"])
     return pd.DataFrame(rows, columns=["candidate_id", *FEATURE_COLUMNS])

@@ -34,7 +34,7 @@ def _metrics(args: argparse.Namespace) -> int:
 DETECTOR_OPTIONS = {
     "--threshold": (
         "threshold",
-        "decision threshold: peak enhancement of a lesion (normalised units)",
+        "decision threshold on the lesion score: peak enhancement x (1 - tubularity) x (1 - prior overlap)",
     ),
     "--candidate-floor": ("candidate_floor", "enhancement above which voxels form candidates"),
     "--edge-fraction": ("edge_fraction", "a lesion is its voxels above this fraction of its peak"),

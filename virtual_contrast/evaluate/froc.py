@@ -22,7 +22,12 @@ import numpy as np
 import pandas as pd
 
 from virtual_contrast.evaluate import candidates as cand
-from virtual_contrast.evaluate.lesions import LESION, DetectorSettings, find_candidates
+from virtual_contrast.evaluate.lesions import (
+    LESION,
+    DetectorSettings,
+    find_candidates,
+    prior_from_counts,
+)
 from virtual_contrast.io import InputError
 from virtual_contrast.reader.matching import MatchRule, match_lesions
 
@@ -127,14 +132,14 @@ def froc_table(
 
     ``candidates`` has a ``subject`` column and the columns of
     :attr:`virtual_contrast.evaluate.lesions.Candidates.table`; a candidate is detected at threshold t when its
-    status is ``lesion`` and its peak enhancement reaches t. One row per (threshold, size bin) with the columns
+    status is ``lesion`` and its ``score`` reaches t. One row per (threshold, size bin) with the columns
     of :func:`validate_detector`, plus ``threshold`` and ``fp_per_patient`` (false positives of every size
     per patient: the FROC's abscissa, the same in every bin of a threshold).
     """
     kept = candidates[candidates["status"] == LESION]
     tables = []
     for t in thresholds:
-        found = kept[kept["max_enhancement"] >= t]
+        found = kept[kept["score"] >= t]
         table = validate_detector(found, truth, subjects=subjects, bins=bins)
         total = table.loc[table["size_bin"] == "all", "false_positives"].iloc[0]
         table.insert(0, "threshold", float(t))
@@ -205,7 +210,7 @@ def tune_detector(
 
     ``load(subject)`` returns that subject's images (they are loaded twice, to keep one subject in memory at
     a time). Each subject is read with a leave-one-out prior: the voxels enhancing above ``prior_enhancement``
-    in at least ``prior_fraction`` of the other subjects (as :func:`lesions.normal_enhancement_mask`). Returns the
+    in at least ``prior_fraction`` of the other subjects, and in two (as :func:`lesions.normal_enhancement_mask`). Returns the
     FROC table, the operating point (:func:`choose_operating_point`, with the subjects it was tuned on) and
     every candidate (with ``subject``).
     """
@@ -223,7 +228,7 @@ def tune_detector(
         post, pre, mask, affine = load(subject)
         own = _enhancing(post, pre, mask, affine, settings, prior_enhancement)
         others = len(subjects) - 1
-        prior = (count - own) >= prior_fraction * others
+        prior = prior_from_counts(count - own, others, prior_fraction)
         found = find_candidates(post, pre, mask, affine, settings, prior=prior)
         tables.append(found.table.assign(subject=subject))
         log.info(

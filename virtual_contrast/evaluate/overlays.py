@@ -11,6 +11,7 @@ right on the viewer's left.
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -106,9 +107,8 @@ def plot_detection_overlay(
     more = max(len(sites) - MAX_ROWS, 0)
     sites = sites.head(MAX_ROWS)
     rows = max(len(sites), 1)
-    fig, axes = plt.subplots(
-        rows, len(names), figsize=(2.6 * len(names), 2.7 * rows), squeeze=False
-    )
+    width = max(2.6 * len(names), 4.0)
+    fig, axes = plt.subplots(rows, len(names), figsize=(width, 2.7 * rows + 0.4), squeeze=False)
     inverse = np.linalg.inv(ras_affine)
     voxel = np.linalg.norm(ras_affine[:3, :3], axis=0)
     shape = next(iter(ras.values())).shape
@@ -143,7 +143,7 @@ def plot_detection_overlay(
         )
         axes[r][0].set_ylabel(label, fontsize=8)
     suffix = f" (+{more} more sites not shown)" if more else ""
-    fig.suptitle(f"{title}{suffix}", fontsize=10)
+    fig.suptitle(textwrap.fill(f"{title}{suffix}", width=int(12 * width)), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
