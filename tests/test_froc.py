@@ -164,3 +164,82 @@ def test_tuning_uses_the_training_subjects_with_a_leave_one_out_prior():
             thresholds=[0.3],
             max_fp_per_patient=1.0,
         )
+
+
+def test_cli_tunes_on_given_subjects_and_validates_detections(tmp_path, capsys):
+    from virtual_contrast.cli import main
+    from virtual_contrast.io import save_image
+
+    affine, world = grid(2.0)
+    args = {"--subjects": [], "--post": [], "--pre": [], "--mask": []}
+    rows = []
+    for k, subject in enumerate(["t1", "t2"]):
+        pre, post, mask = brain(world, 2.0, seed=k)
+        centre = (-10.0 + 12 * k, 8.0, 0.0)
+        post = post + 0.45 * ball(world, centre, 12.0, 2.0).astype(np.float32) * mask
+        for name, data in (("post", post), ("pre", pre), ("mask", mask)):
+            args[f"--{name}"].append(
+                str(save_image(data, affine, tmp_path / f"{subject}_{name}.nii.gz"))
+            )
+        args["--subjects"].append(subject)
+        rows.append(_lesion(subject, centre[0], 12.0) | {"y_mm": centre[1]})
+    pd.DataFrame(rows).to_csv(tmp_path / "truth.tsv", sep="\t", index=False)
+    flat = [item for option, values in args.items() for item in (option, *values)]
+    code = main(
+        [
+            "tune-detector",
+            *flat,
+            "--truth",
+            str(tmp_path / "truth.tsv"),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    point = json.loads((tmp_path / "out" / "detector_operating_point.json").read_text())
+    assert point["subjects"] == ["t1", "t2"] and point["sensitivity"]["all"] == 1.0
+    assert (tmp_path / "out" / "detector_froc.png").exists()
+    capsys.readouterr()
+    det = tmp_path / "det.tsv"
+    code = main(
+        [
+            "detect-lesions",
+            "--post",
+            args["--post"][0],
+            "--pre",
+            args["--pre"][0],
+            "--mask",
+            args["--mask"][0],
+            "--subject",
+            "t1",
+            "--out",
+            str(det),
+        ]
+    )
+    assert code == 0
+    code = main(
+        [
+            "validate-detector",
+            "--detections",
+            str(det),
+            "--truth",
+            str(tmp_path / "truth.tsv"),
+            "--out",
+            str(tmp_path / "val.tsv"),
+        ]
+    )
+    assert code == 0
+    val = pd.read_csv(tmp_path / "val.tsv", sep="\t").set_index("size_bin")
+    assert val.loc["[10, inf)", "true_positives"] == 1 and val.loc["all", "n_true"] == 2
+    capsys.readouterr()
+    code = main(
+        [
+            "tune-detector",
+            *flat[:-1],
+            "--truth",
+            str(tmp_path / "truth.tsv"),
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2 and "one --post, --pre and --mask per subject" in capsys.readouterr().err

@@ -446,3 +446,23 @@ def test_the_hessian_at_one_voxel_equals_gaussian_filtering():
         filtered = shape.hessian_eigenvalues(image, shape.voxel_sizes(affine), 2.0, where)[0]
         eig = np.linalg.eigvalsh(shape.hessian_at(image, affine, ijk, 2.0))
         assert eig[np.argsort(np.abs(eig))] == pytest.approx(filtered, abs=1e-5)
+
+
+def test_detections_export_to_slicer_markups_and_back(tmp_path):
+    """The Slicer export of the automated reader's reads: detections -> lesions table -> line markups."""
+    from virtual_contrast.reader import slicer
+
+    affine, world = grid(2.0)
+    pre, post, mask = brain(world, 2.0)
+    post = post + 0.5 * ball(world, (6.0, -4.0, 2.0), 14.0, 2.0).astype(np.float32) * mask
+    det = L.detect_lesions(post, pre, mask, affine, SETTINGS)
+    lesions, _ = L.auto_reader_tables({("P1", "ref"): det})
+    written = slicer.lesions_to_markups(lesions, tmp_path)
+    assert len(written) == 2
+    back = slicer.markups_to_lesions(
+        tmp_path / "auto" / "P1" / "ref", patient="P1", reader="auto", modality="ref"
+    )
+    assert back.loc[0, ["x_mm", "y_mm", "z_mm"]].to_numpy(float) == pytest.approx(
+        det.loc[0, ["x_mm", "y_mm", "z_mm"]].to_numpy(float), abs=1e-3
+    )
+    assert back.loc[0, "long_axis_mm"] == pytest.approx(det.loc[0, "long_axis_mm"], abs=1e-3)
