@@ -210,9 +210,10 @@ def tune_detector(
 
     ``load(subject)`` returns that subject's images (they are loaded twice, to keep one subject in memory at
     a time). Each subject is read with a leave-one-out prior: the voxels enhancing above ``prior_enhancement``
-    in at least ``prior_fraction`` of the other subjects, and in two (as :func:`lesions.normal_enhancement_mask`). Returns the
-    FROC table, the operating point (:func:`choose_operating_point`, with the subjects it was tuned on) and
-    every candidate (with ``subject``).
+    in at least ``prior_fraction`` of the other subjects, and in two (as
+    :func:`lesions.normal_enhancement_mask`). Returns the FROC table, the operating point
+    (:func:`choose_operating_point`, with the subjects it was tuned on) and every candidate (with
+    ``subject``).
     """
     if len(subjects) < 2:
         raise InputError(

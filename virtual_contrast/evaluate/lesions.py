@@ -4,9 +4,9 @@ A lesion is an enhancing blob or ring; vessels (tubes), the dura and sinuses (sh
 brain's surface) and physiological enhancement (choroid plexus) are not. :func:`find_candidates` finds every
 enhancing object of a post-contrast image (:mod:`virtual_contrast.evaluate.candidates`: enhancement against the
 pre-contrast image, objects split at their saddles and trimmed to their half-maximum cores, shape features),
-and labels each with the first test it fails (:data:`STATUS_TESTS`, in that order) or ``lesion``:
+leaves out objects smaller than ``min_volume_mm3``, and labels each other with the first test it fails
+(:data:`STATUS_TESTS`, in that order) or ``lesion``:
 
-- ``small``: volume below ``min_volume_mm3``;
 - ``surface``: no voxel at least ``min_depth_mm`` inside the brain mask (dura, sinuses, mask-edge rims);
 - ``prior``: at least ``max_prior_overlap`` of its voxels in the physiological-enhancement prior (choroid
   plexus, sinuses and falx where they sit in most training subjects, :func:`normal_enhancement_mask`);
@@ -19,10 +19,11 @@ A candidate that passes them is detected when its ``score`` reaches ``threshold`
 score is its peak enhancement discounted by its tubularity and its overlap with the prior,
 ``peak * (1 - tubularity) * (1 - prior_overlap)`` (:func:`candidates.lesion_score`; on the embedded cohort's
 training subjects it separated lesions from vessels better than the peak alone at 2 mm, and as well at 4 mm).
-The free-response (FROC) analysis sweeps the threshold (:mod:`virtual_contrast.evaluate.froc`). Every other parameter is in mm or in
-normalised units (the post-contrast image normalised to [0, 1] at its 1st/99th brain percentiles, as the
-workflow's normalisation does) and holds from a 1 mm to a 4 mm grid. The defaults live in the config schema
-(``evaluate.detector``), shared by the workflow and the command line: :meth:`DetectorSettings.from_schema`.
+The free-response (FROC) analysis sweeps the threshold (:mod:`virtual_contrast.evaluate.froc`). Every other
+parameter is in mm or in normalised units (the post-contrast image normalised to [0, 1] at its 1st/99th brain
+percentiles, as the workflow's normalisation does) and holds from a 1 mm to a 4 mm grid. The defaults live in
+the config schema (``evaluate.detector``), shared by the workflow and the command line:
+:meth:`DetectorSettings.from_schema`.
 
 Measurements of a detection (as a radiologist would report it): centre = centroid of the core (world RAS mm);
 long axis = the largest in-plane extent in the axial slice where it is longest; short axis = the extent
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 DETECTION_COLUMNS = ("lesion_id", *cand.FEATURE_COLUMNS)
 #: Status of a candidate that passes every shape test, and the tests in the order they are applied.
 LESION = "lesion"
-STATUS_TESTS = ("small", "surface", "prior", "elongated", "branching", "tubular")
+STATUS_TESTS = ("surface", "prior", "elongated", "branching", "tubular")
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ class DetectorSettings:
     puts the edge of a blurred step at its middle); two maxima are one object when the saddle between them
     lies above this fraction of the lower one.
     ``smoothing_mm``: Gaussian sigma applied to post and pre before subtraction, against voxel noise.
-    ``min_volume_mm3``, ``min_depth_mm``, ``max_prior_overlap``, ``min_axis_ratio``, ``min_fill``,
-    ``max_tubularity``: the shape tests (see the module's docstring).
+    ``min_volume_mm3``: smaller objects are no candidates. ``min_depth_mm``, ``max_prior_overlap``,
+    ``min_axis_ratio``, ``min_fill``, ``max_tubularity``: the tests of a candidate (see the module's docstring).
     """
 
     threshold: float
@@ -101,7 +102,6 @@ class DetectorSettings:
 def candidate_status(features: pd.DataFrame, settings: DetectorSettings) -> pd.Series:
     """The first shape test each candidate fails (:data:`STATUS_TESTS`), or :data:`LESION`."""
     failed = {
-        "small": features["volume_mm3"] < settings.min_volume_mm3,
         "surface": features["depth_mm"] < settings.min_depth_mm,
         "prior": features["prior_overlap"] >= settings.max_prior_overlap,
         "elongated": features["axis_ratio"] < settings.min_axis_ratio,
