@@ -220,5 +220,6 @@ def plot_froc(froc: pd.DataFrame, path: Path | str, *, operating_point: dict | N
         xscale="symlog",
         title=f"Detector FROC on {int(froc['n_subjects'].iloc[0])} training subjects",
     )
+    ax.set_xlim(left=0)
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
