@@ -85,6 +85,11 @@ def get_final_outputs():
     ]
     if STUDY.embedded:
         outputs.append("results/tables/detector_validation.tsv")
+        outputs.append("results/tables/detector_froc.tsv")
+        outputs.append("results/reader_study/reference-truth/detection.tsv")
+    outputs += expand(
+        "results/figures/detections/sub-{subject}_detections.png", subject=STUDY.test_subjects
+    )
     outputs += expand(
         "results/sub-{subject}/predict/sub-{subject}_space-{space}_desc-virtual_T1c.nii.gz",
         subject=STUDY.test_subjects,
@@ -164,6 +169,22 @@ def get_detection_images(wildcards):
     if wildcards.subject in STUDY.test_subjects:
         images["vir"] = rules.predict.output.atlas.format(subject=wildcards.subject)
     return images
+
+
+def get_operating_point(wildcards):
+    """The decision threshold tuned on the training subjects (embedded cohort); none with real data, where
+    detect_lesions uses config evaluate.detector.threshold."""
+    return {"operating_point": "results/tables/detector_operating_point.json"} if STUDY.embedded else {}
+
+
+def get_subject_truth(wildcards):
+    """The true lesions and the full-dose T1c's registration of one subject (embedded cohort only)."""
+    if not STUDY.embedded:
+        return {}
+    return {
+        "truth": "results/cohort/lesions.tsv",
+        "transform": registration_transform(wildcards.subject, "refT1c"),
+    }
 
 
 def get_reader_inputs(wildcards):

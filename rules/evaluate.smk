@@ -1,5 +1,6 @@
 # Evaluation (paper, "Evaluation"): voxel metrics of low-T1c and vir-T1c against the full-dose reference per
-# test subject, the Table 3 aggregate, mean ROC curves and Figure-4 montages; automated lesion detection.
+# test subject, the Table 3 aggregate, mean ROC curves and Figure-4 montages; the automated lesion reader: a
+# physiological-enhancement prior, its decision threshold tuned on training subjects (FROC), detections, overlays.
 
 
 rule metrics:
@@ -62,7 +63,8 @@ rule enhancement_prior:
     output:
         mask="results/models/normal_enhancement_mask.nii.gz",
     params:
-        threshold=config["evaluate"]["detection_threshold"],
+        prior=config["evaluate"]["prior"],
+        smoothing_mm=config["evaluate"]["detector"]["smoothing_mm"],
     log:
         "logs/enhancement_prior.log",
     conda:
@@ -71,17 +73,54 @@ rule enhancement_prior:
         "../workflow_scripts/enhancement_prior.py"
 
 
+# The automated reader's decision threshold, tuned on the training subjects of the embedded cohort against
+# their true lesions (FROC); detect_lesions reads it for every subject (config evaluate.detector.threshold
+# with real data, which has no truth).
+rule detector_froc:
+    input:
+        ref=[normalized(s)["refT1c"] for s in STUDY.train_subjects],
+        pre=[normalized(s)["T1w"] for s in STUDY.train_subjects],
+        mask=[normalized(s)["mask"] for s in STUDY.train_subjects],
+        transforms=[registration_transform(s, "refT1c") for s in STUDY.train_subjects],
+        truth="results/cohort/lesions.tsv",
+    output:
+        froc=report(
+            "results/tables/detector_froc.tsv",
+            caption="report/detector_froc.rst",
+            category="5. Lesion detection",
+        ),
+        figure=report(
+            "results/figures/detector_froc.png",
+            caption="report/detector_froc.rst",
+            category="5. Lesion detection",
+        ),
+        operating_point="results/tables/detector_operating_point.json",
+        candidates="results/tables/detector_froc_candidates.tsv",
+    params:
+        subjects=STUDY.train_subjects,
+        detector=config["evaluate"]["detector"],
+        prior=config["evaluate"]["prior"],
+        froc=config["evaluate"]["froc"],
+    log:
+        "logs/detector_froc.log",
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../workflow_scripts/detector_froc.py"
+
+
 rule detect_lesions:
     input:
         unpack(get_detection_images),
+        unpack(get_operating_point),
         pre=rules.normalize.output.T1w,
         mask=rules.normalize.output.mask,
-        exclude=rules.enhancement_prior.output.mask,
+        prior=rules.enhancement_prior.output.mask,
     output:
         detections=sub("{subject}", "lesions", "detections.tsv"),
+        labels=sub("{subject}", "lesions", "desc-detections_dseg.nii.gz"),
     params:
-        threshold=config["evaluate"]["detection_threshold"],
-        min_volume_mm3=config["evaluate"]["min_lesion_volume_mm3"],
+        detector=config["evaluate"]["detector"],
     log:
         "logs/detect_lesions/sub-{subject}.log",
     conda:
@@ -103,9 +142,32 @@ rule detector_validation:
         ),
     params:
         subjects=SUBJECTS,
+        split=STUDY.split,
     log:
         "logs/detector_validation.log",
     conda:
         "../envs/stats.yaml"
     script:
         "../workflow_scripts/detector_validation.py"
+
+
+rule detection_overlay:
+    input:
+        unpack(get_detection_images),
+        unpack(get_subject_truth),
+        detections=rules.detect_lesions.output.detections,
+        labels=rules.detect_lesions.output.labels,
+    output:
+        figure=report(
+            "results/figures/detections/sub-{subject}_detections.png",
+            caption="report/detection_overlay.rst",
+            category="5. Lesion detection",
+            subcategory="Detections",
+            labels={"subject": "{subject}"},
+        ),
+    log:
+        "logs/detection_overlay/sub-{subject}.log",
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../workflow_scripts/detection_overlay.py"

@@ -72,3 +72,36 @@ rule demographics:
         "../envs/stats.yaml"
     script:
         "../workflow_scripts/demographics.py"
+
+
+# Embedded cohort: the same statistics with the cohort's true lesions as the reference reader `truth`, so that
+# Table 5 shows `auto` reading low-T1c and vir-T1c against the truth beside the auto-vs-auto table above.
+rule reader_stats_truth:
+    input:
+        detections=expand(rules.detect_lesions.output.detections, subject=STUDY.test_subjects),
+        transforms=[registration_transform(s, "refT1c") for s in STUDY.test_subjects],
+        truth="results/cohort/lesions.tsv",
+    output:
+        detection=report(
+            "results/reader_study/reference-truth/detection.tsv",
+            caption="report/detection_truth.rst",
+            category="5. Lesion detection",
+        ),
+        comparisons="results/reader_study/reference-truth/comparisons.tsv",
+        quality="results/reader_study/reference-truth/quality.tsv",
+        reading_times="results/reader_study/reference-truth/reading_times.tsv",
+        table5=report(
+            "results/reader_study/reference-truth/table5.html",
+            caption="report/table5_truth.rst",
+            category="5. Lesion detection",
+        ),
+        table5_md="results/reader_study/reference-truth/table5.md",
+    params:
+        subjects=STUDY.test_subjects,
+        thresholds=config["reader_study"]["thresholds"],
+    log:
+        "logs/reader_stats_truth.log",
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../workflow_scripts/reader_stats_truth.py"

@@ -1,25 +1,27 @@
-import pandas as pd
 from _common import setup
 
-from virtual_contrast.evaluate.lesions import detect_lesions_from_files
-from virtual_contrast.io import load_array, write_table
+from virtual_contrast.evaluate.froc import read_operating_point
+from virtual_contrast.evaluate.lesions import (
+    READ_MODALITIES,
+    DetectorSettings,
+    detect_subject_reads,
+)
+from virtual_contrast.io import save_image, write_table
 
 log = setup(snakemake)
-subject = snakemake.wildcards.subject
-exclude = load_array(snakemake.input.exclude)[0] > 0.5
-tables = []
-for modality in ("ref", "low", "vir"):
-    if modality not in snakemake.input.keys():
-        continue
-    found = detect_lesions_from_files(
-        post=snakemake.input[modality],
-        pre=snakemake.input.pre,
-        mask=snakemake.input.mask,
-        subject=subject,
-        threshold=snakemake.params.threshold,
-        min_volume_mm3=snakemake.params.min_volume_mm3,
-        exclude=exclude,
-    )
-    tables.append(found.assign(modality=modality))
-    log.info("%s: %d lesions", modality, len(found))
-write_table(pd.concat(tables, ignore_index=True), snakemake.output.detections)
+inp, subject = snakemake.input, snakemake.wildcards.subject
+settings = DetectorSettings(**snakemake.params.detector)
+if "operating_point" in inp.keys():
+    # Embedded cohort: the threshold tuned on the training subjects (rule detector_froc), not the config's.
+    settings = settings.replace(threshold=read_operating_point(inp.operating_point))
+log.info("decision threshold %.4g", settings.threshold)
+table, labels, affine = detect_subject_reads(
+    {m: inp[m] for m in READ_MODALITIES if m in inp.keys()},
+    pre=inp.pre,
+    mask=inp.mask,
+    prior=inp.prior,
+    settings=settings,
+    subject=subject,
+)
+write_table(table, snakemake.output.detections)
+save_image(labels, affine, snakemake.output.labels, dtype="int16")

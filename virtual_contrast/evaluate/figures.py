@@ -185,3 +185,41 @@ def plot_montage(
     axes[0][0].text(0.02, 0.5, "R", color="yellow", transform=axes[0][0].transAxes, fontsize=8)
     fig.suptitle(f"{title + ': ' if title else ''}axial slice {slice_index}", fontsize=10)
     return _save(fig, path)
+
+
+def plot_froc(froc: pd.DataFrame, path: Path | str, *, operating_point: dict | None = None) -> Path:
+    """FROC curves: sensitivity of each size bin (and all lesions) against false positives per patient, one
+    point per decision threshold; the operating point and the target false-positive rate marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    bins = list(dict.fromkeys(froc["size_bin"]))
+    for size_bin in bins:
+        sub = froc[froc["size_bin"] == size_bin].sort_values("threshold")
+        n_true = int(sub["n_true"].iloc[0]) if len(sub) else 0
+        if n_true == 0:
+            continue
+        style = {"color": "black", "linewidth": 2} if size_bin == "all" else {"linewidth": 1.2}
+        label = (
+            "all lesions" if size_bin == "all" else f"long axis {size_bin} mm"
+        ) + f" (n={n_true})"
+        ax.plot(sub["fp_per_patient"], sub["sensitivity"], marker=".", label=label, **style)
+    if operating_point is not None:
+        at = froc[np.isclose(froc["threshold"], operating_point["threshold"])]
+        ax.plot(
+            at["fp_per_patient"],
+            at["sensitivity"],
+            "o",
+            mfc="none",
+            color="red",
+            label=f"operating point: threshold {operating_point['threshold']:g}",
+        )
+        ax.axvline(operating_point["max_fp_per_patient"], color="grey", linestyle=":", lw=1)
+    ax.set(
+        xlabel="false positives per patient",
+        ylabel="sensitivity",
+        ylim=(-0.02, 1.02),
+        xscale="symlog",
+        title=f"Detector FROC on {int(froc['n_subjects'].iloc[0])} training subjects",
+    )
+    ax.set_xlim(left=0)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
