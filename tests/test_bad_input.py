@@ -51,7 +51,9 @@ def _adc(inp, out):
 
 
 def _skull_strip(inp, out):
-    skull_strip(inp["t1"], out / "brain_mask.nii.gz", default_options().skull_strip, subject=SUBJECT)
+    skull_strip(
+        inp["t1"], out / "brain_mask.nii.gz", default_options().skull_strip, subject=SUBJECT
+    )
 
 
 def _apply_mask(inp, out):

@@ -74,3 +74,27 @@ def test_correlation_is_over_the_atlas_brain_with_the_subject_masked():
 
 def test_the_default_gate_comes_from_the_config_schema():
     assert default_options().register.gate == GATE
+
+
+def test_the_study_tables_read_the_figures_and_the_rejections(tmp_path):
+    import json
+
+    figures = {**quality.affine_figures(np.eye(4)), "correlation": 0.5, "brain_dice": 0.95}
+    figures["brain_volume_ratio"] = 1.0
+    provenance = {
+        "backend": "simpleitk",
+        "quality": figures,
+        "gate": quality.gate_verdict(figures, GATE),
+    }
+    row = quality.quality_row("vc001", provenance)
+    assert (
+        row["passed"]
+        and row["scales"] == "1.000 1.000 1.000"
+        and "scale_range [0.67, 1.5]" in row["limits"]
+    )
+    evidence = tmp_path / "sub-vc002_desc-rejected_registration.json"
+    squeezed = {**figures, "scales": [0.9, 0.6, 0.5]}
+    evidence.write_text(json.dumps({"gate": quality.gate_verdict(squeezed, GATE)}))
+    rows = quality.rejected_registrations({"vc001": tmp_path / "none.json", "vc002": evidence})
+    assert [r["subject"] for r in rows] == ["vc002"]
+    assert rows[0]["failures"].startswith("scale 0.60") and rows[0]["figure"].endswith(".png")

@@ -251,3 +251,39 @@ def test_the_gpu_log_parser_sees_overlapping_jobs():
         ]
     )
     assert _max_concurrent_gpu_jobs(log) == (2, 2)
+
+
+def test_a_registration_the_gate_rejects_fails_its_subject_and_the_run_lists_it(tiny_run, tmp_path):
+    """Gate limits that the largest brains exceed: those subjects' register jobs fail naming them, the others
+    carry on with --keep-going, and the failed run ends by listing the rejected subjects."""
+    work = _copy_run(tiny_run, tmp_path / "run")
+    quality = pd.read_csv(work / "results/tables/registration_quality.tsv", sep="\t")
+    largest = quality.set_index("subject")["scales"].map(lambda s: max(map(float, s.split())))
+    ordered = largest.sort_values()
+    gaps = ordered.diff().iloc[1:]
+    cut = int(np.argmax(gaps.to_numpy())) + 1  # the widest gap between consecutive subjects
+    assert gaps.max() > 0.02, ordered  # far from every subject: reruns cannot cross the limit
+    high = float(ordered.iloc[cut - 1] + ordered.iloc[cut]) / 2
+    rejected, passed = sorted(ordered.index[cut:]), sorted(ordered.index[:cut])
+    overlay = tmp_path / "gate.yaml"
+    overlay.write_text(f"preprocess:\n  registration_gate:\n    scale_range: [0.5, {high:.4f}]\n")
+    targets = [f"results/sub-{s}/register/sub-{s}_register.json" for s in quality["subject"]]
+    proc = snakemake(
+        work, "--cores", "2", "--keep-going", *targets,
+        overlays=("tests/tiny.yaml", overlay), check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    for subject in passed:  # rerun with the new limits (a changed param), and passed
+        register = json.loads((work / targets[list(quality["subject"]).index(subject)]).read_text())
+        assert register["gate"]["passed"] and register["gate"]["limits"]["scale_range"][1] == round(
+            high, 4
+        )
+    table = pd.read_csv(work / "results/tables/registration_rejected.tsv", sep="\t")
+    assert sorted(table["subject"]) == rejected
+    for subject in rejected:
+        folder = work / "results" / f"sub-{subject}" / "register"
+        log = (work / "logs" / "register" / f"sub-{subject}.log").read_text()
+        assert f"subject '{subject}'" in log and "rejected by the quality gate" in log
+        assert (folder / f"sub-{subject}_desc-rejected_registration.png").exists()
+        assert not (folder / f"sub-{subject}_register.json").exists()
+        assert f"sub-{subject}: scale" in proc.stderr
