@@ -55,3 +55,41 @@ def test_defaults_come_from_the_schema():
     defaults = schema_defaults()
     assert defaults["preprocess"]["registration_gate"]["min_brain_dice"] == 0.8
     assert default_options().skull_strip.backend == defaults["preprocess"]["skull_strip_backend"]
+
+
+def test_train_command_stores_the_options_it_is_given(tmp_path, one_torch_thread):
+    """`virtual-contrast train` outside the workflow: --preprocess-options (a subject's provenance.json)
+    goes into model.pt, where `predict` reads it back."""
+    import json
+
+    import pandas as pd
+
+    from virtual_contrast.cli import main as cli_main
+    from virtual_contrast.model.toy import make_toy_subjects
+    from virtual_contrast.model.train import load_checkpoint
+
+    toy = make_toy_subjects(tmp_path / "data", 4, (8, 8, 8), seed=1)
+    folds = tmp_path / "folds.tsv"
+    pd.DataFrame({"subject": [s.subject for s in toy], "fold": [0, 0, 1, 1]}).to_csv(
+        folds, sep="\t", index=False
+    )
+    options = default_options().to_dict()
+    options["normalize_percentiles"] = [2.0, 98.0]
+    provenance = tmp_path / "provenance.json"
+    provenance.write_text(json.dumps({"subject": "x", "preprocess_options": options}))
+    args = ["train", "--folds", str(folds), "--fold", "1", "--data", str(toy[0].target.parent),
+            "--epochs", "1", "--width", "2", "--depth", "2", "--threads", "1"]  # fmt: skip
+    assert (
+        cli_main([*args, "--out", str(tmp_path / "f1"), "--preprocess-options", str(provenance)])
+        == 0
+    )
+    assert load_checkpoint(tmp_path / "f1" / "model.pt")["preprocess"] == options
+    options["skull_strip_backend"] = (
+        "deepbet"  # a config key, not an option name: refused before training
+    )
+    provenance.write_text(json.dumps(options))
+    assert (
+        cli_main([*args, "--out", str(tmp_path / "f2"), "--preprocess-options", str(provenance)])
+        == 2
+    )
+    assert not (tmp_path / "f2").exists()

@@ -96,6 +96,12 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "--output", choices=["direct", "residual"], help="network output (paper: direct; see docs)"
     )
     p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    p.add_argument(
+        "--preprocess-options",
+        type=Path,
+        help="how the volumes were pre-processed, stored in model.pt so that `predict` can take a raw "
+        "exam: a subject's provenance.json from the workflow, or a JSON/YAML of the options",
+    )
     p.set_defaults(func=_run_train)
 
 
@@ -131,6 +137,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.channels:
         values["channels"] = [c.strip() for c in args.channels.split(",") if c.strip()]
     cfg = TrainConfig.from_dict(values)
+    preprocess = None
+    if args.preprocess_options:
+        preprocess = _read_preprocess_options(args.preprocess_options)
     train_ids, tune_ids = fold_members(read_folds(args.folds), args.fold)
 
     def volumes(s: str):
@@ -142,9 +151,27 @@ def _run_train(args: argparse.Namespace) -> int:
         args.out,
         cfg,
         cache_dir=args.cache,
+        preprocess=preprocess,
     )
     print(f"fold {args.fold}: {model}")
     return 0
+
+
+def _read_preprocess_options(path: Path) -> dict:
+    """Pre-processing options (as stored in model.pt) from a workflow provenance.json or an options file."""
+    import yaml
+
+    from virtual_contrast.preprocess.options import PreprocessOptions
+
+    if not path.exists():
+        raise InputError("pre-processing options file not found", path=path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"not JSON or YAML: {exc}", path=path) from exc
+    if isinstance(values, dict) and "preprocess_options" in values:
+        values = values["preprocess_options"]
+    return PreprocessOptions.from_dict(values, source=f"pre-processing options in {path}").to_dict()
 
 
 # --- predict ---------------------------------------------------------------------------------------------
