@@ -80,10 +80,11 @@ def _robust_limits(volume: np.ndarray) -> tuple[float, float]:
 def gate_text(figures: dict, verdict: dict | None) -> str:
     """One line of the registration quality figures and the gate's verdict, for figure titles."""
     scales = "/".join(f"{v:.2f}" for v in figures["scales"])
-    text = (
-        f"scales {scales}, det {figures['determinant']:.2f}, correlation {figures['correlation']:.2f}, "
-        f"brain Dice {figures['brain_dice']:.2f}"
-    )
+    text = f"scales {scales}, det {figures['determinant']:.2f}"
+    if "correlation" in figures:
+        text += (
+            f", correlation {figures['correlation']:.2f}, brain Dice {figures['brain_dice']:.2f}"
+        )
     if verdict is None:
         return text
     if verdict["passed"]:
@@ -92,36 +93,56 @@ def gate_text(figures: dict, verdict: dict | None) -> str:
 
 
 def plot_registration(
-    t1_atlas: np.ndarray,
-    atlas_brain: np.ndarray,
-    brain_mask: np.ndarray,
+    image: np.ndarray,
+    reference_brain: np.ndarray,
+    brain_mask: np.ndarray | None,
     figures: dict,
     verdict: dict | None,
     *,
     subject: str | None,
     path: Path | str,
+    affine: np.ndarray | None = None,
+    what: str = "T1 on the atlas",
 ) -> Path:
-    """The T1 on the atlas grid with the atlas brain outline (red) and the subject's carried brain mask
-    (blue), three orthogonal slices through the atlas brain's centre, the gate's figures in the title."""
-    centre = tuple(int(c) for c in np.round(np.argwhere(atlas_brain > 0.5).mean(axis=0)))
+    """The registered image with the reference brain outline (red) and the subject's brain mask carried
+    along (blue, when given), three orthogonal slices through the reference brain's centre, the gate's
+    figures in the title. With ``affine`` the axes are shown in the closest RAS order, voxel sizes kept."""
+    zooms = np.ones(3)
+    if affine is not None:
+        image, zooms = _canonical(image, affine)
+        reference_brain, _ = _canonical(reference_brain, affine)
+        if brain_mask is not None:
+            brain_mask, _ = _canonical(brain_mask, affine)
+    aspects = [zooms[2] / zooms[1], zooms[2] / zooms[0], zooms[1] / zooms[0]]
+    centre = tuple(int(c) for c in np.round(np.argwhere(reference_brain > 0.5).mean(axis=0)))
     fig, axes = plt.subplots(1, 3, figsize=(11, 4.2))
-    lo, hi = _robust_limits(t1_atlas * (brain_mask > 0.5))
-    for ax, img, atl, msk, view in zip(
+    lo, hi = _robust_limits(
+        image * (reference_brain > 0.5 if brain_mask is None else brain_mask > 0.5)
+    )
+    masks = (
+        _mid_slices(np.asarray(brain_mask, np.float32), centre)
+        if brain_mask is not None
+        else [None] * 3
+    )
+    for ax, img, ref, msk, aspect, view in zip(
         axes,
-        _mid_slices(t1_atlas, centre),
-        _mid_slices(atlas_brain, centre),
-        _mid_slices(brain_mask.astype(np.float32), centre),
+        _mid_slices(image, centre),
+        _mid_slices(reference_brain, centre),
+        masks,
+        aspects,
         ("sagittal", "coronal", "axial"),
         strict=True,
     ):
-        ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-        ax.contour(atl, levels=[0.5], colors="#ff5050", linewidths=0.9)
-        ax.contour(msk, levels=[0.5], colors="#40c0ff", linewidths=0.9)
+        ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+        ax.contour(ref, levels=[0.5], colors="#ff5050", linewidths=0.9)
+        if msk is not None:
+            ax.contour(msk, levels=[0.5], colors="#40c0ff", linewidths=0.9)
         ax.set_title(view, fontsize=9)
         ax.set_axis_off()
     name = f"sub-{subject}" if subject else "registration"
+    legend = "red: reference brain" + ("" if brain_mask is None else ", blue: subject brain mask")
     fig.suptitle(
-        f"{name}: T1 on the atlas; red: atlas brain, blue: subject brain mask\n{gate_text(figures, verdict)}",
+        f"{name}: {what}; {legend}\n{gate_text(figures, verdict)}",
         fontsize=9,
         color="#b00000" if verdict is not None and not verdict["passed"] else "black",
     )

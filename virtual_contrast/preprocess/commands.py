@@ -208,7 +208,7 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
         "the result. 6 DOF (two sequences of one exam): the whole moving image is aligned with the "
         "reference within the reference's brain (--reference-mask, default: extracted from it). Writes OUT "
         "(MOVING resampled once on REFERENCE's grid, cubic spline), OUT's stem + '_xfm.txt' (4x4 world RAS "
-        "matrix mapping reference points to moving points), + '_desc-brain_mask.nii.gz' (the moving brain "
+        "matrix mapping reference points to moving points), + '_desc-brain_mask.nii.gz' (12 DOF: the moving brain "
         "mask on the reference grid), + '_register.json' (quality figures) and + '_qc.png'; when it "
         "extracted the moving brain itself, also + '_space-moving_desc-brain_mask.nii.gz' (on MOVING's "
         "grid).",
@@ -285,8 +285,6 @@ def _register(args: argparse.Namespace) -> int:
             else:
                 prov = skull_strip(args.reference, reference_mask, strip, subject=args.subject)
                 print(f"reference brain extracted with {prov['backend']} ({prov['reason']})")
-        if moving_mask is None:  # rigid: the metric runs within the reference brain only
-            moving_mask = reference_mask
         provenance = register_to_reference(
             args.moving,
             args.reference,
@@ -299,12 +297,11 @@ def _register(args: argparse.Namespace) -> int:
             order=args.order,
             subject=args.subject,
         )
-    figures = provenance["quality"]
+    from virtual_contrast.figures import gate_text
+
     print(
         f"{args.out}\n{transform_path_for(args.out)}\nbackend: {engine.name}\n"
-        f"scales {'/'.join(f'{s:.2f}' for s in figures['scales'])}, correlation "
-        f"{figures['correlation']:.2f}, brain Dice {figures['brain_dice']:.2f}"
-        + (", quality gate passed" if "gate" in provenance else "")
+        + gate_text(provenance["quality"], provenance.get("gate"))
     )
     return 0
 
@@ -314,7 +311,7 @@ def register_to_reference(
     reference: Path,
     out: Path,
     *,
-    moving_mask: Path,
+    moving_mask: Path | None,
     reference_mask: Path,
     dof: int = 12,
     backend: str | Backend = "auto",
@@ -324,20 +321,22 @@ def register_to_reference(
 ) -> dict:
     """Register ``moving`` to ``reference`` and write it resampled once on the reference grid.
 
-    The single-step version of :func:`register_subject`, for the command line: both brain masks are given
-    (``moving_mask`` on the moving grid, ``reference_mask`` on any grid). With 12 DOF, the brain-extracted
-    moving image is aligned with the (skull-stripped) reference, starting from the brain outlines, and
-    ``gate`` is applied; with 6 DOF the whole moving image is aligned with the reference within its brain,
-    from the scanner's alignment. Writes ``out`` (float32), the transform (:func:`transform_path_for`), the
-    moving brain mask carried to the reference grid (``<out>_desc-brain_mask.nii.gz``), ``<out>_register.json``
-    (provenance, gate figures) and ``<out>_qc.png``. A rejected registration writes only the figure and the
-    JSON, then raises :class:`~virtual_contrast.preprocess.quality.RegistrationRejectedError`.
+    The single-step version of :func:`~virtual_contrast.preprocess.register.register_subject`, for the
+    command line. With 12 DOF, the brain-extracted moving image (``moving_mask``, on the moving grid) is
+    aligned with the skull-stripped reference, starting from the brain outlines, and ``gate`` is applied; with
+    6 DOF the whole moving image is aligned with the reference within the reference's brain, from the
+    scanner's alignment (no gate: the sequences' contrasts differ). ``reference_mask`` may lie on any grid.
+    Writes ``out`` (float32), the transform (``<out>_xfm.txt``), ``<out>_register.json`` (provenance,
+    figures), ``<out>_qc.png`` and, with 12 DOF, the moving brain mask carried to the reference grid
+    (``<out>_desc-brain_mask.nii.gz``). A rejected registration writes only the figure and the JSON, then
+    raises :class:`~virtual_contrast.preprocess.quality.RegistrationRejectedError`.
     """
+
     import nibabel as nib
     import numpy as np
 
     from virtual_contrast.figures import plot_registration
-    from virtual_contrast.io import load_image, save_image, write_json
+    from virtual_contrast.io import InputError, load_image, save_image, write_json
     from virtual_contrast.preprocess import quality
     from virtual_contrast.preprocess.register import (
         brain_extracted,
@@ -352,9 +351,12 @@ def register_to_reference(
     engine = select_backend(backend) if isinstance(backend, str) else backend
     mov = load_image(moving, subject=subject)
     ref = load_image(reference, subject=subject)
-    mov_mask = load_image(moving_mask, subject=subject)
     ref_brain = on_grid(load_image(reference_mask, subject=subject), ref) > 0.5
-    mov_brain = on_grid(mov_mask, mov) > 0.5
+    mov_brain = None
+    if moving_mask is not None:
+        mov_brain = on_grid(load_image(moving_mask, subject=subject), mov) > 0.5
+    elif dof == 12:
+        raise InputError("a 12-DOF registration needs the moving image's brain mask")
     if dof == 12:
         result = register_images(
             brain_extracted(mov, mov_brain),
@@ -369,20 +371,24 @@ def register_to_reference(
             mov, ref, dof=dof, backend=engine, reference_mask=ref_brain, initial=np.eye(4)
         )
     data = engine.resample(mov, ref.shape, ref.affine, result.transform, order=order)
-    carried = carry_mask(
-        nib.Nifti1Image(mov_brain.astype(np.float32), mov.affine),
-        ref.shape,
-        ref.affine,
-        result.transform,
-    )
-    figures = quality.registration_figures(
-        result.transform,
-        data,
-        carried,
-        np.asanyarray(ref.dataobj),
-        ref_brain,
-        field_of_view(mov, ref.shape, ref.affine, result.transform),
-    )
+    carried = None
+    if dof == 12:
+        carried = carry_mask(
+            nib.Nifti1Image(mov_brain.astype(np.float32), mov.affine),
+            ref.shape,
+            ref.affine,
+            result.transform,
+        )
+        figures = quality.registration_figures(
+            result.transform,
+            data,
+            carried,
+            np.asanyarray(ref.dataobj),
+            ref_brain,
+            field_of_view(mov, ref.shape, ref.affine, result.transform),
+        )
+    else:  # within one exam: the contrasts differ, so only the rigid transform's own figures apply
+        figures = quality.affine_figures(result.transform)
     provenance = {
         "registration": result.summary(),
         "moving": str(moving),
@@ -393,15 +399,24 @@ def register_to_reference(
         provenance["gate"] = quality.gate_verdict(figures, gate)
     figure = transform_path_for(out, "_qc.png")
     plot_registration(
-        data, ref_brain, carried, figures, provenance.get("gate"), subject=subject, path=figure
+        data,
+        ref_brain,
+        carried,
+        figures,
+        provenance.get("gate"),
+        subject=subject,
+        path=figure,
+        affine=ref.affine,
+        what=f"{Path(moving).name} on {Path(reference).name}",
     )
     write_json(provenance, transform_path_for(out, "_register.json"))
     if "gate" in provenance:
         quality.reject(provenance["gate"], subject=subject, figure=figure, path=moving)
     save_image(data, ref.affine, out)
-    save_image(
-        carried, ref.affine, transform_path_for(out, "_desc-brain_mask.nii.gz"), dtype=np.uint8
-    )
+    if carried is not None:
+        save_image(
+            carried, ref.affine, transform_path_for(out, "_desc-brain_mask.nii.gz"), dtype=np.uint8
+        )
     save_transform(
         result.transform,
         transform_path_for(out),
