@@ -11,6 +11,7 @@ from virtual_contrast.atlas import ATLAS_FILES  # noqa: E402
 from virtual_contrast.checks import check_config, check_study  # noqa: E402
 from virtual_contrast.cli import report_error  # noqa: E402
 from virtual_contrast.io import InputError  # noqa: E402
+from virtual_contrast.preprocess.options import PreprocessOptions  # noqa: E402
 from virtual_contrast.subjects import SUBJECT_ID_PATTERN, flowchart_counts  # noqa: E402
 from virtual_contrast.workflow import BIDS_FILES, cohort_lesion_table, plan_study  # noqa: E402
 from virtual_contrast.dicom import sidecar  # noqa: E402
@@ -32,6 +33,8 @@ try:
     )
 except InputError as exc:
     sys.exit(report_error("virtual-contrast workflow", exc))
+# One typed options object for every pre-processing rule (each takes its part) and stored in model.pt.
+PREPROCESS_OPTIONS = PreprocessOptions.from_config(config).to_dict()
 SUBJECTS = STUDY.subjects
 CHANNELS = ["T1w", "FLAIR", "ADC", "lowT1c", "refT1c"]
 # Network inputs (config model.channels, in order) and the training folds.
@@ -74,6 +77,7 @@ def get_final_outputs():
     ]
     outputs += expand("results/sub-{subject}/sub-{subject}_qc.png", subject=SUBJECTS)
     outputs += expand("results/sub-{subject}/provenance.json", subject=SUBJECTS)
+    outputs.append("results/tables/registration_quality.tsv")
     if STUDY.embedded:
         outputs.append("results/cohort/lesions.tsv")
     outputs += expand("results/models/fold-{fold}/loss_curve.png", fold=FOLDS)
@@ -203,6 +207,10 @@ def reading_lists_reference_reader():
     return rs["reference_reader"] or rs["readers"][0]
 
 
+def get_native_t1(wildcards):
+    return STUDY.raw_inputs(wildcards.subject)["t1"]
+
+
 def get_dwi(wildcards):
     raw = STUDY.raw_inputs(wildcards.subject)
     return {"dwi": raw["dwi"], "bval": raw["bval"]}
@@ -220,3 +228,22 @@ def get_register_inputs(wildcards):
         "ADC": adc.adc.format(subject=wildcards.subject),
         "b0": adc.b0.format(subject=wildcards.subject),
     }
+
+
+def list_rejected_registrations(subjects):
+    """After a failed run (onerror): the registrations the quality gate rejected, on stderr and in a table."""
+    from virtual_contrast.io import write_table
+    from virtual_contrast.preprocess.quality import rejected_registrations
+
+    table = Path("results/tables/registration_rejected.tsv")
+    evidence = {s: sub(s, "register", "desc-rejected_registration.json") for s in subjects}
+    rows = rejected_registrations(evidence)
+    if not rows:
+        table.unlink(missing_ok=True)
+        return
+    import pandas as pd
+
+    write_table(pd.DataFrame(rows), table)
+    print(f"The registration quality gate rejected {len(rows)} subject(s) ({table}):", file=sys.stderr)
+    for row in rows:
+        print(f"  sub-{row['subject']}: {row['failures']}; look at {row['figure']}", file=sys.stderr)

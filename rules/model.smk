@@ -40,6 +40,8 @@ rule train:
         checkpoint_dir="results/models/fold-{fold}/checkpoint",
         cache_dir="results/models/cache",
         config=lambda wc: train_config(),
+        # Stored in model.pt: `virtual-contrast predict` pre-processes a raw exam with the same options.
+        preprocess=PREPROCESS_OPTIONS,
     threads: config["train"]["threads"]
     resources:
         gpu=1,
@@ -61,9 +63,9 @@ rule predict:
         channels=[rules.normalize.output[c] for c in INPUT_CHANNELS],
         mask=rules.normalize.output.mask,
         normalize=rules.normalize.output.provenance,
-        transform=lambda wc: rules.register.output.transforms[CHANNELS.index("lowT1c")].format(
-            subject=wc.subject
-        ),
+        low_transform=lambda wc: registration_transform(wc.subject, "lowT1c"),
+        t1_transform=lambda wc: registration_transform(wc.subject, "T1w"),
+        native_mask=rules.skull_strip.output.mask,
         native=lambda wc: STUDY.raw_inputs(wc.subject)["low"],
     output:
         atlas=sub("{subject}", "predict", "space-ICBM09a_desc-virtual_T1c.nii.gz"),

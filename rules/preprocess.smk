@@ -1,5 +1,6 @@
-# Per-subject pre-processing (paper, "Pre-processing"): ADC from DWI -> 12-DOF affine registration to the
-# ICBM 2009a atlas and one spline resampling onto its grid -> skull stripping -> crop -> percentile normalisation.
+# Per-subject pre-processing (paper, "Pre-processing"): ADC from DWI; brain extraction on the native T1 ->
+# brain-to-brain 12-DOF registration to the ICBM 2009a atlas (other sequences rigidly to the T1), one spline
+# resampling onto its grid, the brain mask carried along, a quality gate -> crop -> percentile normalisation.
 
 
 rule adc:
@@ -22,19 +23,46 @@ rule adc:
         "../workflow_scripts/adc.py"
 
 
+rule skull_strip:
+    input:
+        t1=get_native_t1,
+    output:
+        mask=sub("{subject}", "skull_strip", "space-T1w_desc-brain_mask.nii.gz"),
+        provenance=sub("{subject}", "skull_strip", "skull_strip.json"),
+    params:
+        options=PREPROCESS_OPTIONS["skull_strip"],
+    threads: 2
+    resources:
+        mem_mb=4000,
+    group:
+        "subject"
+    log:
+        "logs/skull_strip/sub-{subject}.log",
+    benchmark:
+        "results/benchmarks/skull_strip/sub-{subject}.tsv"
+    conda:
+        "../envs/brain_extraction.yaml"
+    script:
+        "../workflow_scripts/skull_strip.py"
+
+
 rule register:
     input:
         unpack(get_register_inputs),
+        mask=rules.skull_strip.output.mask,
         atlas=list(ATLAS.values()),
     output:
         **{c: sub("{subject}", "register", f"space-ICBM09a_{c}.nii.gz") for c in CHANNELS},
         transforms=expand(
             sub("{{subject}}", "register", "from-{channel}_to-ICBM09a_xfm.txt"), channel=CHANNELS
         ),
+        mask=sub("{subject}", "register", "space-ICBM09a_desc-brain_mask.nii.gz"),
         provenance=sub("{subject}", "register", "register.json"),
     params:
-        backend=config["preprocess"]["register_backend"],
+        options=PREPROCESS_OPTIONS["register"],
         channels=CHANNELS,
+        # Not an output: drawn only when the quality gate rejects the registration (the job then fails).
+        rejected_figure=lambda wc: sub(wc.subject, "register", "desc-rejected_registration.png"),
     threads: 2
     resources:
         mem_mb=4000,
@@ -50,32 +78,10 @@ rule register:
         "../workflow_scripts/register.py"
 
 
-rule skull_strip:
-    input:
-        t1=rules.register.output.T1w,
-        atlas_brain_mask=ATLAS["brain_mask"],
-    output:
-        mask=sub("{subject}", "skull_strip", "space-ICBM09a_desc-brain_mask.nii.gz"),
-        provenance=sub("{subject}", "skull_strip", "skull_strip.json"),
-    params:
-        backend=config["preprocess"]["skull_strip_backend"],
-        hdbet_weights=config["preprocess"]["hdbet_weights"],
-    group:
-        "subject"
-    log:
-        "logs/skull_strip/sub-{subject}.log",
-    benchmark:
-        "results/benchmarks/skull_strip/sub-{subject}.tsv"
-    conda:
-        "../envs/hdbet.yaml"
-    script:
-        "../workflow_scripts/skull_strip.py"
-
-
 rule crop:
     input:
         **{c: rules.register.output[c] for c in CHANNELS},
-        mask=rules.skull_strip.output.mask,
+        mask=rules.register.output.mask,
         atlas_brain_mask=ATLAS["brain_mask"],
     output:
         **{c: sub("{subject}", "crop", f"desc-crop_{c}.nii.gz") for c in CHANNELS},
@@ -104,7 +110,7 @@ rule normalize:
         mask=sub("{subject}", "normalize", "desc-brain_mask.nii.gz"),
         provenance=sub("{subject}", "normalize", "normalize.json"),
     params:
-        percentiles=config["preprocess"]["normalize_percentiles"],
+        percentiles=PREPROCESS_OPTIONS["normalize_percentiles"],
         channels=CHANNELS,
     group:
         "subject"

@@ -1,4 +1,5 @@
-# Exclusions and flow chart (the paper's Figure 2), and the per-subject QC figure and provenance.
+# Exclusions and flow chart (the paper's Figure 2), the per-subject QC figure and provenance, the registration
+# quality of every subject, and, when a run fails, the list of registrations the quality gate rejected.
 
 
 rule exclusions:
@@ -26,8 +27,10 @@ rule exclusions:
 
 rule qc:
     input:
+        t1_native=get_native_t1,
+        native_mask=rules.skull_strip.output.mask,
         t1=rules.register.output.T1w,
-        mask=rules.skull_strip.output.mask,
+        mask=rules.register.output.mask,
         normalized=[rules.normalize.output[c] for c in CHANNELS],
         atlas=list(ATLAS.values()),
         register=rules.register.output.provenance,
@@ -42,6 +45,7 @@ rule qc:
         provenance="results/sub-{subject}/provenance.json",
     params:
         channels=CHANNELS,
+        options=PREPROCESS_OPTIONS,
     group:
         "subject"
     log:
@@ -50,3 +54,27 @@ rule qc:
         "../envs/core.yaml"
     script:
         "../workflow_scripts/qc.py"
+
+
+rule registration_quality:
+    input:
+        expand(rules.register.output.provenance, subject=SUBJECTS),
+    output:
+        table=report(
+            "results/tables/registration_quality.tsv",
+            caption="report/registration_quality.rst",
+            category="2. Pre-processing QC",
+        ),
+    params:
+        subjects=SUBJECTS,
+    log:
+        "logs/registration_quality.log",
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../workflow_scripts/registration_quality.py"
+
+
+onerror:
+    # With --keep-going the other subjects carry on; at the end, list every registration the gate rejected.
+    list_rejected_registrations(SUBJECTS)

@@ -75,3 +75,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="session")
+def tcga_brain_mask(shared_data: Path, tmp_path_factory) -> Path:
+    """deepbet's brain mask of the raw TCGA-FG-6692 T1, made once with `virtual-contrast skull-strip`."""
+    from virtual_contrast.cli import main
+
+    out = tmp_path_factory.mktemp("tcga") / "t1_brain_mask.nii.gz"
+    t1 = shared_data / "tcga_fg_6692_raw" / "t1.nii.gz"
+    assert main(["skull-strip", "--t1", str(t1), "--out", str(out)]) == 0
+    return out

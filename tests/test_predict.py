@@ -182,9 +182,32 @@ def test_predict_command_errors(trained, tmp_path, capsys):
     models, subjects = trained
     sv = subjects[4]
     rc = cli_main(["predict", "--models", str(models[0]), "--t1", str(sv.channels["T1w"]),
-                   "--out", str(tmp_path)])  # fmt: skip
+                   "--out", str(tmp_path / "o")])  # fmt: skip
     assert rc == 2
-    assert "pass --adc --flair --low" in capsys.readouterr().err
+    assert "a raw exam needs --dwi and --bval" in capsys.readouterr().err
+    rc = cli_main(["predict", "--models", str(models[0]), "--adc", str(sv.channels["ADC"]),
+                   "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2
+    assert "pass --flair --t1 --low" in capsys.readouterr().err
+    # Raw files where normalised ones are expected: an error, not a warning with an output.
+    raw = tmp_path / "raw_t1.nii.gz"
+    nib.save(nib.Nifti1Image(nib.load(sv.channels["T1w"]).get_fdata() * 800, np.eye(4)), raw)
+    rc = cli_main(["predict", "--models", str(models[0]), "--adc", str(sv.channels["ADC"]),
+                   "--flair", str(sv.channels["FLAIR"]), "--t1", str(raw), "--low",
+                   str(sv.channels["lowT1c"]), "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2
+    assert "raw_t1.nii.gz" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # A model trained outside the workflow does not know how to pre-process a raw exam.
+    rc = cli_main(["predict", "--models", str(models[0]), "--t1", str(raw), "--flair", str(raw),
+                   "--low", str(raw), "--dwi", str(raw), "--bval", str(raw), "--out",
+                   str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2
+    assert "does not record the pre-processing options" in capsys.readouterr().err
+    # Subject ids are checked as in the workflow: nothing can be written outside --out.
+    rc = cli_main(["predict", "--models", str(models[0]), "--channels-dir", str(sv.target.parent),
+                   "--subject", "x/../../../escape", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2
+    assert "invalid subject id" in capsys.readouterr().err and not (tmp_path / "o").exists()
     # Raw-exam mode: needs every raw file, then the preprocessing hook.
     rc = cli_main(["predict", "--models", str(models[0]), "--dwi", str(sv.channels["ADC"]),
                    "--out", str(tmp_path)])  # fmt: skip

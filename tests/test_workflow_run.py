@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 from workflow_helpers import snakemake
 
 from virtual_contrast.workflow import job_counts, plan_study
@@ -41,10 +42,35 @@ def test_every_subject_is_preprocessed_with_its_qc_and_provenance(tiny_run):
             assert 0.0 <= data.min() and data.max() <= 1.0 and data.max() > 0.9
         provenance = json.loads((base / "provenance.json").read_text())
         assert provenance["register"]["backend"] == "simpleitk"  # no FSL on test machines
-        assert provenance["skull_strip"]["backend"] == "atlas"  # no HD-BET weights either
+        assert provenance["skull_strip"]["backend"] == "deepbet"  # no HD-BET weights configured
+        assert provenance["register"]["gate"]["passed"]
         assert (base / f"sub-{subject}_qc.png").stat().st_size > 10_000
         log = (tiny_run / "logs" / "register" / f"sub-{subject}.log").read_text()
-        assert "simpleitk" in log
+        assert "simpleitk" in log and "registration quality passed" in log
+        assert "deepbet" in (tiny_run / "logs" / "skull_strip" / f"sub-{subject}.log").read_text()
+
+
+def test_every_atlas_space_brain_mask_agrees_with_the_atlas_brain_mask(tiny_run):
+    """Brain extraction in native space, carried by the registration: no skull ring in the mask."""
+    atlas = (
+        np.asanyarray(
+            nib.load(tiny_run / "results/atlas/res-4.0mm/atlas_desc-brain_mask.nii.gz").dataobj
+        )
+        > 0
+    )
+    quality = pd.read_csv(tiny_run / "results/tables/registration_quality.tsv", sep="\t")
+    assert sorted(quality["subject"]) == sorted(_study().subjects) and quality["passed"].all()
+    for subject in _study().subjects:
+        path = (
+            tiny_run
+            / f"results/sub-{subject}/register/sub-{subject}_space-ICBM09a_desc-brain_mask.nii.gz"
+        )
+        mask = np.asanyarray(nib.load(path).dataobj) > 0
+        dice = 2 * (mask & atlas).sum() / (mask.sum() + atlas.sum())
+        assert dice >= 0.85 and 0.8 <= mask.sum() / atlas.sum() <= 1.2, (
+            subject,
+            dice,
+        )  # measured 0.98
 
 
 def test_exclusions_are_listed_with_their_reason(tiny_run):
@@ -123,6 +149,14 @@ def test_vir_t1c_is_written_for_every_test_subject_in_atlas_and_native_space(tin
         nat = np.asanyarray(native.dataobj)
         low_data = np.asanyarray(low.dataobj)
         assert np.mean(low_data[nat > 0]) > 2 * np.mean(low_data[nat == 0])
+        # Zero outside the brain, one face-connected body inside, within the low-dose T1c's brain range.
+        labels, n = ndimage.label(nat != 0)
+        assert n == 1, f"sub-{subject}: {n} separate bodies of non-zero voxels"
+        rng = json.loads(
+            (tiny_run / f"results/sub-{subject}/normalize/sub-{subject}_normalize.json").read_text()
+        )
+        lo, hi = rng["lowT1c"]["low_value"], rng["lowT1c"]["high_value"]
+        assert lo - 1e-3 <= nat[nat != 0].min() and nat.max() <= hi + 1e-3
     for fold in (0, 1):
         log = pd.read_csv(tiny_run / f"results/models/fold-{fold}/train_log.tsv", sep="\t")
         assert len(log) == 2 and np.isfinite(log["tune_loss"]).all()
@@ -156,7 +190,26 @@ def test_predict_command_on_a_raw_exam_repeats_the_workflow(tiny_run, tmp_path):
         (out / f"sub-{subject}_work" / f"sub-{subject}_provenance.json").read_text()
     )
     assert provenance["register"]["backend"] == "simpleitk"
-    assert provenance["skull_strip"]["backend"] == "atlas"
+    assert provenance["skull_strip"]["backend"] == "deepbet"
+    # The option that tests/tiny.yaml changes (percentiles 0.5/99.5, default 1/99) came with the models.
+    import yaml
+    from workflow_helpers import REPO
+
+    tiny = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())["preprocess"]
+    assert (
+        provenance["options"]["normalize_percentiles"]
+        == tiny["normalize_percentiles"]
+        == [0.5, 99.5]
+    )
+    assert provenance["normalize"]["T1w"]["low_percentile"] == 0.5
+    assert provenance["normalize"]["lowT1c"]["high_percentile"] == 99.5
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            f"sub-{subject}_space-atlas_ce-vir_T1w.nii.gz",
+            f"sub-{subject}_ce-vir_T1w.nii.gz",
+            f"sub-{subject}_work",
+        ]
+    )
 
 
 def _max_concurrent_gpu_jobs(log: str) -> tuple[int, int]:
@@ -201,3 +254,39 @@ def test_the_gpu_log_parser_sees_overlapping_jobs():
         ]
     )
     assert _max_concurrent_gpu_jobs(log) == (2, 2)
+
+
+def test_a_registration_the_gate_rejects_fails_its_subject_and_the_run_lists_it(tiny_run, tmp_path):
+    """Gate limits that the largest brains exceed: those subjects' register jobs fail naming them, the others
+    carry on with --keep-going, and the failed run ends by listing the rejected subjects."""
+    work = _copy_run(tiny_run, tmp_path / "run")
+    quality = pd.read_csv(work / "results/tables/registration_quality.tsv", sep="\t")
+    largest = quality.set_index("subject")["scales"].map(lambda s: max(map(float, s.split())))
+    ordered = largest.sort_values()
+    gaps = ordered.diff().iloc[1:]
+    cut = int(np.argmax(gaps.to_numpy())) + 1  # the widest gap between consecutive subjects
+    assert gaps.max() > 0.02, ordered  # far from every subject: reruns cannot cross the limit
+    high = float(ordered.iloc[cut - 1] + ordered.iloc[cut]) / 2
+    rejected, passed = sorted(ordered.index[cut:]), sorted(ordered.index[:cut])
+    overlay = tmp_path / "gate.yaml"
+    overlay.write_text(f"preprocess:\n  registration_gate:\n    scale_range: [0.5, {high:.4f}]\n")
+    targets = [f"results/sub-{s}/register/sub-{s}_register.json" for s in quality["subject"]]
+    proc = snakemake(
+        work, "--cores", "2", "--keep-going", *targets,
+        overlays=("tests/tiny.yaml", overlay), check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    for subject in passed:  # rerun with the new limits (a changed param), and passed
+        register = json.loads((work / targets[list(quality["subject"]).index(subject)]).read_text())
+        assert register["gate"]["passed"] and register["gate"]["limits"]["scale_range"][1] == round(
+            high, 4
+        )
+    table = pd.read_csv(work / "results/tables/registration_rejected.tsv", sep="\t")
+    assert sorted(table["subject"]) == rejected
+    for subject in rejected:
+        folder = work / "results" / f"sub-{subject}" / "register"
+        log = (work / "logs" / "register" / f"sub-{subject}.log").read_text()
+        assert f"subject '{subject}'" in log and "rejected by the quality gate" in log
+        assert (folder / f"sub-{subject}_desc-rejected_registration.png").exists()
+        assert not (folder / f"sub-{subject}_register.json").exists()
+        assert f"sub-{subject}: scale" in proc.stderr

@@ -77,26 +77,134 @@ def _robust_limits(volume: np.ndarray) -> tuple[float, float]:
     return float(lo), float(max(hi, lo + 1e-6))
 
 
+def gate_text(figures: dict, verdict: dict | None) -> str:
+    """One line of the registration quality figures and the gate's verdict, for figure titles."""
+    scales = "/".join(f"{v:.2f}" for v in figures["scales"])
+    text = f"scales {scales}, det {figures['determinant']:.2f}"
+    if "correlation" in figures:
+        text += (
+            f", correlation {figures['correlation']:.2f}, brain Dice {figures['brain_dice']:.2f}"
+        )
+    if verdict is None:
+        return text
+    if verdict["passed"]:
+        return f"quality gate passed: {text}"
+    return f"REJECTED by the quality gate: {text}"
+
+
+def plot_registration(
+    image: np.ndarray,
+    reference_brain: np.ndarray,
+    brain_mask: np.ndarray | None,
+    figures: dict,
+    verdict: dict | None,
+    *,
+    subject: str | None,
+    path: Path | str,
+    affine: np.ndarray | None = None,
+    what: str = "T1 on the atlas",
+) -> Path:
+    """The registered image with the reference brain outline (red) and the subject's brain mask carried
+    along (blue, when given), three orthogonal slices through the reference brain's centre, the gate's
+    figures in the title. With ``affine`` the axes are shown in the closest RAS order, voxel sizes kept."""
+    zooms = np.ones(3)
+    if affine is not None:
+        image, zooms = _canonical(image, affine)
+        reference_brain, _ = _canonical(reference_brain, affine)
+        if brain_mask is not None:
+            brain_mask, _ = _canonical(brain_mask, affine)
+    aspects = [zooms[2] / zooms[1], zooms[2] / zooms[0], zooms[1] / zooms[0]]
+    centre = tuple(int(c) for c in np.round(np.argwhere(reference_brain > 0.5).mean(axis=0)))
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4.2))
+    lo, hi = _robust_limits(
+        image * (reference_brain > 0.5 if brain_mask is None else brain_mask > 0.5)
+    )
+    masks = (
+        _mid_slices(np.asarray(brain_mask, np.float32), centre)
+        if brain_mask is not None
+        else [None] * 3
+    )
+    for ax, img, ref, msk, aspect, view in zip(
+        axes,
+        _mid_slices(image, centre),
+        _mid_slices(reference_brain, centre),
+        masks,
+        aspects,
+        ("sagittal", "coronal", "axial"),
+        strict=True,
+    ):
+        ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+        ax.contour(ref, levels=[0.5], colors="#ff5050", linewidths=0.9)
+        if msk is not None:
+            ax.contour(msk, levels=[0.5], colors="#40c0ff", linewidths=0.9)
+        ax.set_title(view, fontsize=9)
+        ax.set_axis_off()
+    name = f"sub-{subject}" if subject else "registration"
+    legend = "red: reference brain" + ("" if brain_mask is None else ", blue: subject brain mask")
+    fig.suptitle(
+        f"{name}: {what}; {legend}\n{gate_text(figures, verdict)}",
+        fontsize=9,
+        color="#b00000" if verdict is not None and not verdict["passed"] else "black",
+    )
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` with its axes permuted and flipped to the closest RAS order, and its voxel sizes."""
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(data, np.float32), affine))
+    return np.asanyarray(img.dataobj), np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+
+
 def plot_subject_qc(
     *,
+    t1_native: np.ndarray,
+    native_affine: np.ndarray,
+    native_mask: np.ndarray,
     t1: np.ndarray,
     atlas_brain: np.ndarray,
     brain_mask: np.ndarray,
     channels: dict[str, np.ndarray],
     subject: str,
     backends: dict[str, str],
+    gate: str,
     path: Path | str,
 ) -> Path:
-    """One PNG per subject: registered T1 with the atlas brain contour (registration), the brain-mask outline on
-    the T1 (skull stripping), and the normalised channels side by side (axial mid-slice of the crop).
+    """One PNG per subject, a row per step a person should check at a glance:
+
+    1. brain extraction: the native T1 (axes in the closest RAS order, voxel sizes kept) with the brain-mask
+       outline (blue), through the mask's centre;
+    2. registration: the T1 on the atlas grid with the atlas brain outline (red) and the subject's brain mask
+       carried there (blue);
+    3. the normalised channels side by side (axial mid-slice of the crop).
     """
+    native, zooms = _canonical(t1_native, native_affine)
+    mask_c, _ = _canonical(native_mask, native_affine)
+    native_centre = tuple(int(c) for c in np.round(np.argwhere(mask_c > 0.5).mean(axis=0)))
+    aspects = [zooms[2] / zooms[1], zooms[2] / zooms[0], zooms[1] / zooms[0]]
     centre = tuple(int(c) for c in np.round(np.argwhere(atlas_brain > 0.5).mean(axis=0)))
     n_chan = len(channels)
     fig, axes = plt.subplots(3, max(3, n_chan), figsize=(2.6 * max(3, n_chan), 8.2))
     for ax in axes.ravel():
         ax.set_axis_off()
-    lo, hi = _robust_limits(t1)
     views = ("sagittal", "coronal", "axial")
+    lo, hi = _robust_limits(native)
+    for col, (img, msk, aspect, view) in enumerate(
+        zip(
+            _mid_slices(native, native_centre),
+            _mid_slices(mask_c, native_centre),
+            aspects,
+            views,
+            strict=True,
+        )
+    ):
+        ax = axes[0, col]
+        ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+        ax.contour(msk, levels=[0.5], colors="#40c0ff", linewidths=0.9)
+        ax.set_title(f"brain mask, native {view}", fontsize=9)
+    lo, hi = _robust_limits(t1 * (brain_mask > 0.5))
     for col, (img, atl, msk, view) in enumerate(
         zip(
             _mid_slices(t1, centre),
@@ -106,14 +214,11 @@ def plot_subject_qc(
             strict=True,
         )
     ):
-        ax = axes[0, col]
-        ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-        ax.contour(atl, levels=[0.5], colors="#ff5050", linewidths=0.9)
-        ax.set_title(f"registration, {view}", fontsize=9)
         ax = axes[1, col]
         ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        ax.contour(atl, levels=[0.5], colors="#ff5050", linewidths=0.9)
         ax.contour(msk, levels=[0.5], colors="#40c0ff", linewidths=0.9)
-        ax.set_title(f"brain mask, {view}", fontsize=9)
+        ax.set_title(f"registration, atlas {view}", fontsize=9)
     for col, (name, vol) in enumerate(channels.items()):
         k = vol.shape[2] // 2
         ax = axes[2, col]
@@ -121,7 +226,7 @@ def plot_subject_qc(
         ax.set_title(f"{name} (normalised)", fontsize=9)
     info = ", ".join(f"{k}: {v}" for k, v in backends.items())
     fig.suptitle(
-        f"sub-{subject}  |  red: atlas brain outline on the registered T1; blue: brain mask  |  {info}",
+        f"sub-{subject}  |  {info}\nblue: brain mask; red: atlas brain outline  |  {gate}",
         fontsize=10,
     )
     fig.tight_layout()

@@ -3,20 +3,16 @@ import shutil
 from _common import setup
 
 from virtual_contrast.io import write_json
-from virtual_contrast.preprocess.normalize import normalize_image
+from virtual_contrast.preprocess.normalize import normalize_images
 
 log = setup(snakemake)
-low, high = snakemake.params.percentiles
-ranges = {
-    channel: normalize_image(
-        snakemake.input[channel],
-        snakemake.input.mask,
-        snakemake.output[channel],
-        low=low,
-        high=high,
-        subject=snakemake.wildcards.subject,
-    )
-    for channel in snakemake.params.channels
-}
+channels = snakemake.params.channels
+ranges = normalize_images(
+    {channel: snakemake.input[channel] for channel in channels},
+    snakemake.input.mask,
+    {channel: snakemake.output[channel] for channel in channels},
+    percentiles=snakemake.params.percentiles,
+    subject=snakemake.wildcards.subject,
+)
 shutil.copyfile(snakemake.input.mask, snakemake.output.mask)
 write_json(ranges, snakemake.output.provenance)

@@ -3,8 +3,8 @@ from pathlib import Path
 
 from _common import setup
 
-from virtual_contrast.model.export import export_native
 from virtual_contrast.model.predict import predict_subject
+from virtual_contrast.preprocess.native import export_native
 
 log = setup(snakemake)
 subject = snakemake.wildcards.subject
@@ -21,8 +21,10 @@ low = json.loads(Path(snakemake.input.normalize).read_text())["lowT1c"]
 export_native(
     snakemake.output.atlas,
     snakemake.input.native,
-    snakemake.input.transform,
+    snakemake.input.low_transform,
     snakemake.output.native,
+    t1_mask=snakemake.input.native_mask,
+    t1_transform=snakemake.input.t1_transform,
     intensity_range=(low["low_value"], low["high_value"]),
     subject=subject,
 )

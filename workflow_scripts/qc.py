@@ -4,31 +4,39 @@ from pathlib import Path
 from _common import setup
 
 from virtual_contrast.atlas import load_atlas
-from virtual_contrast.figures import plot_subject_qc
+from virtual_contrast.figures import gate_text, plot_subject_qc
 from virtual_contrast.io import load_array, write_json
 
 log = setup(snakemake)
 subject = snakemake.wildcards.subject
+inp = snakemake.input
+register = json.loads(Path(inp.register).read_text())
+skull_strip = json.loads(Path(inp.skull_strip).read_text())
 provenance = {
     "subject": subject,
-    "register": json.loads(Path(snakemake.input.register).read_text()),
-    "skull_strip": json.loads(Path(snakemake.input.skull_strip).read_text()),
+    "preprocess_options": snakemake.params.options,
+    "skull_strip": skull_strip,
+    "register": register,
 }
 backends = {
-    "registration": provenance["register"]["backend"],
-    "skull stripping": provenance["skull_strip"]["backend"],
+    "brain extraction": skull_strip["backend"],
+    "registration": register["backend"],
 }
-atlas = load_atlas(Path(snakemake.input.atlas[0]).parent)
+t1_native, native_affine = load_array(inp.t1_native, subject=subject)
 plot_subject_qc(
-    t1=load_array(snakemake.input.t1, subject=subject)[0],
-    atlas_brain=atlas.brain_mask,
-    brain_mask=load_array(snakemake.input.mask, subject=subject)[0],
+    t1_native=t1_native,
+    native_affine=native_affine,
+    native_mask=load_array(inp.native_mask, subject=subject)[0],
+    t1=load_array(inp.t1, subject=subject)[0],
+    atlas_brain=load_atlas(Path(inp.atlas[0]).parent).brain_mask,
+    brain_mask=load_array(inp.mask, subject=subject)[0],
     channels={
         c: load_array(p, subject=subject)[0]
-        for c, p in zip(snakemake.params.channels, snakemake.input.normalized, strict=True)
+        for c, p in zip(snakemake.params.channels, inp.normalized, strict=True)
     },
     subject=subject,
     backends=backends,
+    gate=gate_text(register["quality"], register["gate"]),
     path=snakemake.output.figure,
 )
 write_json(provenance, snakemake.output.provenance)

@@ -26,4 +26,5 @@ train_fold(
     cfg,
     cache_dir=snakemake.params.cache_dir,
     checkpoint_dir=snakemake.params.checkpoint_dir,
+    preprocess=snakemake.params.preprocess,
 )

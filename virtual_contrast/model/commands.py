@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +99,12 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "--output", choices=["direct", "residual"], help="network output (paper: direct; see docs)"
     )
     p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    p.add_argument(
+        "--preprocess-options",
+        type=Path,
+        help="how the volumes were pre-processed, stored in model.pt so that `predict` can take a raw "
+        "exam: a subject's provenance.json from the workflow, or a JSON/YAML of the options",
+    )
     p.set_defaults(func=_run_train)
 
 
@@ -130,6 +140,9 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.channels:
         values["channels"] = [c.strip() for c in args.channels.split(",") if c.strip()]
     cfg = TrainConfig.from_dict(values)
+    preprocess = None
+    if args.preprocess_options:
+        preprocess = _read_preprocess_options(args.preprocess_options)
     train_ids, tune_ids = fold_members(read_folds(args.folds), args.fold)
 
     def volumes(s: str):
@@ -141,9 +154,27 @@ def _run_train(args: argparse.Namespace) -> int:
         args.out,
         cfg,
         cache_dir=args.cache,
+        preprocess=preprocess,
     )
     print(f"fold {args.fold}: {model}")
     return 0
+
+
+def _read_preprocess_options(path: Path) -> dict:
+    """Pre-processing options (as stored in model.pt) from a workflow provenance.json or an options file."""
+    import yaml
+
+    from virtual_contrast.preprocess.options import PreprocessOptions
+
+    if not path.exists():
+        raise InputError("pre-processing options file not found", path=path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"not JSON or YAML: {exc}", path=path) from exc
+    if isinstance(values, dict) and "preprocess_options" in values:
+        values = values["preprocess_options"]
+    return PreprocessOptions.from_dict(values, source=f"pre-processing options in {path}").to_dict()
 
 
 # --- predict ---------------------------------------------------------------------------------------------
@@ -153,11 +184,12 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
         help="predict vir-T1c for one exam with trained fold models",
-        description="Three ways to give the exam: (1) --channels-dir with the normalised volumes "
-        "(sub-{s}_desc-norm_{channel}.nii.gz), (2) the normalised files one by one (--adc --flair --t1 "
-        "--low), (3) a raw exam (--t1 --flair --dwi --bval --low), which runs the preprocessing first and "
-        "also writes vir-T1c on the native low-dose T1c grid. All fold models' 8 mirror configurations are "
-        "averaged.",
+        description="Three ways to give the exam: (1) a raw exam (--t1 --flair --dwi --bval --low), "
+        "pre-processed first exactly as the workflow that trained the models did (the options are stored "
+        "in model.pt), which also writes vir-T1c on the native low-dose T1c grid; (2) --channels-dir with "
+        "the normalised volumes (sub-{s}_desc-norm_{channel}.nii.gz); (3) the normalised files one by one "
+        "(--adc --flair --t1 --low). All fold models' 8 mirror configurations are averaged. Every input "
+        "is checked before any work; outputs appear in --out only when everything succeeded.",
     )
     p.add_argument(
         "--models",
@@ -168,26 +200,27 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--channels-dir", type=Path, help="folder with normalised volumes")
     p.add_argument("--adc", type=Path, help="normalised ADC")
-    p.add_argument("--flair", type=Path, help="FLAIR (normalised, or raw with --dwi)")
-    p.add_argument("--t1", type=Path, help="pre-contrast T1 (normalised, or raw with --dwi)")
-    p.add_argument("--low", type=Path, help="low-dose T1c (normalised, or raw with --dwi)")
+    p.add_argument("--flair", type=Path, help="FLAIR (raw with --dwi, else normalised)")
+    p.add_argument("--t1", type=Path, help="pre-contrast T1 (raw with --dwi, else normalised)")
+    p.add_argument("--low", type=Path, help="low-dose T1c (raw with --dwi, else normalised)")
     p.add_argument(
         "--dwi", type=Path, help="raw DWI (b=0 and b=1000 volumes): selects the raw-exam mode"
     )
     p.add_argument("--bval", type=Path, help="b-values of --dwi")
     p.add_argument("--mask", type=Path, help="brain mask: prediction set to 0 outside")
-    raw = p.add_argument_group("raw exam (with --dwi)")
+    raw = p.add_argument_group("raw exam (with --dwi); each default: as recorded in the models")
     raw.add_argument(
         "--atlas",
         type=Path,
         help="atlas folder at the models' voxel size (the workflow's results/atlas/res-<v>mm); "
-        "default: prepared from the template shipped with nilearn",
+        "default: prepared from the atlas files recorded in the models (nilearn's template)",
     )
-    raw.add_argument("--register-backend", choices=["auto", "fsl", "simpleitk"], default="auto")
-    raw.add_argument("--skull-strip-backend", choices=["auto", "hdbet", "atlas"], default="auto")
+    raw.add_argument("--register-backend", choices=["auto", "fsl", "simpleitk"])
+    raw.add_argument("--skull-strip-backend", choices=["auto", "deepbet", "hdbet"])
     raw.add_argument("--hdbet-weights", type=Path, help="HD-BET weights folder")
     p.add_argument(
-        "--subject", help="subject id (file names; found from --channels-dir when omitted)"
+        "--subject",
+        help="subject id, letters and digits (file names; default: from --channels-dir)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -230,28 +263,81 @@ def _subject_in_dir(folder: Path) -> str:
     return ids[0]
 
 
-def training_grid(checkpoint: dict, path: Path) -> tuple[float, tuple[int, int, int]]:
-    """(voxel size in mm, grid shape) the model was trained on, from its checkpoint."""
-    if "affine" not in checkpoint:
+def preprocess_options_of(models: list[Path], args: argparse.Namespace):
+    """The pre-processing options stored in the models (all must agree), with the command line's
+    overrides of machine-specific choices (backends, HD-BET weights); returns (options, overrides)."""
+    from dataclasses import replace
+
+    from virtual_contrast.model.train import load_checkpoint
+    from virtual_contrast.preprocess.options import PreprocessOptions
+
+    stored = []
+    for path in models:
+        ckpt = load_checkpoint(path)
+        if "preprocess" not in ckpt:
+            raise InputError(
+                "this model.pt does not record the pre-processing options it was trained with (written "
+                "by an older version, or trained outside the workflow): pre-process the exam with the "
+                "workflow and pass the normalised volumes (--channels-dir)",
+                path=path,
+            )
+        stored.append(ckpt["preprocess"])
+    if any(s != stored[0] for s in stored[1:]):
         raise InputError(
-            "this model.pt does not record its training grid (written by an older version); retrain it "
-            "or preprocess the exam with the workflow and pass the normalised volumes",
-            path=path,
+            "the models were trained on differently pre-processed volumes: give models of one run",
+            path=models[0],
         )
-    zooms = np.sqrt((np.asarray(checkpoint["affine"])[:3, :3] ** 2).sum(axis=0))
-    return float(np.round(zooms.mean(), 4)), tuple(int(n) for n in checkpoint["grid"])
+    options = PreprocessOptions.from_dict(
+        stored[0], source=f"pre-processing options in {models[0]}"
+    )
+    overrides = {}
+    if args.register_backend:
+        overrides["register.backend"] = args.register_backend
+        options = replace(
+            options, register=replace(options.register, backend=args.register_backend)
+        )
+    if args.skull_strip_backend or args.hdbet_weights:
+        strip = options.skull_strip
+        if args.skull_strip_backend:
+            overrides["skull_strip.backend"] = args.skull_strip_backend
+            strip = replace(strip, backend=args.skull_strip_backend)
+        if args.hdbet_weights:
+            overrides["skull_strip.hdbet_weights"] = str(args.hdbet_weights)
+            strip = replace(strip, hdbet_weights=str(args.hdbet_weights))
+        options = replace(options, skull_strip=strip)
+    for key, value in overrides.items():
+        log.warning(
+            "pre-processing option %s set to %r on the command line (not as trained)", key, value
+        )
+    return options, overrides
+
+
+def _check_normalised(paths: dict[str, Path], subject: str) -> None:
+    """Normalised volumes lie in [0, 1]; a raw image given instead is an error, not a warning."""
+    from virtual_contrast.io import load_image
+
+    for channel, path in paths.items():
+        data = np.asanyarray(load_image(path, subject=subject).dataobj)
+        if data.min() < -0.05 or data.max() > 1.05:
+            raise InputError(
+                f"{channel}: values span [{data.min():.3g}, {data.max():.3g}], but normalised volumes lie "
+                "in [0, 1]: for a raw exam give --dwi and --bval too (it is then pre-processed first)",
+                subject=subject,
+                path=path,
+            )
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from virtual_contrast.model.predict import predict_subject
     from virtual_contrast.model.train import load_checkpoint
+    from virtual_contrast.subjects import check_subject_id
 
+    if args.subject is not None:
+        check_subject_id(args.subject)
     models = find_models(args.models)
     channels = list(load_checkpoint(models[0])["channels"])
     flips = "none" if args.no_tta else "all8"
     raw_mode = args.dwi is not None or args.bval is not None
-    to_native = None
-    mask = args.mask
     if raw_mode:
         if args.adc or args.channels_dir:
             raise InputError(
@@ -260,62 +346,104 @@ def _run_predict(args: argparse.Namespace) -> int:
         missing = [n for n in ("t1", "flair", "dwi", "bval", "low") if getattr(args, n) is None]
         if missing:
             raise InputError(f"a raw exam needs --{' --'.join(missing)} as well")
-        from virtual_contrast.preprocess.exam import preprocess_exam
-
         subject = args.subject or "exam"
-        voxel_mm, grid = training_grid(load_checkpoint(models[0]), models[0])
-        prepared = preprocess_exam(
-            t1=args.t1,
-            flair=args.flair,
-            dwi=args.dwi,
-            bval=args.bval,
-            low=args.low,
-            out_dir=args.out / f"sub-{subject}_work",
-            subject=subject,
-            voxel_mm=voxel_mm,
-            crop_shape=grid,
-            atlas_dir=args.atlas,
-            register_backend=args.register_backend,
-            skull_strip_backend=args.skull_strip_backend,
-            hdbet_weights=args.hdbet_weights,
-        )
-        channel_paths = dict(prepared["channels"])
-        mask = mask or prepared.get("mask")
-        to_native = prepared.get("to_native")
+        options, overrides = preprocess_options_of(models, args)
     elif args.channels_dir:
         if any(getattr(args, n) for n in ("adc", "flair", "t1", "low")):
             raise InputError(
                 "give either --channels-dir or the files --adc --flair --t1 --low, not both"
             )
-        from virtual_contrast.model.data import find_subject_volumes
-
-        subject = args.subject or _subject_in_dir(args.channels_dir)
-        sv = find_subject_volumes(args.channels_dir, subject, channels, target=False)
-        channel_paths, mask = dict(sv.channels), mask or sv.mask
+        subject = check_subject_id(args.subject or _subject_in_dir(args.channels_dir))
     else:
         given = {"ADC": args.adc, "FLAIR": args.flair, "T1w": args.t1, "lowT1c": args.low}
+        if "ADC" in channels and args.adc is None and any(given.values()):
+            raise InputError(
+                "no ADC: a raw exam needs --dwi and --bval (the ADC is computed from the DWI); to "
+                "predict from normalised volumes, give the normalised ADC with --adc"
+            )
         flag = {"ADC": "--adc", "FLAIR": "--flair", "T1w": "--t1", "lowT1c": "--low"}
         missing = [flag[c] for c in channels if given.get(c) is None]
         if missing:
             raise InputError(
-                f"the models take {channels}: pass {' '.join(missing)} (or --channels-dir, or a raw exam)"
+                f"the models take {channels}: pass {' '.join(missing)} (or --channels-dir, or a raw "
+                "exam with --dwi and --bval)"
             )
         subject = args.subject or "exam"
-        channel_paths = {c: given[c] for c in channels}
+        _check_normalised({c: given[c] for c in channels}, subject)
 
-    out_atlas = args.out / f"sub-{subject}_space-atlas_ce-vir_T1w.nii.gz"
-    predict_subject(
-        models,
-        channel_paths,
-        out_atlas,
-        device=args.device,
-        flips=flips,
-        mask_path=mask,
-        subject=subject,
-        batch=args.batch,
-    )
-    print(f"vir-T1c (atlas space): {out_atlas}")
+    out = args.out
+    atlas_name = f"sub-{subject}_space-atlas_ce-vir_T1w.nii.gz"
+    native_name = f"sub-{subject}_ce-vir_T1w.nii.gz"
+    with staged_output(out) as stage:
+        mask = args.mask
+        to_native = None
+        if raw_mode:
+            from virtual_contrast.io import write_json
+            from virtual_contrast.preprocess.exam import preprocess_exam
+
+            prepared = preprocess_exam(
+                t1=args.t1,
+                flair=args.flair,
+                dwi=args.dwi,
+                bval=args.bval,
+                low=args.low,
+                out_dir=stage / f"sub-{subject}_work",
+                subject=subject,
+                options=options,
+                atlas_dir=args.atlas,
+                rejected_figure=out / f"sub-{subject}_desc-rejected_registration.png",
+            )
+            if overrides:
+                write_json(
+                    {"command_line_overrides": overrides},
+                    stage / f"sub-{subject}_work" / "overrides.json",
+                )
+            channel_paths = dict(prepared["channels"])
+            mask = mask or prepared["mask"]
+            to_native = prepared["to_native"]
+        elif args.channels_dir:
+            from virtual_contrast.model.data import find_subject_volumes
+
+            sv = find_subject_volumes(args.channels_dir, subject, channels, target=False)
+            channel_paths, mask = dict(sv.channels), mask or sv.mask
+        else:
+            channel_paths = {c: given[c] for c in channels}
+        predict_subject(
+            models,
+            channel_paths,
+            stage / atlas_name,
+            device=args.device,
+            flips=flips,
+            mask_path=mask,
+            subject=subject,
+            batch=args.batch,
+        )
+        if to_native is not None:
+            to_native(stage / atlas_name, stage / native_name)
+    print(f"vir-T1c (atlas space): {out / atlas_name}")
     if to_native is not None:
-        out_native = to_native(out_atlas, args.out / f"sub-{subject}_ce-vir_T1w.nii.gz")
-        print(f"vir-T1c (native low-dose T1c grid): {out_native}")
+        print(f"vir-T1c (native low-dose T1c grid): {out / native_name}")
+        print(f"pre-processing (every intermediate, provenance): {out / f'sub-{subject}_work'}")
     return 0
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path):
+    """A hidden folder inside ``out_dir`` to write into; its contents move into ``out_dir`` only when the
+    block succeeds. On failure it is deleted, and so is ``out_dir`` if it was created here and is empty:
+    a failed or interrupted prediction leaves no partial work folder."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".predict-partial-", dir=out_dir))
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            target = out_dir / item.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and out_dir.exists() and not any(out_dir.iterdir()):
+            out_dir.rmdir()

@@ -242,7 +242,9 @@ def _model_checkpoint(
     tune_loss: float,
     train_ids: list[str],
     tune_ids: list[str],
+    preprocess: dict | None = None,
 ) -> dict:
+    extra = {} if preprocess is None else {"preprocess": preprocess}
     return {
         "format": CHECKPOINT_FORMAT,
         "spec": cfg.spec.to_dict(),
@@ -259,6 +261,8 @@ def _model_checkpoint(
         "train_subjects": list(train_ids),
         "tune_subjects": list(tune_ids),
         "torch_version": str(torch.__version__),
+        # How the volumes were pre-processed (PreprocessOptions.to_dict()): predict feeds a raw exam the same.
+        **extra,
     }
 
 
@@ -335,6 +339,7 @@ def train_fold(
     checkpoint_dir: Path | str | None = None,
     max_epochs_this_run: int | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    preprocess: dict | None = None,
 ) -> Path:
     """Train one fold; returns the path of ``model.pt`` (see the module docstring for every output).
 
@@ -342,7 +347,8 @@ def train_fold(
     folds so each subject is converted once. A ``last.pt`` in ``checkpoint_dir`` written with the same
     result-defining options and subjects is resumed; any other is ignored (with a warning) and overwritten.
     ``max_epochs_this_run`` stops after that many epochs (with a checkpoint), and ``on_epoch_end(epoch, row)``
-    is called after each epoch; both exist to test and benchmark interruption.
+    is called after each epoch; both exist to test and benchmark interruption. ``preprocess`` (the
+    pre-processing options as a plain dict) is stored in ``model.pt`` for ``predict``.
     """
     out_dir = Path(out_dir)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir
@@ -466,6 +472,7 @@ def train_fold(
                         tune_loss=tune_loss,
                         train_ids=train_ids,
                         tune_ids=tune_ids,
+                        preprocess=preprocess,
                     )
                     _save(state["best"], model_path)
                 if not math.isfinite(train_loss):
@@ -516,6 +523,7 @@ def train_fold(
                     tune_loss=math.nan,
                     train_ids=train_ids,
                     tune_ids=tune_ids,
+                    preprocess=preprocess,
                 )
                 _save_last(last_path, model, optimizer, scaler, state, fingerprint, cfg)
             _save(state["best"], model_path)

@@ -1,20 +1,31 @@
 """Command-line subcommands of this area (registered by virtual_contrast.cli).
 
-``adc``, ``skull-strip``, ``crop`` and ``normalize`` work on files and print what they did; ``register`` comes
-from :mod:`virtual_contrast.preprocess.register`.
+``adc``, ``skull-strip``, ``register``, ``crop`` and ``normalize`` work on files and print what they did.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from virtual_contrast.checks import (
     check_nifti_output,
     check_percentiles,
-    check_positive,
     check_shape,
 )
+
+if TYPE_CHECKING:
+    from virtual_contrast.preprocess.options import GateOptions
+    from virtual_contrast.preprocess.register import Backend
+
+log = logging.getLogger(__name__)
+
+#: Choices of the backends (kept here so that building the parser imports no image library).
+BACKENDS = ("auto", "deepbet", "hdbet")
+REGISTER_BACKENDS = ("auto", "fsl", "simpleitk")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -36,20 +47,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_adc)
 
     p = subparsers.add_parser(
-        "skull-strip", help="brain mask of a T1 registered to the atlas (HD-BET or the atlas prior)"
+        "skull-strip",
+        help="brain mask of a native T1 (deepbet or HD-BET), on the T1's own grid",
+        description="Brain extraction on any T1 (any orientation, with or without skull, thick slices "
+        "too). Writes the mask (uint8) on the input's voxel grid. Backends: deepbet (weights inside its "
+        "package, works offline), hdbet (HD-BET 2 with a local weights folder); auto = hdbet when "
+        "--hdbet-weights is given, else deepbet.",
     )
-    p.add_argument("--t1", type=Path, required=True, help="T1 on the atlas grid")
+    p.add_argument("--t1", type=Path, required=True, help="T1 image (native, raw)")
     p.add_argument("--out", type=Path, required=True, help="brain mask to write (uint8 .nii.gz)")
-    p.add_argument("--backend", choices=("auto", "hdbet", "atlas"), default="auto")
-    prior = p.add_mutually_exclusive_group()
-    prior.add_argument("--atlas-brain-mask", type=Path, help="atlas brain mask on the T1's grid")
-    prior.add_argument(
-        "--voxel-mm",
-        type=float,
-        help="build the atlas (nilearn's template) on this isotropic grid instead",
-    )
+    p.add_argument("--backend", choices=BACKENDS, help="default: auto")
     p.add_argument("--hdbet-weights", type=Path, help="HD-BET 2 weights folder")
-    p.add_argument("--device", default="cpu", help="HD-BET device: cpu or cuda (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument(
         "--apply",
         type=Path,
@@ -57,7 +66,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         metavar=("IMAGE", "OUT"),
         default=[],
-        help="also write IMAGE zeroed outside the mask to OUT (repeatable)",
+        help="also write IMAGE (on the T1's grid) zeroed outside the mask to OUT (repeatable)",
     )
     p.add_argument("--subject", help="subject id, for messages")
     p.set_defaults(func=_skull_strip)
@@ -95,10 +104,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subject", help="subject id, for messages")
     p.set_defaults(func=_normalize)
 
-    # Imported here so that a problem in the registration module does not hide the other subcommands' code.
-    from virtual_contrast.preprocess.register import add_register_command
+    _add_register(subparsers)
 
-    add_register_command(subparsers)
+    p = subparsers.add_parser(
+        "atlas",
+        help="the ICBM 2009a atlas (template, brain mask, tissue maps) on an isotropic grid",
+        description="Writes the files the workflow's rule `atlas` writes (atlas_T1w.nii.gz, "
+        "atlas_desc-brain_mask.nii.gz, ...) from the template shipped inside nilearn's package, or from "
+        "--t1 and --brain-mask.",
+    )
+    p.add_argument("--voxel-mm", type=float, required=True, help="isotropic voxel (mm), e.g. 1")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--t1", type=Path, help="template T1 (skull-stripped; default: nilearn's)")
+    p.add_argument("--brain-mask", type=Path, help="its brain mask (default: template > 20 %%)")
+    p.set_defaults(func=_atlas)
 
 
 def _adc(args: argparse.Namespace) -> int:
@@ -125,26 +144,24 @@ def _adc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _atlas(args: argparse.Namespace) -> int:
+    from virtual_contrast.atlas import ATLAS_FILES, prepare_atlas
+
+    out = prepare_atlas(args.out, args.voxel_mm, t1=args.t1, brain_mask=args.brain_mask)
+    print(f"atlas on a {args.voxel_mm:g} mm grid -> {out / ATLAS_FILES['t1']}, ...")
+    return 0
+
+
 def _skull_strip(args: argparse.Namespace) -> int:
     from virtual_contrast.preprocess.skull_strip import apply_mask, skull_strip
 
     check_nifti_output(args.out)
     for _, out in args.apply:
         check_nifti_output(out, what="--apply OUT")
-    if args.voxel_mm is not None:
-        check_positive(args.voxel_mm, what="--voxel-mm")
-    atlas = None
-    if args.voxel_mm is not None:
-        from virtual_contrast.atlas import build_atlas
-
-        atlas, _ = build_atlas(args.voxel_mm)
     prov = skull_strip(
         args.t1,
         args.out,
-        backend=args.backend,
-        atlas=atlas,
-        atlas_brain_mask=args.atlas_brain_mask,
-        hdbet_weights=args.hdbet_weights,
+        _skull_strip_options(args.backend, args.hdbet_weights),
         device=args.device,
         subject=args.subject,
     )
@@ -157,6 +174,20 @@ def _skull_strip(args: argparse.Namespace) -> int:
         for out in apply_mask(list(images), args.out, list(outs), subject=args.subject):
             print(f"masked image -> {out}")
     return 0
+
+
+def _skull_strip_options(backend: str | None, hdbet_weights: Path | None):
+    """Skull-stripping options from command-line flags; what is not given takes the config's default."""
+    from dataclasses import replace
+
+    from virtual_contrast.preprocess.options import default_options
+
+    options = default_options().skull_strip
+    if backend is not None:
+        options = replace(options, backend=backend)
+    if hdbet_weights is not None:
+        options = replace(options, hdbet_weights=str(hdbet_weights))
+    return options
 
 
 def _crop(args: argparse.Namespace) -> int:
@@ -193,3 +224,237 @@ def _normalize(args: argparse.Namespace) -> int:
         f"{args.high:g} over the brain), mapped to [0, 1] -> {args.out}"
     )
     return 0
+
+
+# --- register ------------------------------------------------------------------------------------------------
+
+
+def _add_register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "register",
+        help="register an image to a reference, brain to brain (12-DOF affine or 6-DOF rigid), resample once",
+        description="12 DOF (to a skull-stripped template such as the ICBM 2009a T1): the moving image's "
+        "brain is extracted first (or --moving-mask is used) and aligned with the reference brain "
+        "(--reference-mask, default: the reference above 20 %% of its maximum); the quality gate checks "
+        "the result. 6 DOF (two sequences of one exam): the whole moving image is aligned with the "
+        "reference within the reference's brain (--reference-mask, default: extracted from it). Writes OUT "
+        "(MOVING resampled once on REFERENCE's grid, cubic spline), OUT's stem + '_xfm.txt' (4x4 world RAS "
+        "matrix mapping reference points to moving points), + '_desc-brain_mask.nii.gz' (12 DOF: the moving brain "
+        "mask on the reference grid), + '_register.json' (quality figures) and + '_qc.png'; when it "
+        "extracted the moving brain itself, also + '_space-moving_desc-brain_mask.nii.gz' (on MOVING's "
+        "grid).",
+    )
+    p.add_argument(
+        "--moving", required=True, type=Path, help="image to register (may have a skull)"
+    )
+    p.add_argument("--reference", required=True, type=Path, help="fixed image (e.g. the atlas T1)")
+    p.add_argument("--out", required=True, type=Path, help="output image on the reference grid")
+    p.add_argument("--dof", type=int, choices=(6, 12), default=12, help="default: 12")
+    p.add_argument("--moving-mask", type=Path, help="brain mask of MOVING (default: extracted)")
+    p.add_argument("--reference-mask", type=Path, help="brain mask of REFERENCE (see above)")
+    p.add_argument("--backend", choices=REGISTER_BACKENDS, help="registration (default: auto)")
+    p.add_argument(
+        "--skull-strip-backend", choices=BACKENDS, help="brain extraction (default: auto)"
+    )
+    p.add_argument("--hdbet-weights", type=Path, help="HD-BET 2 weights folder")
+    p.add_argument(
+        "--gate-scale-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="quality gate: allowed scales of the affine (default: the config's)",
+    )
+    p.add_argument(
+        "--gate-min-correlation", type=float, help="quality gate (default: the config's)"
+    )
+    p.add_argument("--gate-min-brain-dice", type=float, help="quality gate (default: the config's)")
+    p.add_argument(
+        "--order", type=int, choices=(0, 1, 3), default=3, help="spline order (default: 3)"
+    )
+    p.add_argument(
+        "--threads", type=int, help="threads of the embedded backend (1: bit-reproducible results)"
+    )
+    p.add_argument("--subject", help="subject id, for messages")
+    p.set_defaults(func=_register)
+
+
+def _register(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import numpy as np
+
+    from virtual_contrast.atlas import brain_mask_from_template
+    from virtual_contrast.io import load_image, save_image
+    from virtual_contrast.preprocess.options import default_options
+    from virtual_contrast.preprocess.register import select_backend, transform_path_for
+    from virtual_contrast.preprocess.skull_strip import skull_strip
+
+    check_nifti_output(args.out)
+    defaults = default_options().register
+    gate = defaults.gate
+    if args.gate_scale_range is not None:
+        gate = replace(gate, scale_range=tuple(args.gate_scale_range))
+    if args.gate_min_correlation is not None:
+        gate = replace(gate, min_correlation=args.gate_min_correlation)
+    if args.gate_min_brain_dice is not None:
+        gate = replace(gate, min_brain_dice=args.gate_min_brain_dice)
+    engine = select_backend(args.backend or defaults.backend, threads=args.threads)
+    strip = _skull_strip_options(args.skull_strip_backend, args.hdbet_weights)
+    with tempfile.TemporaryDirectory(prefix="vc-register-") as tmp:
+        moving_mask, reference_mask = args.moving_mask, args.reference_mask
+        if args.dof == 12 and moving_mask is None:
+            moving_mask = transform_path_for(args.out, "_space-moving_desc-brain_mask.nii.gz")
+            prov = skull_strip(args.moving, moving_mask, strip, subject=args.subject)
+            print(
+                f"moving brain extracted with {prov['backend']} ({prov['reason']}) -> {moving_mask}"
+            )
+        if reference_mask is None:
+            reference_mask = Path(tmp) / "reference_brain_mask.nii.gz"
+            if args.dof == 12:  # a skull-stripped template
+                ref = load_image(args.reference, subject=args.subject)
+                mask = brain_mask_from_template(np.asanyarray(ref.dataobj))
+                save_image(mask, ref.affine, reference_mask, dtype=np.uint8)
+            else:
+                prov = skull_strip(args.reference, reference_mask, strip, subject=args.subject)
+                print(f"reference brain extracted with {prov['backend']} ({prov['reason']})")
+        provenance = register_to_reference(
+            args.moving,
+            args.reference,
+            args.out,
+            moving_mask=moving_mask,
+            reference_mask=reference_mask,
+            dof=args.dof,
+            backend=engine,
+            gate=gate,
+            order=args.order,
+            subject=args.subject,
+        )
+    from virtual_contrast.figures import gate_text
+
+    print(
+        f"{args.out}\n{transform_path_for(args.out)}\nbackend: {engine.name}\n"
+        + gate_text(provenance["quality"], provenance.get("gate"))
+    )
+    return 0
+
+
+def register_to_reference(
+    moving: Path,
+    reference: Path,
+    out: Path,
+    *,
+    moving_mask: Path | None,
+    reference_mask: Path,
+    dof: int = 12,
+    backend: str | Backend = "auto",
+    gate: GateOptions | None = None,
+    order: int = 3,
+    subject: str | None = None,
+) -> dict:
+    """Register ``moving`` to ``reference`` and write it resampled once on the reference grid.
+
+    The single-step version of :func:`~virtual_contrast.preprocess.register.register_subject`, for the
+    command line. With 12 DOF, the brain-extracted moving image (``moving_mask``, on the moving grid) is
+    aligned with the skull-stripped reference, starting from the brain outlines, and ``gate`` is applied; with
+    6 DOF the whole moving image is aligned with the reference within the reference's brain, from the
+    scanner's alignment (no gate: the sequences' contrasts differ). ``reference_mask`` may lie on any grid.
+    Writes ``out`` (float32), the transform (``<out>_xfm.txt``), ``<out>_register.json`` (provenance,
+    figures), ``<out>_qc.png`` and, with 12 DOF, the moving brain mask carried to the reference grid
+    (``<out>_desc-brain_mask.nii.gz``). A rejected registration writes only the figure and the JSON, then
+    raises :class:`~virtual_contrast.preprocess.quality.RegistrationRejectedError`.
+    """
+
+    import nibabel as nib
+    import numpy as np
+
+    from virtual_contrast.figures import plot_registration
+    from virtual_contrast.io import InputError, load_image, save_image, write_json
+    from virtual_contrast.preprocess import quality
+    from virtual_contrast.preprocess.register import (
+        brain_extracted,
+        field_of_view,
+        on_grid,
+        register_images,
+        select_backend,
+        transform_path_for,
+    )
+    from virtual_contrast.preprocess.transforms import carry_mask, save_transform
+
+    engine = select_backend(backend) if isinstance(backend, str) else backend
+    mov = load_image(moving, subject=subject)
+    ref = load_image(reference, subject=subject)
+    ref_brain = on_grid(load_image(reference_mask, subject=subject), ref) > 0.5
+    mov_brain = None
+    if moving_mask is not None:
+        mov_brain = on_grid(load_image(moving_mask, subject=subject), mov) > 0.5
+    elif dof == 12:
+        raise InputError("a 12-DOF registration needs the moving image's brain mask")
+    if dof == 12:
+        result = register_images(
+            brain_extracted(mov, mov_brain),
+            ref,
+            dof=12,
+            backend=engine,
+            reference_mask=ref_brain,
+            moving_mask=mov_brain,
+        )
+    else:
+        result = register_images(
+            mov, ref, dof=dof, backend=engine, reference_mask=ref_brain, initial=np.eye(4)
+        )
+    data = engine.resample(mov, ref.shape, ref.affine, result.transform, order=order)
+    carried = None
+    if dof == 12:
+        carried = carry_mask(
+            nib.Nifti1Image(mov_brain.astype(np.float32), mov.affine),
+            ref.shape,
+            ref.affine,
+            result.transform,
+        )
+        figures = quality.registration_figures(
+            result.transform,
+            data,
+            carried,
+            np.asanyarray(ref.dataobj),
+            ref_brain,
+            field_of_view(mov, ref.shape, ref.affine, result.transform),
+        )
+    else:  # within one exam: the contrasts differ, so only the rigid transform's own figures apply
+        figures = quality.affine_figures(result.transform)
+    provenance = {
+        "registration": result.summary(),
+        "moving": str(moving),
+        "reference": str(reference),
+        "quality": figures,
+    }
+    if dof == 12 and gate is not None:
+        provenance["gate"] = quality.gate_verdict(figures, gate)
+    figure = transform_path_for(out, "_qc.png")
+    plot_registration(
+        data,
+        ref_brain,
+        carried,
+        figures,
+        provenance.get("gate"),
+        subject=subject,
+        path=figure,
+        affine=ref.affine,
+        what=f"{Path(moving).name} on {Path(reference).name}",
+    )
+    write_json(provenance, transform_path_for(out, "_register.json"))
+    if "gate" in provenance:
+        quality.reject(provenance["gate"], subject=subject, figure=figure, path=moving)
+    save_image(data, ref.affine, out)
+    if carried is not None:
+        save_image(
+            carried, ref.affine, transform_path_for(out, "_desc-brain_mask.nii.gz"), dtype=np.uint8
+        )
+    save_transform(
+        result.transform,
+        transform_path_for(out),
+        note=f"moving: {moving}\nreference: {reference}\nbackend: {engine.name}, dof {dof}",
+    )
+    log.info(
+        "registered %s to %s with %s in %.1f s", moving, reference, engine.name, result.seconds
+    )
+    return provenance

@@ -1,12 +1,11 @@
 """One raw exam through the whole pre-processing chain, outside Snakemake.
 
 ``virtual-contrast predict --t1 --flair --dwi --bval --low`` uses this for an exam that arrives after the
-models were trained: the same functions as the workflow's rules ``adc`` → ``register`` → ``skull_strip`` →
-``crop`` → ``normalize``, in the same order and with the same options, written under one folder. There is no
-full-dose T1c, so the chain handles the four input sequences only.
-
-The models define the grid: the atlas at their voxel size, cropped to their grid shape (both are in the model
-checkpoint; see :func:`virtual_contrast.model.train.train_fold`).
+models were trained: the same step functions as the workflow's rules (``register`` checks the exam, then
+``adc``, ``skull_strip``, ``register``, ``crop``, ``normalize``), in the same order, with the same
+:class:`~virtual_contrast.preprocess.options.PreprocessOptions` (read from the models, which store the options
+of the workflow run that trained them), written under one folder. There is no full-dose T1c, so the chain
+handles the four input sequences only.
 """
 
 from __future__ import annotations
@@ -21,7 +20,10 @@ from virtual_contrast.atlas import ATLAS_FILES, load_atlas, prepare_atlas
 from virtual_contrast.io import InputError, write_json
 from virtual_contrast.preprocess.adc import adc_from_files
 from virtual_contrast.preprocess.crop import crop_images
-from virtual_contrast.preprocess.normalize import normalize_image
+from virtual_contrast.preprocess.inputs import check_exam
+from virtual_contrast.preprocess.native import export_native
+from virtual_contrast.preprocess.normalize import normalize_images
+from virtual_contrast.preprocess.options import PreprocessOptions
 from virtual_contrast.preprocess.register import register_subject
 from virtual_contrast.preprocess.skull_strip import skull_strip
 
@@ -38,9 +40,12 @@ class PreparedExam(TypedDict):
     provenance: Path
 
 
-def exam_atlas(atlas_dir: Path | str | None, voxel_mm: float, work_dir: Path | str) -> Path:
-    """The atlas folder to register to: ``atlas_dir`` when given, else the ICBM 2009a template shipped
-    with nilearn prepared at ``voxel_mm`` under ``work_dir`` (once; reused by later calls)."""
+def exam_atlas(
+    atlas_dir: Path | str | None, options: PreprocessOptions, work_dir: Path | str
+) -> Path:
+    """The atlas folder to register to: ``atlas_dir`` when given, else the atlas the options name (the
+    template shipped with nilearn unless the workflow was given other files) prepared at their voxel size
+    under ``work_dir``."""
     if atlas_dir is not None:
         folder = Path(atlas_dir)
         missing = [name for name in ATLAS_FILES.values() if not (folder / name).exists()]
@@ -51,9 +56,20 @@ def exam_atlas(atlas_dir: Path | str | None, voxel_mm: float, work_dir: Path | s
                 path=folder,
             )
         return folder
-    folder = Path(work_dir) / f"atlas_res-{voxel_mm:g}mm"
-    if not all((folder / name).exists() for name in ATLAS_FILES.values()):
-        prepare_atlas(folder, voxel_mm)
+    for key, path in (("t1", options.atlas_t1), ("brain_mask", options.atlas_brain_mask)):
+        if path and not Path(path).exists():
+            raise InputError(
+                f"the models were pre-processed with atlas {key} {path}, which is not on this machine: "
+                "pass the workflow's atlas folder with --atlas",
+                path=path,
+            )
+    folder = Path(work_dir) / f"atlas_res-{options.voxel_mm:g}mm"
+    prepare_atlas(
+        folder,
+        options.voxel_mm,
+        t1=options.atlas_t1 or None,
+        brain_mask=options.atlas_brain_mask or None,
+    )
     return folder
 
 
@@ -66,85 +82,84 @@ def preprocess_exam(
     low: Path | str,
     out_dir: Path | str,
     subject: str,
-    voxel_mm: float,
-    crop_shape: tuple[int, int, int],
+    options: PreprocessOptions,
     atlas_dir: Path | str | None = None,
-    register_backend: str = "auto",
-    skull_strip_backend: str = "auto",
-    hdbet_weights: Path | str | None = None,
-    percentiles: tuple[float, float] = (1.0, 99.0),
+    rejected_figure: Path | None = None,
+    device: str = "cpu",
 ) -> PreparedExam:
     """Pre-process one raw exam into ``out_dir`` (step folders named like the workflow's); see the module
-    docstring. Every input problem is an :class:`InputError` naming the subject and the file."""
-    from virtual_contrast.model.export import export_native
-
+    docstring. Every input problem is an :class:`InputError` naming the subject and the file, raised before
+    any work; a registration rejected by the quality gate draws ``rejected_figure`` and raises."""
     start = time.perf_counter()
     out = Path(out_dir)
     raw = {"t1": t1, "flair": flair, "dwi": dwi, "bval": bval, "low": low}
-    for key, path in raw.items():
-        if not Path(path).exists():
-            raise InputError(f"--{key} file not found", subject=subject, path=path)
+    provenance: dict = {
+        "subject": subject,
+        "inputs": {k: str(v) for k, v in raw.items()},
+        "options": options.to_dict(),
+        "checks": check_exam(
+            {"t1": t1, "flair": flair, "low": low}, subject=subject, dwi=dwi, bval=bval
+        ),
+    }
 
     def step(folder: str, name: str) -> Path:
         return out / folder / f"sub-{subject}_{name}"
 
     adc = step("adc", "space-dwi_ADC.nii.gz")
     b0 = step("adc", "space-dwi_desc-b0_dwi.nii.gz")
-    provenance: dict = {"subject": subject, "inputs": {k: str(v) for k, v in raw.items()}}
     provenance["adc"] = adc_from_files(dwi, bval, adc, b0, subject=subject)
 
-    atlas_folder = exam_atlas(atlas_dir, voxel_mm, out)
+    native_mask = step("skull_strip", "space-T1w_desc-brain_mask.nii.gz")
+    provenance["skull_strip"] = skull_strip(
+        t1, native_mask, options.skull_strip, device=device, subject=subject
+    )
+
+    atlas_folder = exam_atlas(atlas_dir, options, out)
     registered = {c: step("register", f"space-ICBM09a_{c}.nii.gz") for c in EXAM_CHANNELS}
     transforms = {c: step("register", f"from-{c}_to-ICBM09a_xfm.txt") for c in EXAM_CHANNELS}
+    brain = step("register", "space-ICBM09a_desc-brain_mask.nii.gz")
     register = register_subject(
         Path(t1),
+        native_mask,
         {"FLAIR": (Path(flair), Path(flair)), "ADC": (adc, b0), "lowT1c": (Path(low), Path(low))},
         load_atlas(atlas_folder),
         out_images={"T1": registered["T1w"], **{c: registered[c] for c in EXAM_CHANNELS[1:]}},
         out_transforms={"T1": transforms["T1w"], **{c: transforms[c] for c in EXAM_CHANNELS[1:]}},
-        backend=register_backend,
+        out_mask=brain,
+        options=options.register,
         subject=subject,
+        rejected_figure=rejected_figure,
     )
     provenance["register"] = register
 
     atlas_mask = atlas_folder / ATLAS_FILES["brain_mask"]
-    brain = step("skull_strip", "space-ICBM09a_desc-brain_mask.nii.gz")
-    provenance["skull_strip"] = skull_strip(
-        registered["T1w"],
-        brain,
-        backend=skull_strip_backend,
-        atlas_brain_mask=atlas_mask,
-        hdbet_weights=hdbet_weights,
-        subject=subject,
-    )
-
     cropped = {c: step("crop", f"desc-crop_{c}.nii.gz") for c in EXAM_CHANNELS}
     cropped["mask"] = step("crop", "desc-brain_mask.nii.gz")
     provenance["crop"] = crop_images(
         {**registered, "mask": brain},
         cropped,
-        shape=crop_shape,
+        shape=options.crop_shape,
         atlas_brain_mask=atlas_mask,
         subject=subject,
     )
 
     normalized = {c: step("normalize", f"desc-norm_{c}.nii.gz") for c in EXAM_CHANNELS}
-    lo, hi = percentiles
-    ranges = {
-        c: normalize_image(
-            cropped[c], cropped["mask"], normalized[c], low=lo, high=hi, subject=subject
-        )
-        for c in EXAM_CHANNELS
-    }
+    ranges = normalize_images(
+        {c: cropped[c] for c in EXAM_CHANNELS},
+        cropped["mask"],
+        normalized,
+        percentiles=options.normalize_percentiles,
+        subject=subject,
+    )
     provenance["normalize"] = ranges
     provenance["seconds"] = round(time.perf_counter() - start, 2)
     provenance_path = write_json(provenance, out / f"sub-{subject}_provenance.json")
     log.info(
-        "sub-%s: raw exam pre-processed in %.1f s (registration %s, skull stripping %s)",
+        "sub-%s: raw exam pre-processed in %.1f s (skull stripping %s, registration %s)",
         subject,
         provenance["seconds"],
-        register["backend"],
         provenance["skull_strip"]["backend"],
+        register["backend"],
     )
     low_range = (ranges["lowT1c"]["low_value"], ranges["lowT1c"]["high_value"])
 
@@ -154,6 +169,8 @@ def preprocess_exam(
             low,
             transforms["lowT1c"],
             out_path,
+            t1_mask=native_mask,
+            t1_transform=transforms["T1w"],
             intensity_range=low_range,
             subject=subject,
         )

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from virtual_contrast.io import InputError, load_image, save_image
-from virtual_contrast.preprocess.register import Registration, head_mask_from_image
+from virtual_contrast.preprocess.register import Registration
 from virtual_contrast.preprocess.transforms import voxel_sizes
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def flirt_estimate(
     """nipype FLIRT interface that estimates a ``dof`` transform of ``in_file`` onto ``reference``.
 
     With ``in_matrix_file`` the search starts from it and FLIRT's coarse angular search is skipped
-    (``-nosearch``): the start is already close (the head-outline stage).
+    (``-nosearch``): the start is already close (the brain-outline stage).
     """
     inputs = dict(
         in_file=str(in_file),
@@ -177,9 +177,11 @@ def flirt_apply(
 class FSLBackend:
     """FLIRT estimates (dof 12 or 6) and FLIRT ``-applyxfm -interp spline`` resamples (the paper's tools).
 
-    With a reference head mask, a first FLIRT run (7 DOF, least squares) matches the subject's head outline
-    to it, with the subject as the reference so that a slab that cuts the head is not pulled towards the
-    whole head; the second run starts there with the dilated brain mask as ``-refweight``.
+    Brain to brain, as the embedded backend: with the two brain masks, a first FLIRT run (7 DOF, least
+    squares) matches the reference brain mask to the subject's (the subject is FLIRT's reference, so that a
+    slab that cuts the brain is not pulled towards the whole brain); the second run registers the
+    brain-extracted image from there (``-init``, ``-nosearch``) with the grown reference brain mask as
+    ``-refweight``.
     """
 
     name = "fsl"
@@ -206,7 +208,8 @@ class FSLBackend:
         *,
         dof: int = 12,
         reference_mask: np.ndarray | None = None,
-        reference_head_mask: np.ndarray | None = None,
+        moving_outline: np.ndarray | None = None,
+        reference_outline: np.ndarray | None = None,
         initial: np.ndarray | None = None,
     ) -> Registration:
         if dof not in (6, 12):
@@ -224,34 +227,39 @@ class FSLBackend:
             weight = None
             if reference_mask is not None:
                 weight = save_image(reference_mask, reference.affine, tmp / "refweight.nii.gz")
-            if initial is None and reference_head_mask is not None:
+            if initial is None and moving_outline is not None and reference_outline is not None:
                 s0 = time.perf_counter()
-                head = head_mask_from_image(np.asanyarray(moving.dataobj))
-                head_path = save_image(head, moving.affine, tmp / "subject_head.nii.gz")
-                atlas_head = save_image(
-                    reference_head_mask, reference.affine, tmp / "ref_head.nii.gz"
+                subject_brain = save_image(
+                    np.asarray(moving_outline, np.float32),
+                    moving.affine,
+                    tmp / "subject_brain.nii.gz",
+                )
+                atlas_brain = save_image(
+                    np.asarray(reference_outline, np.float32),
+                    reference.affine,
+                    tmp / "ref_brain.nii.gz",
                 )
                 iface = flirt_estimate(
-                    atlas_head,
-                    head_path,
-                    tmp / "head.mat",
-                    tmp / "head_out.nii.gz",
+                    atlas_brain,
+                    subject_brain,
+                    tmp / "outline.mat",
+                    tmp / "outline_out.nii.gz",
                     dof=7,
                     cost="leastsq",
                     command=self.flirt,
                 )
                 self._run(iface)
-                # FLIRT mapped reference-head coords onto subject-head coords; in our world convention that
+                # FLIRT mapped reference-brain coords onto subject-brain coords; in our world convention that
                 # run's "reference" is the subject, so the world matrix is subject -> atlas; invert it.
                 subj_to_atlas = flirt_matrix_to_world(
-                    np.loadtxt(tmp / "head.mat"),
+                    np.loadtxt(tmp / "outline.mat"),
                     nib.Nifti1Image(np.zeros(reference.shape, np.float32), reference.affine),
                     nib.Nifti1Image(np.zeros(moving.shape, np.float32), moving.affine),
                 )
                 initial = np.linalg.inv(subj_to_atlas)
                 stages.append(
                     {
-                        "name": "head outline (FLIRT dof 7, leastsq)",
+                        "name": "brain outline (FLIRT dof 7, leastsq)",
                         "metric": None,
                         "cmdline": iface.cmdline,
                         "seconds": round(time.perf_counter() - s0, 3),

@@ -97,3 +97,20 @@ def normalize_image(
         "low_value": float(lo),
         "high_value": float(hi),
     }
+
+
+def normalize_images(
+    images: dict[str, Path | str],
+    mask: Path | str,
+    outputs: dict[str, Path | str],
+    *,
+    percentiles: tuple[float, float],
+    subject: str | None = None,
+) -> dict[str, dict]:
+    """:func:`normalize_image` for every channel of one subject, with the one percentile pair of the
+    pre-processing options; returns each channel's provenance (the values the percentiles took)."""
+    low, high = percentiles
+    return {
+        name: normalize_image(path, mask, outputs[name], low=low, high=high, subject=subject)
+        for name, path in images.items()
+    }

@@ -145,3 +145,15 @@ def resample_to_native(
     return resample(
         img_atlas, native_img.shape, native_img.affine, np.linalg.inv(transform), order=order
     )
+
+
+def carry_mask(
+    mask: nib.Nifti1Image, shape: tuple[int, ...], affine: np.ndarray, transform: np.ndarray
+) -> np.ndarray:
+    """A binary mask pulled onto another grid: linear interpolation, then the 0.5 level (bool).
+
+    Linear interpolation and a threshold keep the outline where the mask's own half-voxel boundary lies;
+    nearest neighbour would shift it by up to half a voxel of the coarser grid.
+    """
+    binary = nib.Nifti1Image((np.asanyarray(mask.dataobj) > 0.5).astype(np.float32), mask.affine)
+    return resample(binary, shape, affine, transform, order=1) >= 0.5

@@ -1,0 +1,100 @@
+"""The registration quality gate: affine figures, the verdict, and a rejection that names the subject."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from virtual_contrast.preprocess import quality
+from virtual_contrast.preprocess.options import GateOptions, default_options
+
+GATE = GateOptions(scale_range=(0.67, 1.5), min_correlation=0.2, min_brain_dice=0.8)
+
+
+def _affine(linear: np.ndarray) -> np.ndarray:
+    out = np.eye(4)
+    out[:3, :3] = linear
+    out[:3, 3] = [3.0, -2.0, 5.0]
+    return out
+
+
+def test_scales_shears_and_determinant_of_a_rotation_times_scaling():
+    rot = Rotation.from_euler("xyz", (20, -10, 35), degrees=True).as_matrix()
+    figures = quality.affine_figures(_affine(rot @ np.diag([1.1, 0.9, 0.8])))
+    np.testing.assert_allclose(figures["scales"], [1.1, 0.9, 0.8], atol=1e-4)
+    np.testing.assert_allclose(figures["shears"], [0, 0, 0], atol=1e-4)
+    assert figures["determinant"] == pytest.approx(1.1 * 0.9 * 0.8, abs=1e-4)
+    sheared = quality.affine_figures(_affine(np.array([[1, 0.3, 0], [0, 1, 0], [0, 0, 1.0]])))
+    assert sheared["shears"][0] == pytest.approx(0.3, abs=1e-4)
+
+
+def test_a_determinant_of_027_is_rejected_naming_the_subject_and_the_figure():
+    """The fit a skull-stripped BraTS case once received: singular values 0.91 / 0.59 / 0.51."""
+    rot = Rotation.from_euler("xyz", (5, 8, -3), degrees=True).as_matrix()
+    transform = _affine(rot @ np.diag([0.91, 0.59, 0.51]))
+    figures = quality.affine_figures(transform)
+    assert figures["determinant"] == pytest.approx(0.27, abs=0.005)
+    figures.update(correlation=0.55, brain_dice=0.95)  # everything else looks fine
+    verdict = quality.gate_verdict(figures, GATE)
+    assert not verdict["passed"] and len(verdict["failures"]) == 2
+    with pytest.raises(quality.RegistrationRejectedError) as err:
+        quality.reject(verdict, subject="BraTS00110", figure="qc/reg.png")
+    message = str(err.value)
+    assert "subject 'BraTS00110'" in message
+    assert "scale 0.59" in message and "scale 0.51" in message and "[0.67, 1.5]" in message
+    assert "look at qc/reg.png" in message and "\n" not in message
+
+
+def test_correlation_and_dice_limits():
+    figures = {"scales": [1.0, 1.0, 1.0], "correlation": 0.1, "brain_dice": 0.5}
+    failures = quality.gate_failures(figures, GATE)
+    assert any("correlation with the template 0.10 is below 0.2" in f for f in failures)
+    assert any("Dice with the atlas brain mask 0.50 is below 0.8" in f for f in failures)
+    figures["correlation"] = float("nan")
+    assert any("correlation" in f for f in quality.gate_failures(figures, GATE))
+    assert (
+        quality.gate_failures(
+            {"scales": [1.2, 1, 0.8], "correlation": 0.5, "brain_dice": 0.9}, GATE
+        )
+        == []
+    )
+
+
+def test_correlation_is_over_the_atlas_brain_with_the_subject_masked():
+    rng = np.random.default_rng(0)
+    template = rng.random((10, 10, 10))
+    brain = np.zeros((10, 10, 10), bool)
+    brain[2:8, 2:8, 2:8] = True
+    assert quality.brain_correlation(template * 3 + 1, brain, template, brain) == pytest.approx(1.0)
+    half = brain.copy()
+    half[:5] = False  # the subject's brain covers half of the atlas brain: the rest counts as 0
+    assert quality.brain_correlation(template, half, template, brain) < 0.9
+
+
+def test_the_default_gate_comes_from_the_config_schema():
+    assert default_options().register.gate == GATE
+
+
+def test_the_study_tables_read_the_figures_and_the_rejections(tmp_path):
+    import json
+
+    figures = {**quality.affine_figures(np.eye(4)), "correlation": 0.5, "brain_dice": 0.95}
+    figures["brain_volume_ratio"] = 1.0
+    provenance = {
+        "backend": "simpleitk",
+        "quality": figures,
+        "gate": quality.gate_verdict(figures, GATE),
+    }
+    row = quality.quality_row("vc001", provenance)
+    assert (
+        row["passed"]
+        and row["scales"] == "1.000 1.000 1.000"
+        and "scale_range [0.67, 1.5]" in row["limits"]
+    )
+    evidence = tmp_path / "sub-vc002_desc-rejected_registration.json"
+    squeezed = {**figures, "scales": [0.9, 0.6, 0.5]}
+    evidence.write_text(json.dumps({"gate": quality.gate_verdict(squeezed, GATE)}))
+    rows = quality.rejected_registrations({"vc001": tmp_path / "none.json", "vc002": evidence})
+    assert [r["subject"] for r in rows] == ["vc002"]
+    assert rows[0]["failures"].startswith("scale 0.60") and rows[0]["figure"].endswith(".png")

@@ -1,0 +1,164 @@
+"""The pre-processing options: one typed object for the workflow's rules and for ``virtual-contrast predict``.
+
+:class:`PreprocessOptions` holds every choice that changes what a subject's pre-processed volumes look like
+(atlas, grid, backends, registration quality gate, normalisation percentiles). The workflow builds it from its
+config (:meth:`PreprocessOptions.from_config`) and hands each rule the part it uses, the ``train`` rule stores
+the whole object in every ``model.pt``, and ``predict`` reads it back from there, as nnU-Net stores its plans
+with the model: a model is always fed the way it was trained.
+
+There are no default values here: they live in the config schema (``virtual_contrast/schemas/
+config.schema.yaml``), and :func:`schema_defaults` reads them from there for callers without a config (the
+command line's single steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from virtual_contrast.io import InputError
+
+
+@dataclass(frozen=True)
+class SkullStripOptions:
+    """Brain extraction on the native T1 (config ``preprocess.skull_strip_backend``, ``hdbet_weights``)."""
+
+    backend: str  # auto | deepbet | hdbet
+    hdbet_weights: str  # HD-BET 2 weights folder; "" = none configured
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """Limits of the registration quality gate (config ``preprocess.registration_gate``)."""
+
+    scale_range: tuple[float, float]  # allowed singular values of the atlas -> subject affine
+    min_correlation: (
+        float  # Pearson correlation of the registered brain with the template, atlas brain
+    )
+    min_brain_dice: float  # Dice of the carried brain mask with the atlas brain mask
+
+
+@dataclass(frozen=True)
+class RegisterOptions:
+    """Registration to the atlas (config ``preprocess.register_backend`` and the gate)."""
+
+    backend: str  # auto | fsl | simpleitk
+    gate: GateOptions
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """Everything that defines a subject's pre-processed volumes; see the module docstring."""
+
+    atlas_t1: str  # config atlas.t1 ("" = the template inside nilearn)
+    atlas_brain_mask: str  # config atlas.brain_mask ("" = the template thresholded)
+    voxel_mm: float  # config grid.voxel_mm
+    crop_shape: tuple[int, int, int]  # config grid.crop_shape
+    skull_strip: SkullStripOptions
+    register: RegisterOptions
+    normalize_percentiles: tuple[float, float]  # config preprocess.normalize_percentiles
+
+    @classmethod
+    def from_config(cls, config: dict) -> PreprocessOptions:
+        """The options of a validated workflow config (every key present, as the schema fills them in)."""
+        pre, gate = config["preprocess"], config["preprocess"]["registration_gate"]
+        return cls(
+            atlas_t1=str(config["atlas"]["t1"]),
+            atlas_brain_mask=str(config["atlas"]["brain_mask"]),
+            voxel_mm=float(config["grid"]["voxel_mm"]),
+            crop_shape=tuple(int(s) for s in config["grid"]["crop_shape"]),
+            skull_strip=SkullStripOptions(
+                backend=str(pre["skull_strip_backend"]),
+                hdbet_weights=str(pre["hdbet_weights"]),
+            ),
+            register=RegisterOptions(
+                backend=str(pre["register_backend"]),
+                gate=GateOptions(
+                    scale_range=tuple(float(s) for s in gate["scale_range"]),
+                    min_correlation=float(gate["min_correlation"]),
+                    min_brain_dice=float(gate["min_brain_dice"]),
+                ),
+            ),
+            normalize_percentiles=tuple(float(p) for p in pre["normalize_percentiles"]),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (lists for tuples), as stored in ``model.pt`` and passed as rule params."""
+        return _plain(asdict(self))
+
+    @classmethod
+    def from_dict(
+        cls, values: dict, *, source: str = "pre-processing options"
+    ) -> PreprocessOptions:
+        """Inverse of :meth:`to_dict`; an unknown or missing key is an :class:`InputError` naming it."""
+        return _build(cls, values, source)
+
+
+def skull_strip_options(values: dict) -> SkullStripOptions:
+    """:class:`SkullStripOptions` from their ``to_dict`` form (a rule's params)."""
+    return _build(SkullStripOptions, values, "skull_strip options")
+
+
+def register_options(values: dict) -> RegisterOptions:
+    """:class:`RegisterOptions` from their ``to_dict`` form (a rule's params)."""
+    return _build(RegisterOptions, values, "register options")
+
+
+@cache
+def schema_defaults() -> dict:
+    """The default config: every default of the config schema, nested as the config is."""
+    import yaml
+
+    text = resources.files("virtual_contrast").joinpath("schemas/config.schema.yaml").read_text()
+    return _defaults(yaml.safe_load(text))
+
+
+def default_options() -> PreprocessOptions:
+    """The options of the schema's defaults (for the single-step commands, which have no config)."""
+    return PreprocessOptions.from_config(schema_defaults())
+
+
+# -- helpers
+def _defaults(schema: dict) -> Any:
+    if schema.get("type") == "object" and "properties" in schema:
+        return {key: _defaults(sub) for key, sub in schema["properties"].items()}
+    return schema.get("default")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, values: Any, source: str):
+    if not isinstance(values, dict):
+        raise InputError(f"{source}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    missing = sorted(set(fields) - set(values))
+    if unknown or missing:
+        raise InputError(
+            f"{source} do not match this version of virtual-contrast"
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        value = values[name]
+        nested = {
+            "SkullStripOptions": SkullStripOptions,
+            "RegisterOptions": RegisterOptions,
+            "GateOptions": GateOptions,
+        }.get(str(field.type))
+        if nested is not None:
+            value = _build(nested, value, f"{source}: {name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,16 @@
+import json
+from pathlib import Path
+
+import pandas as pd
+from _common import setup
+
+from virtual_contrast.io import write_table
+from virtual_contrast.preprocess.quality import quality_row
+
+log = setup(snakemake)
+rows = [
+    quality_row(subject, json.loads(Path(path).read_text()))
+    for subject, path in zip(snakemake.params.subjects, snakemake.input, strict=True)
+]
+write_table(pd.DataFrame(rows), snakemake.output.table)
+log.info("registration quality of %d subjects", len(rows))
