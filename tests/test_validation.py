@@ -58,9 +58,13 @@ BAD_ARGUMENTS = {
         ["crop", "--image", ABSENT, "--out", "crop.nii.gz.png"],
         "--out must be a NIfTI file name",
     ),
-    "skull-strip voxel": (
-        ["skull-strip", "--t1", ABSENT, "--out", "m.nii.gz", "--voxel-mm", "0"],
-        "--voxel-mm must be a positive number",
+    "skull-strip output": (
+        ["skull-strip", "--t1", ABSENT, "--out", "mask.png"],
+        "--out must be a NIfTI file name",
+    ),
+    "atlas voxel": (
+        ["atlas", "--voxel-mm", "0", "--out", "atlas"],
+        "must be a positive number",
     ),
     "subject id": (
         ["adc", "--dwi", ABSENT, "--bval", "absent.bval", "--out", "a.nii.gz"]
