@@ -226,22 +226,63 @@ def test_quarter_dose_enhances_less_and_non_linearly_while_white_matter_barely_c
     assert all(0.25 < r < 0.6 for r in ratios), ratios
 
 
-def test_normal_vessels_not_lesions_are_most_of_the_brightest_full_dose_voxels(cohort):
-    """Cortical veins set the 99th percentile of a full-dose brain in every exam, as in real exams, so the
-    percentile normalisation does not hinge on how much tumour a patient has."""
+def test_low_and_full_dose_agree_in_normalised_intensity(cohort):
+    """The proxy of the paper's low-T1c vs ref-T1c figures (SSIM 80 %, PSNR 27 dB at 1 mm): after the
+    1st/99th percentile normalisation over the brain, the two doses agree in white and grey matter. They did
+    not when cortical veins filled 1.2 % of the brain: the full dose's 99th percentile then sat on enhancing
+    blood, the low dose's on tissue, and normal white matter differed by 0.05-0.2 (PSNR 21 dB at 1 mm). Normal
+    vessels are now a small part of the brain, as in real exams, and the percentile lies in the tissue."""
+    from virtual_contrast.preprocess.normalize import normalize
+
+    gaps = []
     for subject, session in _first_exams(cohort):
         dseg = _truth(cohort, subject, "dseg", session)
-        pre, full = (
-            np.asanyarray(_load(cohort, subject, n, session).dataobj).astype(float)
-            for n in (SEQUENCES[0], SEQUENCES[2])
-        )
         brain = _truth(cohort, subject, "desc-brain_mask", session) > 0
-        normal = brain & np.isin(dseg, (1, 2, 3, 7))  # CSF, GM, WM, vessels: no lesion compartment
-        vessels = dseg == 7
-        assert 0.004 < vessels.sum() / normal.sum() < 0.03
-        enhancement = (full - pre)[normal]
-        top = enhancement >= np.percentile(enhancement, 99)
-        assert vessels[normal][top].mean() > 0.5
+        assert (
+            0.0005 < (dseg[brain] == 7).mean() < 0.01
+        )  # normal vessels: measured 0.12-0.14 % at 4 mm
+        low, full = (
+            normalize(np.asanyarray(_load(cohort, subject, n, session).dataobj), brain)
+            for n in SEQUENCES[1:3]
+        )
+        for label in (2, 3):  # GM, WM
+            tissue = ndimage.binary_erosion(dseg == label) & brain
+            gaps.append(abs(np.median(low[tissue]) - np.median(full[tissue])))
+    # Measured 0.01-0.06 (the largest with a large enhancing lesion); with the dense veins 0.02-0.17.
+    assert np.mean(gaps) < 0.04, gaps
+
+
+def test_each_post_contrast_series_is_an_acquisition_of_its_own(cohort):
+    """Pre-contrast, low-dose and full-dose T1 are separate acquisitions minutes apart: each has its own head
+    position and noise, and the agent's concentrations are those of its time in the two-injection protocol."""
+    import json
+
+    for subject, session in _first_exams(cohort):
+        folder, prefix = _exam_dir(cohort / "derivatives" / "truth", subject, session)
+        truth = json.loads((folder / "anat" / f"{prefix}_desc-truth.json").read_text())
+        series = truth["series"]
+        points = np.random.default_rng(0).uniform(
+            -60, 60, (500, 3)
+        )  # a head-sized cloud, subject mm
+
+        def world(key, points=points, series=series):
+            s = series[key]
+            return points @ np.asarray(s["rotation"]) + np.asarray(s["translation_mm"])
+
+        for a, b in (("t1", "low"), ("t1", "ref"), ("low", "ref")):
+            moved = np.linalg.norm(world(a) - world(b), axis=1).mean()
+            assert 0.1 < moved < 6.0, (subject, a, b, moved)  # about 1 mm and 1 deg each
+        timeline = truth["contrast_timeline"]
+        assert 3.0 <= timeline["ref_t1c_min"] - timeline["low_t1c_min"] <= 10.0
+        ratio = series["low"]["plasma_mM"] / series["ref"]["plasma_mM"]
+        assert (
+            0.15 < ratio < 0.4
+        )  # not exactly a quarter: the first dose washes out before the second
+        # Independent noise: the air in front of the face is noise only, uncorrelated between the two series.
+        low, full = (np.asanyarray(_load(cohort, subject, n, session).dataobj).astype(float)
+                     for n in SEQUENCES[1:3])  # fmt: skip
+        air = (low < np.percentile(low, 30)) & (full < np.percentile(full, 30))
+        assert abs(np.corrcoef(low[air], full[air])[0, 1]) < 0.1
 
 
 def test_flair_is_bright_in_oedema(cohort):

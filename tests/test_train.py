@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -334,3 +335,54 @@ def test_mixed_precision_choice_on_the_cpu(monkeypatch):
         monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda native=native: native)
         assert runtime.resolve_amp("auto", cpu) == expected
         assert runtime.resolve_amp(True, cpu) == expected
+
+
+def _saturation(model_path, subject) -> float:
+    """Fraction of the brain where the model's sigmoid output is saturated, on one toy subject."""
+    from virtual_contrast.model.schedule import saturated_fraction
+
+    model, ckpt = load_model(model_path)
+    channels = [
+        np.asanyarray(nib.load(subject.channels[c]).dataobj, np.float32) for c in ckpt["channels"]
+    ]
+    mask = np.asanyarray(nib.load(subject.mask).dataobj) > 0
+    with torch.no_grad():
+        pred = model(torch.from_numpy(np.stack(channels))[None])
+    return saturated_fraction(pred[0, 0], torch.from_numpy(mask))
+
+
+def test_divergence_guard_prevents_the_saturated_sigmoid_collapse(toy, tmp_path):
+    """An absurd learning rate throws the direct (sigmoid) network into saturation, where its gradient
+    vanishes and the loss stays at a constant image's for good; the guard undoes such epochs and halves the
+    learning rate, and the run ends fitted. Gradient clipping alone does not prevent it (Adam's step does not
+    scale with the gradient's norm)."""
+    cfg = dataclasses.replace(
+        TINY, epochs=12, batch_size=1, learning_rate=0.3, output="direct", checkpoint_every=12
+    )
+    unguarded = dataclasses.replace(cfg, divergence_guard=0.0)
+    train_fold(toy[:4], toy[4:], tmp_path / "unguarded", unguarded)
+    log = _log(tmp_path / "unguarded")
+    assert log["train_loss"].iloc[-1] > 0.5  # measured 0.833: the output is 1 everywhere
+    assert log["train_loss"].iloc[-3:].std() < 1e-4  # stuck
+    assert _saturation(tmp_path / "unguarded" / "model.pt", toy[0]) > 0.9
+
+    guarded = train_fold(toy[:4], toy[4:], tmp_path / "guarded", cfg)
+    log = _log(tmp_path / "guarded")
+    assert log["train_loss"].iloc[-1] < 0.04  # measured 0.02-0.03; a constant image scores >= 0.047
+    assert log["lr"].iloc[-1] < 0.3 / 8  # at least three halvings
+    assert _saturation(guarded, toy[0]) < 0.2
+    resume = torch.load(tmp_path / "guarded" / "last.pt", weights_only=True)
+    assert len(resume["guard"]["rollbacks"]) >= 3
+
+
+def test_learning_rate_schedules():
+    from virtual_contrast.model.schedule import learning_rate_at
+
+    assert learning_rate_at(1e-3, "constant", 99, 100) == 1e-3
+    assert learning_rate_at(1e-3, "poly", 0, 100) == 1e-3
+    assert learning_rate_at(1e-3, "poly", 50, 100) == pytest.approx(1e-3 * 0.5**0.9)
+    assert learning_rate_at(1e-3, "poly", 99, 100) < 2e-5
+    with pytest.raises(InputError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine")
+    with pytest.raises(InputError, match="divergence_guard"):
+        TrainConfig(divergence_guard=-1)

@@ -134,3 +134,26 @@ def _tiny_study():
     for key, value in yaml.safe_load((REPO / "tests/tiny.yaml").read_text()).items():
         config[key].update(value)
     return plan_study(config)
+
+
+def test_paper_overlay_lists_every_job(tmp_path):
+    """config.paper.yaml (1 mm, 160x192x160, 5 folds, 300 epochs) plans the whole study: every rule of the
+    default run, one job per subject, fold and test subject, one atlas (the cohort and the grid are both 1 mm)."""
+    for name in ("default", "paper"):
+        (tmp_path / name).mkdir()
+    default = job_counts(snakemake(tmp_path / "default", "-n", overlays=()).stdout)
+    proc = snakemake(tmp_path / "paper", "-n", overlays=("config.paper.yaml",))
+    counts = job_counts(proc.stdout)
+    assert set(counts) == set(default)
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    paper = yaml.safe_load((REPO / "config.paper.yaml").read_text())
+    for key, value in paper.items():
+        config[key].update(value)
+    from virtual_contrast.workflow import plan_study
+
+    study = plan_study(config)
+    for rule in PER_SUBJECT:
+        assert counts[rule] == config["cohort"]["n_subjects"], (rule, counts)
+    assert counts["train"] == paper["split"]["folds"] == 5
+    assert counts["predict"] == len(study.test_subjects)
+    assert counts["atlas"] == 1

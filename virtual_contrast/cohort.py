@@ -5,9 +5,9 @@ the head a mixture of compartments with literature relaxation times, proton dens
 and the signal equations of each sequence turn them into intensities:
 
 * T1w, low-dose and full-dose T1c: 3D spoiled gradient echo, S = PD sin a (1 - E1) / (1 - cos a E1) exp(-TE R2*).
-  Gadolinium shortens T1 through R1 = R1_0 + r1 C (and T2* through r2 C), with C proportional to the dose. The
-  quarter dose (0.025 mmol/kg) enhances less than the full dose but more than a quarter as much, because the
-  signal saturates as R1 grows: the physics, not a scale factor, relates the two images.
+  Gadolinium shortens T1 through R1 = R1_0 + r1 C (and T2* through r2 C). The quarter dose (0.025 mmol/kg)
+  enhances less than the full dose but more than a quarter as much, because the signal saturates as R1 grows:
+  the physics, not a scale factor, relates the two images.
 * FLAIR: inversion recovery whose TI nulls CSF, long TE: oedema (long T2) is bright, CSF is dark.
 * DWI: spin-echo EPI with b = 0 and b = 1000 s/mm2, S = S0 exp(-b ADC) per compartment (fat suppressed).
 
@@ -20,6 +20,23 @@ Skull (dark), diploe and scalp fat (bright on T1) surround the brain; the sagitt
 carry blood and enhance a little. A smooth multiplicative bias field and Rician noise finish each image, which
 is stored as int16 in scanner-like units with its qform/sform.
 
+Each T1 series is an acquisition of its own, as in the paper's protocol (pre-contrast T1, FLAIR and DWI; 0.025
+mmol/kg and the low-dose T1c; 0.075 mmol/kg more and the reference T1c, a median 6 min later):
+
+* its own head position: a rigid movement from the pre-contrast pose of about 1 mm and 1 deg (root mean square;
+  the FLAIR and the DWI move the same way), simulated afresh, not resampled;
+* its own noise, at the T1 sequence's SNR of 40 in white matter (:data:`NOISE`), and the same receive field,
+  fixed in the scanner, through which the moved head passes;
+* the agent's concentrations of its time (:mod:`virtual_contrast.kinetics`): plasma after the two boluses
+  (Weinmann's biexponential curve) and, in each lesion, the extended Tofts model with its own Ktrans, ve and
+  blood volume, so the tumour's low/full ratio is not the plasma's and varies from lesion to lesion.
+
+Normal vessels (sinus, choroid plexus, cortical veins) are a small part of the brain mask (cortical veins
+0.4 %, :data:`CORTICAL_VEIN_FRACTION`). With 1.2 % the 99th percentile of a full-dose brain sat on enhancing
+blood while the low dose's sat on tissue, and after the percentile normalisation the two doses disagreed over
+the whole brain (PSNR 21 dB at 1 mm against the paper's 27.4). Measured after the workflow's pre-processing at
+1 mm (``benchmarks/cohort_fidelity.py``), low vs full now lands in the paper's band (README, "Embedded cohort").
+
 Determinism: an exam depends only on (seed, subject id, session, parameters): each subject draws its random
 numbers from ``SeedSequence([seed, *subject id bytes, stream])``, so adding patients never changes existing
 ones, and the same seed gives byte-identical files.
@@ -29,8 +46,8 @@ Layout written by :func:`make_cohort` (BIDS-like)::
     participants.tsv     participant_id (sub-vc001), age, sex, weight_kg, indication, acquisition_date
                          (the date of the patient's first exam, YYYY-MM-DD)
     lesions.tsv          one row per true lesion and exam: subject (vc001), session ("" when the patient has a
-                         single exam, else 01/02), lesion_id, x_mm y_mm z_mm (centre, world RAS mm of the T1
-                         and T1c images), long_axis_mm short_axis_mm (largest axial cross-section of the lesion
+                         single exam, else 01/02), lesion_id, x_mm y_mm z_mm (centre, world RAS mm of the
+                         full-dose T1c; the other series' head positions differ by about 1 mm), long_axis_mm short_axis_mm (largest axial cross-section of the lesion
                          through its centre, as a RANO reader measures it), diameter_mm (equivalent sphere),
                          kind (nodule|ring), atlas_x_mm atlas_y_mm atlas_z_mm (centre in atlas space)
     sub-vc001/ses-01/anat/sub-vc001_ses-01_{T1w,FLAIR,ce-low_T1w,ce-full_T1w}.nii.gz (+ .json sidecars)
@@ -40,7 +57,8 @@ Layout written by :func:`make_cohort` (BIDS-like)::
     sub-vcm01/...        patients whose exam lacks one sequence (FLAIR first, then DWI, then low-dose T1c)
     derivatives/truth/sub-*/[ses-*/]anat/*_space-T1w_{dseg,desc-brain_mask,desc-lesions_dseg}.nii.gz
                          the true tissue classes (see ``DSEG_LABELS``), brain mask and lesion ids on the T1
-                         grid, and *_desc-truth.json (pose, head scaling, dose, plasma concentration)
+                         grid (the pre-contrast T1's), and *_desc-truth.json (pose of each series, head
+                         scaling, contrast timeline, plasma and lesion concentrations of each series)
 
 The exams planned (who has a later visit, who lacks a sequence) are those of
 :func:`virtual_contrast.workflow.plan_cohort`, so the tree equals what the workflow builds exam by exam with
@@ -61,6 +79,7 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from virtual_contrast import kinetics
 from virtual_contrast.atlas import Atlas
 from virtual_contrast.io import InputError, save_image, write_json, write_table, write_text
 
@@ -110,22 +129,18 @@ COMPARTMENTS = tuple(TISSUES)
 #: value. (The paper injected gadoterate: r1 3.00 in plasma, 2.72 in blood at 3 T, same source.)
 R1_RELAXIVITY = 4.0
 R2_RELAXIVITY = 5.0
-FULL_DOSE_MMOL_KG = 0.1
-LOW_DOSE_FRACTION = 0.25  # 0.025 mmol/kg, the paper's low dose
-#: Plasma concentration (mM) a few minutes after 0.1 mmol/kg: the dose in the extracellular volume (~0.2 L/kg)
-#: gives ~0.5 mM, higher early on; drawn per exam in this range (circulation and timing vary).
-PLASMA_FULL_MM = (0.5, 0.9)
 HEMATOCRIT = 0.42
-#: Concentration in each compartment per unit plasma concentration. Normal brain keeps the agent in its blood
-#: volume (CBV ~4 % GM, ~2 % WM; Leenders et al., Brain 1990;113:27-47) and, water exchanging fast, the whole
-#: voxel relaxes with the mean concentration; extracellular tissues (muscle, scalp) take up their ECV. The
-#: tumour's uptake (plasma plus leaky extracellular volume) is drawn per lesion.
+#: Concentration in each compartment per unit plasma concentration (the plasma curve over the exam is in
+#: :mod:`virtual_contrast.kinetics`). Normal brain keeps the agent in its blood volume (CBV ~4 % GM, ~2 % WM;
+#: Leenders et al., Brain 1990;113:27-47) and, water exchanging fast, the whole voxel relaxes with the mean
+#: concentration; extracellular tissues (muscle, scalp) take up their ECV. The tumour's concentration follows
+#: the extended Tofts model with kinetic parameters drawn per lesion (see :class:`Lesion`).
 UPTAKE: dict[str, float] = {
     "csf": 0.0,
     "gm": 0.04 * (1 - HEMATOCRIT),
     "wm": 0.02 * (1 - HEMATOCRIT),
     "oedema": 0.02 * (1 - HEMATOCRIT),
-    "tumour": 0.0,  # per lesion, see _sample_lesions
+    "tumour": 0.0,  # per lesion: kinetics.tissue_mm
     "necrosis": 0.03,
     "blood": 1 - HEMATOCRIT,
     "fat": 0.03,
@@ -143,7 +158,8 @@ DWI_BVALS = (0, 1000, 1000, 1000, 0, 1000, 1000, 1000)
 DWI_DIRECTIONS = np.array(
     [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=float
 ) / np.sqrt([[1], [1], [1], [2], [2], [2]])
-#: Noise standard deviation relative to the WM signal of each sequence (SNR of WM 40, 30, 25 on b0).
+#: Noise standard deviation relative to the WM signal of each sequence (SNR of WM 40, 30, 25 on b0), per
+#: native voxel; each series draws its own.
 NOISE = {"t1": 0.025, "flair": 0.033, "dwi": 0.04}
 #: Nominal WM signal in scanner units (int16 storage), times a per-exam gain of 0.8-1.25.
 TARGET_WM = {"t1": 600.0, "flair": 400.0, "dwi": 300.0}
@@ -156,7 +172,9 @@ RIM_MM = 2.0  # extra-axial CSF between brain and skull
 SKULL_MAX_MM = 14.0  # beyond this distance from the brain (face, neck): soft tissue, not bone
 MAX_ROTATION_DEG = (15.0, 8.0, 8.0)  # pitch (about L-R), roll, yaw of the head in the scanner
 MAX_TRANSLATION_MM = 20.0
-MOTION_DEG, MOTION_MM = 1.0, 1.0  # head motion between sequences of one exam (standard deviations)
+#: Head motion between two series of one exam: standard deviation per axis, so that the rotation and the
+#: translation are about 1 deg and 1 mm (root mean square).
+MOTION_DEG, MOTION_MM = 1 / np.sqrt(3), 1 / np.sqrt(3)
 INDICATIONS = ("metastases", "glioma", "other")  # "other": no enhancing lesion (33 % in the paper)
 FIRST_DATE, LAST_DATE = dt.date(2019, 11, 1), dt.date(2020, 2, 29)  # the paper's acquisition window
 #: Labels of the truth tissue segmentation (derivatives/truth ..._dseg.nii.gz).
@@ -344,16 +362,17 @@ def _vessels(
     return np.maximum(blood, _cortical_veins(atlas, brain, signed_brain))
 
 
-#: Fraction of the brain mask's volume taken by the cortical veins of the sulci.
-CORTICAL_VEIN_FRACTION = 0.012
+#: Fraction of the brain mask's volume taken by the cortical veins of the sulci (see _cortical_veins).
+CORTICAL_VEIN_FRACTION = 0.004
 
 
 def _cortical_veins(atlas: Atlas, brain: np.ndarray, signed_brain: np.ndarray) -> np.ndarray:
     """Blood fraction of the cortical veins: a network of tubes in the sulci over the convexity.
 
-    On a full-dose T1c these veins are the brightest voxels of a skull-stripped brain, so they, not the
-    lesions, set its 99th percentile, in every patient (in real exams, the veins, the dural sinuses and the
-    choroid plexus). Tubes are where two independent smooth random fields both cross zero (the intersection of
+    On a full-dose T1c these veins are among the brightest voxels of a skull-stripped brain, but a small part
+    of it: cerebral blood volume is about 4 mL per 100 g (Leenders et al. 1990), most of it in vessels far
+    below a millimetre, so visible pial veins are a fraction of a percent of the brain (an estimate; with 1.2 %
+    the full dose's 99th percentile sat on blood, see the module docstring). Tubes are where two independent smooth random fields both cross zero (the intersection of
     two random surfaces is a set of curves); the thickness is chosen for :data:`CORTICAL_VEIN_FRACTION`. The
     network belongs to the template (a fixed seed), and each patient's deformation moves it.
     """
@@ -434,7 +453,13 @@ class Lesion:
     radii: np.ndarray  # semi-axes (mm); their geometric mean is diameter/2
     wall_mm: float  # enhancing wall of a ring
     oedema_mm: float  # reach of the oedema beyond the lesion
-    uptake: float  # tumour concentration per unit plasma concentration
+    vp: float  # plasma volume fraction of the enhancing tumour (extended Tofts model)
+    ktrans: float  # transfer constant, /min
+    ve: float  # extravascular extracellular volume fraction
+
+    def concentration_mm(self, timeline: kinetics.Timeline, t_min: float) -> float:
+        """Agent in the enhancing tumour (mM) at ``t_min`` minutes after the first injection."""
+        return kinetics.tissue_mm(timeline, t_min, vp=self.vp, ktrans=self.ktrans, ve=self.ve)
 
     @property
     def diameter_mm(self) -> float:
@@ -449,7 +474,9 @@ class Lesion:
             self.radii * factor,
             self.wall_mm,
             self.oedema_mm * factor,
-            self.uptake,
+            self.vp,
+            self.ktrans,
+            self.ve,
         )
 
 
@@ -466,13 +493,22 @@ class Anatomy:
 
 @dataclass(frozen=True)
 class Exam:
-    """One visit: pose of the head in the scanner (s = R (w - t)), lesions at this visit, contrast."""
+    """One visit: pose of the head in the scanner (s = R (w - t)), lesions at this visit, contrast timeline."""
 
     rotation: np.ndarray
     translation: np.ndarray
     lesions: tuple[Lesion, ...]
-    plasma_full_mm: float
+    timeline: kinetics.Timeline
     gains: dict[str, float]  # scanner units per unit signal, per sequence family
+
+
+@dataclass(frozen=True)
+class T1Series:
+    """One T1 acquisition of an exam: the head's pose then and the agent's concentrations (mM)."""
+
+    pose: Exam
+    plasma_mm: float
+    tumour_mm: Mapping[int, float]  # per lesion id
 
 
 def _smooth_field(
@@ -505,7 +541,12 @@ def make_anatomy(
     indication = participant(subject, seed, lesion_free_fraction=lesion_free_fraction)["indication"]
     partial = Anatomy(scale, warp, texture, (), indication)
     lesions = _sample_lesions(
-        model, partial, _rng(seed, subject, 4), indication, lesions_per_subject
+        model,
+        partial,
+        _rng(seed, subject, 4),
+        _rng(seed, subject, 7),
+        indication,
+        lesions_per_subject,
     )
     return Anatomy(scale, warp, texture, lesions, indication)
 
@@ -514,6 +555,7 @@ def _sample_lesions(
     model: HeadModel,
     anat: Anatomy,
     rng: np.random.Generator,
+    kinetics_rng: np.random.Generator,
     indication: str,
     lesions_per_subject: tuple[int, int],
 ) -> tuple[Lesion, ...]:
@@ -538,7 +580,11 @@ def _sample_lesions(
         wall = float(np.clip(diameter * rng.uniform(0.12, 0.25), 1.5, 6.0))
         reach = rng.uniform(0.5, 1.3) if indication == "glioma" else rng.uniform(0.2, 1.2)
         oedema = float(min(diameter * reach * (0.5 if diameter < 5 else 1.0), 30.0))
-        uptake = (1 - HEMATOCRIT) * rng.uniform(0.03, 0.10) + rng.uniform(0.15, 0.45)
+        # Extended Tofts parameters (ranges in virtual_contrast.kinetics): blood volume 3-10 %, ve 0.15-0.45,
+        # Ktrans 0.05-0.3 /min (its own stream, so the lesions' geometry does not depend on it).
+        vp = (1 - HEMATOCRIT) * rng.uniform(0.03, 0.10)
+        ve = rng.uniform(0.15, 0.45)
+        ktrans = float(kinetics_rng.uniform(0.05, 0.3))
         need = radii.max() * 1.1 + 2.0
         for _ in range(60):
             ok = np.flatnonzero(model.depth_in_brain >= need)
@@ -552,7 +598,9 @@ def _sample_lesions(
                 for o in lesions
             ):
                 lesions.append(
-                    Lesion(len(lesions) + 1, kind, centre, axes, radii, wall, oedema, uptake)
+                    Lesion(
+                        len(lesions) + 1, kind, centre, axes, radii, wall, oedema, vp, ktrans, ve
+                    )
                 )
                 break
         else:
@@ -584,7 +632,7 @@ def make_exam_state(anat: Anatomy, subject: str, session: str, seed: int) -> Exa
         rotation=rotation,
         translation=translation,
         lesions=lesions,
-        plasma_full_mm=float(rng.uniform(*PLASMA_FULL_MM)),
+        timeline=kinetics.draw_timeline(rng),
         gains=gains,
     )
 
@@ -628,7 +676,27 @@ def _moved(exam: Exam, rng: np.random.Generator) -> Exam:
     angles = np.clip(rng.normal(0, MOTION_DEG, 3), -2.5, 2.5)
     shift = np.clip(rng.normal(0, MOTION_MM, 3), -2.5, 2.5)
     rotation = Rotation.from_euler("xyz", angles, degrees=True).as_matrix() @ exam.rotation
-    return Exam(rotation, exam.translation + shift, exam.lesions, exam.plasma_full_mm, exam.gains)
+    return Exam(rotation, exam.translation + shift, exam.lesions, exam.timeline, exam.gains)
+
+
+#: Random stream (of make_exam's ``rng_for``) of each T1 series: its motion and noise (and, for the pre-contrast
+#: T1, the T1 sequence's receive field, which the three series share).
+T1_STREAMS = {"t1": 1, "low": 5, "ref": 6}
+
+
+def t1_series(exam: Exam, streams: Mapping[str, np.random.Generator]) -> dict[str, T1Series]:
+    """The exam's three T1 acquisitions: the pre-contrast T1 in the exam's pose, then the low-dose and the
+    reference T1c, each in a pose of its own (a small head movement between series, drawn from its stream)
+    and with the concentrations of its time on the exam's contrast timeline."""
+    timeline = exam.timeline
+    out = {"t1": T1Series(exam, 0.0, {})}
+    for key, t_min in (("low", timeline.low_t1c_min), ("ref", timeline.ref_t1c_min)):
+        out[key] = T1Series(
+            _moved(exam, streams[key]),
+            kinetics.plasma_mm(timeline, t_min),
+            {les.lesion_id: les.concentration_mm(timeline, t_min) for les in exam.lesions},
+        )
+    return out
 
 
 def _fit_grid(
@@ -651,12 +719,20 @@ def _ramp(x):
 
 
 def _fractions(
-    model: HeadModel, anat: Anatomy, exam: Exam, s: np.ndarray, pv_mm: float
+    model: HeadModel,
+    anat: Anatomy,
+    exam: Exam,
+    s: np.ndarray,
+    pv_mm: float,
+    tumour_mm: Mapping[int, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Compartment fractions (one row per :data:`COMPARTMENTS`) at subject-space points ``s`` (N, 3).
 
-    Also returns the tumour uptake, the lesion id (0 = none) and the intracranial fraction of each point.
+    Also returns the agent's concentration (mM) in the enhancing tumour at each point (``tumour_mm`` gives it
+    per lesion id; a smooth texture modulates it by up to 60 %), the lesion id (0 = none) and the
+    intracranial fraction of each point.
     """
+    tumour_mm = tumour_mm or {}
     a = _subject_to_atlas(model, anat, s)
     inv = np.linalg.inv(model.affine)
     ijk = (inv[:3, :3] @ a.T + inv[:3, 3:4]).astype(np.float32)
@@ -692,7 +768,7 @@ def _fractions(
     lesion_frac = np.zeros(n, np.float32)
     necrosis = np.zeros(n, np.float32)
     oedema = np.zeros(n, np.float32)
-    uptake = np.zeros(n, np.float32)
+    tumour_conc = np.zeros(n, np.float32)
     label = np.zeros(n, np.int16)
     for les in exam.lesions:
         reach = les.radii.max() + les.oedema_mm + 2 * pv_mm + 4.0
@@ -724,7 +800,8 @@ def _fractions(
         upd = inside > lesion_frac[near]
         lesion_frac[near] = np.maximum(lesion_frac[near], inside)
         necrosis[near] = np.where(upd, np.minimum(core, inside), necrosis[near])
-        uptake[near] = np.where(upd, les.uptake * np.clip(1 + 0.3 * tex, 0.4, 1.6), uptake[near])
+        conc = tumour_mm.get(les.lesion_id, 0.0) * np.clip(1 + 0.3 * tex, 0.4, 1.6)
+        tumour_conc[near] = np.where(upd, conc, tumour_conc[near])
         oedema[near] = np.maximum(oedema[near], oed)
         label[near[inside >= 0.5]] = les.lesion_id
 
@@ -743,37 +820,33 @@ def _fractions(
     fractions = np.empty((len(COMPARTMENTS), n), np.float32)
     for row, name in enumerate(COMPARTMENTS):
         fractions[row] = f[name]
-    return fractions, uptake, label, brain
+    return fractions, tumour_conc, label, brain
 
 
 def _simulate(
     model: HeadModel,
     anat: Anatomy,
-    exam: Exam,
+    series: T1Series,
     affine: np.ndarray,
     shape: tuple[int, int, int],
     *,
     pv_mm: float,
+    other_sequences: bool = False,
     truth: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Noise-free signals of every sequence on one grid (the T1 grid), slab by slab.
+    """Noise-free signals of one pose of the head on one grid (the T1 grid), slab by slab.
 
-    Returns t1_pre, t1_low, t1_full, flair, b0, b1000 (and dseg, brain, lesions when ``truth``). The FLAIR and
+    Returns ``t1`` (the T1 with the series' concentrations); with ``other_sequences`` also flair, b0 and b1000
+    (acquired before the injection, in the same pose), and dseg, brain, lesions when ``truth``. The FLAIR and
     DWI grids are coarser: they are resampled from these (see :func:`_resample`), which is the partial-volume
-    average a thicker voxel makes, at a third of the cost of simulating them on their own.
+    average a thicker voxel makes, at a fraction of the cost of simulating them on their own.
     """
-    plasma = {
-        "pre": 0.0,
-        "low": LOW_DOSE_FRACTION * exam.plasma_full_mm,
-        "full": exam.plasma_full_mm,
-    }
-    tables = {dose: _compartment_signals(c) for dose, c in plasma.items()}
-    t_idx = COMPARTMENTS.index("tumour")
-    for (
-        table
-    ) in tables.values():  # the tumour's T1 signal depends on its own uptake: added per point
-        table["t1"][t_idx] = 0.0
-    names = ["t1_pre", "t1_low", "t1_full", "flair", "b0", "b1000"]
+    exam = series.pose
+    table = _compartment_signals(series.plasma_mm)
+    table["t1"][COMPARTMENTS.index("tumour")] = (
+        0.0  # depends on each point's concentration: added below
+    )
+    names = ["t1", *(("flair", "b0", "b1000") if other_sequences else ())]
     out = {name: np.zeros(shape, np.float32) for name in names}
     if truth:
         out.update(dseg=np.zeros(shape, np.uint8), brain=np.zeros(shape, np.uint8))
@@ -788,22 +861,21 @@ def _simulate(
         vox = np.indices((shape[0], shape[1], k1 - k0), dtype=np.float32).reshape(3, -1)
         vox[2] += k0
         pts = (to_s @ vox + offset[:, None]).T
-        frac, uptake, label, intracranial = _fractions(model, anat, exam, pts, pv_mm)
+        frac, conc, label, intracranial = _fractions(
+            model, anat, exam, pts, pv_mm, series.tumour_mm
+        )
         f_tumour = frac[COMPARTMENTS.index("tumour")]
         sl = (slice(None), slice(None), slice(k0, k1))
         slab_shape = (shape[0], shape[1], k1 - k0)
-        for dose in ("pre", "low", "full"):
-            c = uptake * plasma[dose]
-            tumour_signal = spgr_signal(
-                tumour.pd,
-                1 / tumour.t1 + R1_RELAXIVITY * c,
-                1 / tumour.t2 + R2_RELAXIVITY * c,
-                **T1W,
-            )
-            sig = tables[dose]["t1"] @ frac + f_tumour * tumour_signal
-            out[f"t1_{dose}"][sl] = sig.reshape(slab_shape)
-        for name in ("flair", "b0", "b1000"):
-            out[name][sl] = (tables["pre"][name] @ frac).reshape(slab_shape)
+        tumour_signal = spgr_signal(
+            tumour.pd,
+            1 / tumour.t1 + R1_RELAXIVITY * conc,
+            1 / tumour.t2 + R2_RELAXIVITY * conc,
+            **T1W,
+        )
+        out["t1"][sl] = (table["t1"] @ frac + f_tumour * tumour_signal).reshape(slab_shape)
+        for name in names[1:]:
+            out[name][sl] = (table[name] @ frac).reshape(slab_shape)
         if truth:
             out["dseg"][sl] = _dseg(frac).reshape(slab_shape)
             out["brain"][sl] = (intracranial >= 0.5).reshape(slab_shape)
@@ -976,31 +1048,41 @@ def make_exam(
         margin_mm=6.0 + v,
         jitter=rng_for(4).uniform(-4, 4, 3),
     )
-    sig = _simulate(model, anat, exam, t1_affine, t1_shape, pv_mm=v, truth=truth_dir is not None)
-
-    if any(k in paths for k in ("t1", "low", "ref")):
-        rng = rng_for(1)
-        bias = bias_for(t1_affine, t1_shape, rng)
+    streams = {key: rng_for(stream) for key, stream in T1_STREAMS.items()}
+    series = t1_series(exam, streams)
+    sig = _simulate(
+        model,
+        anat,
+        series["t1"],
+        t1_affine,
+        t1_shape,
+        pv_mm=v,
+        other_sequences=True,
+        truth=truth_dir is not None,
+    )
+    # One receive field for the three T1 series (same coil, same sequence), fixed in the scanner: the head's
+    # movement between series moves the anatomy through it.
+    t1_bias = bias_for(t1_affine, t1_shape, streams["t1"])
+    for key, acquisition in series.items():
+        if key not in paths:
+            continue
+        rng = streams[key]
+        signal = sig["t1"]
+        if key != "t1":  # the head lay elsewhere and the agent had spread: simulated on its own
+            signal = _simulate(model, anat, acquisition, t1_affine, t1_shape, pv_mm=v)["t1"]
         sigma = NOISE["t1"] * _reference_wm("t1") * exam.gains["t1"]
-        doses = {
-            "t1": ("t1_pre", 0.0),
-            "low": ("t1_low", LOW_DOSE_FRACTION),
-            "ref": ("t1_full", 1.0),
-        }
-        for key, (name, fraction) in doses.items():
-            data = _acquire(
-                sig[name], bias, exam.gains["t1"], sigma, rng
-            )  # drawn even if unwritten
-            if key not in paths:
-                continue
-            extra = {}
-            if fraction > 0:
-                extra = {
-                    "ContrastBolusIngredient": "GADOLINIUM",
-                    "ContrastDose_mmol_per_kg": FULL_DOSE_MMOL_KG * fraction,
-                    "ContrastRelaxivity_r1_per_mM_s": R1_RELAXIVITY,
-                }
-            _write_nifti(data, t1_affine, paths[key], _sidecar("t1", extra))
+        data = _acquire(signal, t1_bias, exam.gains["t1"], sigma, rng)
+        extra = {}
+        if key != "t1":
+            dose = kinetics.FULL_DOSE_MMOL_KG * (
+                kinetics.LOW_DOSE_FRACTION if key == "low" else 1.0
+            )
+            extra = {
+                "ContrastBolusIngredient": "GADOLINIUM",
+                "ContrastDose_mmol_per_kg": dose,
+                "ContrastRelaxivity_r1_per_mM_s": R1_RELAXIVITY,
+            }
+        _write_nifti(data, t1_affine, paths[key], _sidecar("t1", extra))
 
     if "flair" in paths:
         rng = rng_for(2)
@@ -1030,11 +1112,11 @@ def make_exam(
         _write_nifti(np.stack(vols, axis=-1), affine, paths["dwi"], _sidecar("dwi"))
         _write_gradients(Path(paths["dwi"]), paths)
 
-    table = lesion_table(model, anat, exam, subject, session)
+    table = lesion_table(model, anat, series["ref"].pose, subject, session)
     if lesions_path is not None:
         write_table(table, lesions_path)
     if truth_dir is not None:
-        _write_truth(Path(truth_dir), subject, session, sig, t1_affine, model, anat, exam)
+        _write_truth(Path(truth_dir), subject, session, sig, t1_affine, model, anat, series)
     log.info(
         "exam sub-%s%s: %d lesion(s), T1 grid %s at %.2f mm",
         subject,
@@ -1094,7 +1176,8 @@ def _write_nifti(data: np.ndarray, affine: np.ndarray, path: Path | str, sidecar
 def lesion_table(
     model: HeadModel, anat: Anatomy, exam: Exam, subject: str, session: str
 ) -> pd.DataFrame:
-    """True lesions of one exam (columns :data:`LESION_COLUMNS`), world mm of the T1 grid."""
+    """True lesions of one exam (columns :data:`LESION_COLUMNS`), world mm of the T1c grid as the head lay in
+    ``exam`` (the full-dose series, for the table make_exam writes)."""
     rows = []
     for les in exam.lesions:
         centre_w = _subject_to_world(exam, les.centre)
@@ -1124,7 +1207,8 @@ def lesion_table(
     return pd.DataFrame(rows, columns=LESION_COLUMNS)
 
 
-def _write_truth(folder, subject, session, t1, affine, model, anat, exam) -> None:
+def _write_truth(folder, subject, session, t1, affine, model, anat, series) -> None:
+    exam = series["t1"].pose
     prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
     base = folder / f"sub-{subject}" / (f"ses-{session}" if session else "") / "anat"
     save_image(t1["dseg"], affine, base / f"{prefix}_space-T1w_dseg.nii.gz", dtype=np.uint8)
@@ -1146,8 +1230,16 @@ def _write_truth(folder, subject, session, t1, affine, model, anat, exam) -> Non
             "rotation": exam.rotation,
             "translation_mm": exam.translation,
             "max_deformation_mm": float(np.sqrt((anat.warp**2).sum(0)).max()),
-            "plasma_full_dose_mM": exam.plasma_full_mm,
-            "low_dose_fraction": LOW_DOSE_FRACTION,
+            "contrast_timeline": exam.timeline.to_dict(),
+            "series": {
+                key: {
+                    "rotation": s.pose.rotation,
+                    "translation_mm": s.pose.translation,
+                    "plasma_mM": s.plasma_mm,
+                    "tumour_mM": {str(k): c for k, c in s.tumour_mm.items()},
+                }
+                for key, s in series.items()
+            },
             "indication": anat.indication,
             "dseg_labels": DSEG_LABELS,
         },

@@ -44,6 +44,12 @@ from virtual_contrast.model.data import (
     check_channels,
     epoch_plan,
 )
+from virtual_contrast.model.schedule import (
+    LR_SCHEDULES,
+    DivergenceGuard,
+    learning_rate_at,
+    saturated_fraction,
+)
 from virtual_contrast.model.unet import UNet3D, UNetSpec, check_grid, count_parameters
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,11 @@ class TrainConfig:
     epochs: int = 300
     batch_size: int = 2
     learning_rate: float = 1e-3
+    lr_schedule: str = (
+        "constant"  # "constant" (the paper's plain Adam) | "poly"; see model.schedule
+    )
+    grad_clip: float = 12.0  # max gradient norm (nnU-Net's 12); 0 = off (see train_step)
+    divergence_guard: float = 3.0  # undo an epoch whose loss exceeds this x the best; 0 = off
     seed: int = 0
     output: str = "direct"  # "direct" (the paper) | "residual" (see virtual_contrast.model.unet)
     loss_region: str = "volume"  # "volume" | "brain"
@@ -91,6 +102,14 @@ class TrainConfig:
                 raise InputError(f"training option {name} must be >= 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not self.grad_clip >= 0:
+            raise InputError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if not self.divergence_guard >= 0:
+            raise InputError(
+                f"divergence_guard must be >= 0 (0 = off), got {self.divergence_guard}"
+            )
         if self.loss_region not in ("volume", "brain"):
             raise InputError(f"loss_region must be 'volume' or 'brain', got {self.loss_region!r}")
         self.spec  # noqa: B018 - validates output/channels
@@ -132,6 +151,9 @@ _RESULT_FIELDS = (
     "output",
     "batch_size",
     "learning_rate",
+    "lr_schedule",
+    "grad_clip",
+    "divergence_guard",
     "seed",
     "loss_region",
     "augment",
@@ -168,8 +190,14 @@ def train_step(
     amp_dtype: torch.dtype | None,
     brain_loss: bool,
     channels_last: bool,
+    grad_clip: float = 0.0,
 ) -> torch.Tensor:
-    """One optimisation step; returns the (detached, on-device) batch loss without synchronising."""
+    """One optimisation step; returns the (detached, on-device) batch loss without synchronising.
+
+    ``grad_clip`` > 0 rescales the gradients so that their global norm is at most that value before the step
+    (gradient-norm clipping, as nnU-Net does at 12): one outlier batch then cannot throw the weights far
+    enough to saturate the output sigmoid, after which its gradient vanishes and training stalls.
+    """
     x, y, m = split_batch(batch, n_inputs, channels_last)
     with runtime.autocast(batch.device, amp_dtype):
         pred = model(x)
@@ -177,10 +205,15 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
     return loss.detach()
 
@@ -206,6 +239,25 @@ def evaluate_loss(
         for i in range(len(batch)):
             total += loss_fn(pred[i], y[i], m[i] if brain_loss else None).double()
     return float(total) / len(store)
+
+
+@torch.inference_mode()
+def output_saturation(
+    model: nn.Module,
+    store: VolumeStore,
+    *,
+    n_inputs: int,
+    amp_dtype: torch.dtype | None,
+    brain_loss: bool,
+    channels_last: bool,
+) -> float:
+    """:func:`~virtual_contrast.model.schedule.saturated_fraction` of the brain on the first training volume."""
+    del brain_loss  # same keywords as evaluate_loss
+    batch = next(iter(store.batches(1)))
+    x, _, m = split_batch(batch, n_inputs, channels_last)
+    with runtime.autocast(batch.device, amp_dtype):
+        pred = model(x)
+    return saturated_fraction(pred, m)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
@@ -407,12 +459,15 @@ def train_fold(
         )
 
         state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": [], "best": None}
+        guard = DivergenceGuard(cfg.divergence_guard)
         last_path = ckpt_dir / "last.pt"
         model_path = out_dir / "model.pt"
         if last_path.exists():
             resumed = _try_resume(last_path, fingerprint, model, optimizer, scaler)
             if resumed is not None:
                 state = resumed
+                guard.load_state_dict(state.get("guard"))
+        state["guard"] = guard.state_dict()
         if state["best"] is not None:
             # Snakemake deletes a job's outputs before rerunning it: restore the selected weights so far.
             _save(state["best"], model_path)
@@ -443,16 +498,34 @@ def train_fold(
             brain_loss=cfg.loss_region == "brain",
             channels_last=channels_last,
         )
+        train_kw = dict(step_kw, grad_clip=cfg.grad_clip)
         try:
-            for epoch in range(state["epoch"], stop_at):
+            while state["epoch"] < stop_at:
+                epoch = state["epoch"]
                 t0 = time.perf_counter()
                 order, flips = epoch_plan(len(train_store), cfg.seed, epoch, cfg.augment)
+                lr = learning_rate_at(cfg.learning_rate, cfg.lr_schedule, epoch, cfg.epochs)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * guard.lr_factor
+                if not guard.remembers:  # the untrained network: where a first epoch returns
+                    guard.remember(model, optimizer)
                 step_model.train()
                 total = torch.zeros((), dtype=torch.float64, device=device)
                 for batch in train_store.batches(cfg.batch_size, order, flips):
-                    loss = train_step(step_model, optimizer, scaler, batch, **step_kw)
+                    loss = train_step(step_model, optimizer, scaler, batch, **train_kw)
                     total += loss.double() * len(batch)
                 train_loss = float(total) / len(train_store)
+                best_train = min((r["train_loss"] for r in state["history"]), default=math.inf)
+                saturated = (
+                    output_saturation(step_model, train_store, **step_kw) if guard.factor else 0.0
+                )
+                if guard.diverged(train_loss, best_train, saturated):
+                    guard.roll_back(model, optimizer, epoch=epoch + 1, train_loss=train_loss)
+                    state["guard"] = guard.state_dict()
+                    continue
+                if train_loss < best_train:
+                    guard.remember(model, optimizer)
+                    state["guard"] = guard.state_dict()
                 tune_loss = math.nan
                 is_tune_epoch = (epoch + 1) % cfg.tune_every == 0 or epoch + 1 == cfg.epochs
                 if tune_store is not None and is_tune_epoch:
@@ -565,6 +638,7 @@ def _save_last(
             "best_epoch": state["best_epoch"],
             "history": state["history"],
             "best": state["best"],
+            "guard": state.get("guard"),
         },
         path,
     )
@@ -598,4 +672,5 @@ def _try_resume(
         "best_epoch": int(ckpt["best_epoch"]),
         "history": list(ckpt["history"]),
         "best": ckpt.get("best"),
+        "guard": ckpt.get("guard"),
     }
