@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from virtual_contrast.io import InputError, write_table
+from virtual_contrast.io import InputError, staged_folder, write_table
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +370,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     out = args.out
     atlas_name = f"sub-{subject}_space-atlas_ce-vir_T1w.nii.gz"
     native_name = f"sub-{subject}_ce-vir_T1w.nii.gz"
-    with staged_output(out) as stage:
+    with staged_folder(out) as stage:
         mask = args.mask
         to_native = None
         if raw_mode:
@@ -425,25 +421,3 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(f"vir-T1c (native low-dose T1c grid): {out / native_name}")
         print(f"pre-processing (every intermediate, provenance): {out / f'sub-{subject}_work'}")
     return 0
-
-
-@contextlib.contextmanager
-def staged_output(out_dir: Path):
-    """A hidden folder inside ``out_dir`` to write into; its contents move into ``out_dir`` only when the
-    block succeeds. On failure it is deleted, and so is ``out_dir`` if it was created here and is empty:
-    a failed or interrupted prediction leaves no partial work folder."""
-    out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".predict-partial-", dir=out_dir))
-    try:
-        yield stage
-        for item in sorted(stage.iterdir()):
-            target = out_dir / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created and out_dir.exists() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
