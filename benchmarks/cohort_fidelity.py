@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 from virtual_contrast.atlas import load_atlas  # noqa: E402
 from virtual_contrast.cohort import make_exam  # noqa: E402
 from virtual_contrast.evaluate.metrics import psnr, ssim  # noqa: E402
+from virtual_contrast.intensity import normalize  # noqa: E402
 from virtual_contrast.io import load_image  # noqa: E402
-from virtual_contrast.preprocess.normalize import normalize  # noqa: E402
 from virtual_contrast.preprocess.transforms import load_transform, resample  # noqa: E402
 from virtual_contrast.workflow import cohort_subject_id  # noqa: E402
 

@@ -232,7 +232,7 @@ def test_low_and_full_dose_agree_in_normalised_intensity(cohort):
     not when cortical veins filled 1.2 % of the brain: the full dose's 99th percentile then sat on enhancing
     blood, the low dose's on tissue, and normal white matter differed by 0.05-0.2 (PSNR 21 dB at 1 mm). Normal
     vessels are now a small part of the brain, as in real exams, and the percentile lies in the tissue."""
-    from virtual_contrast.preprocess.normalize import normalize
+    from virtual_contrast.intensity import normalize
 
     gaps = []
     for subject, session in _first_exams(cohort):

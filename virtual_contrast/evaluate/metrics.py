@@ -235,10 +235,10 @@ def check_unit_range(image: np.ndarray, mask: np.ndarray, *, name: str, tol: flo
 def normalize_percentiles(
     image: np.ndarray, mask: np.ndarray, *, low: float = 1.0, high: float = 99.0
 ) -> np.ndarray:
-    """The preprocessing's standardisation (:func:`virtual_contrast.preprocess.normalize.normalize`): clip at
+    """The preprocessing's standardisation (:func:`virtual_contrast.intensity.normalize`): clip at
     the ``low``/``high`` percentiles over brain voxels, map to [0, 1], 0 outside; for scoring images that did
     not go through our preprocessing."""
-    from virtual_contrast.preprocess.normalize import normalize
+    from virtual_contrast.intensity import normalize
 
     return normalize(image, mask, low, high)
 
