@@ -11,16 +11,9 @@ import pytest
 from scipy import ndimage
 
 from virtual_contrast.atlas import build_atlas
-from virtual_contrast.cohort import (
-    LESION_COLUMNS,
-    R1_RELAXIVITY,
-    T1W,
-    TISSUES,
-    flair_signal,
-    make_cohort,
-    make_exam,
-    spgr_signal,
-)
+from virtual_contrast.cohort.exam import LESION_COLUMNS, make_exam
+from virtual_contrast.cohort.physics import R1_RELAXIVITY, T1W, TISSUES, flair_signal, spgr_signal
+from virtual_contrast.cohort.writer import make_cohort
 from virtual_contrast.io import InputError
 from virtual_contrast.subjects import discover_bids, flowchart_counts, select_exams
 

@@ -45,10 +45,6 @@ IMPORT_TO_PACKAGES: dict[str, tuple[str, ...]] = {
 # that code. Everything else a rule's script may import, however lazily, must be in the rule's env.
 NOT_NEEDED: dict[tuple[str, str], str] = {
     # (rule, module): why a module imported only inside functions is never needed by that rule.
-    (
-        "cohort",
-        "pydicom",
-    ): "workflow.plan_study reads DICOM headers only for dicom_dir, which has no cohort",
 }
 # Snakemake's script preamble puts its own installation on sys.path, so an env need not install it.
 PROVIDED_OUTSIDE_ENVS = {"snakemake"}
