@@ -5,8 +5,8 @@ mmol/kg and the low-dose T1c; 0.075 mmol/kg more and the reference T1c, a median
 
 * its own head position: a rigid movement from the pre-contrast pose of about 1 mm and 1 deg (root mean square;
   the FLAIR and the DWI move the same way), simulated afresh, not resampled;
-* its own noise, at the T1 sequence's SNR of 40 in white matter (:data:`~virtual_contrast.cohort.physics.NOISE`), and the same receive field,
-  fixed in the scanner, through which the moved head passes;
+* its own noise, at the T1 sequence's SNR of 40 in white matter (:data:`~virtual_contrast.cohort.physics.NOISE`),
+  and the same receive field, fixed in the scanner, through which the moved head passes;
 * the agent's concentrations of its time (:mod:`virtual_contrast.cohort.kinetics`): plasma after the two boluses
   (Weinmann's biexponential curve) and, in each lesion, the extended Tofts model with its own Ktrans, ve and
   blood volume, so the tumour's low/full ratio is not the plasma's and varies from lesion to lesion.

@@ -1,6 +1,7 @@
 """The embedded synthetic cohort: multi-sequence brain exams with enhancing lesions, in native scanner space.
 
-``virtual-contrast cohort``: the whole cohort into one folder (:func:`~virtual_contrast.cohort.writer.make_cohort`).
+``virtual-contrast cohort``: the whole cohort into one folder
+(:func:`~virtual_contrast.cohort.writer.make_cohort`).
 """
 
 from __future__ import annotations

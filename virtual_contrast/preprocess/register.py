@@ -23,10 +23,10 @@ brain Dice of 0.95-0.96 with the official atlas brain mask at 1 mm, with no mask
 
 Two backends estimate the transforms (:mod:`virtual_contrast.preprocess.registration`):
 
-* ``fsl``: FSL FLIRT through nipype, as in the paper (:mod:`virtual_contrast.preprocess.registration.fsl`), resampling with
-  FLIRT ``-applyxfm -interp spline``;
-* ``simpleitk``: the embedded one (:mod:`virtual_contrast.preprocess.registration.sitk_backend`), Mattes mutual information,
-  resampling with :func:`resample` (cubic B-spline).
+* ``fsl``: FSL FLIRT through nipype, as in the paper (:mod:`~virtual_contrast.preprocess.registration.fsl`),
+  resampling with FLIRT ``-applyxfm -interp spline``;
+* ``simpleitk``: the embedded one (:mod:`~virtual_contrast.preprocess.registration.sitk_backend`), Mattes
+  mutual information, resampling with :func:`resample` (cubic B-spline).
 
 ``auto`` picks FSL when it is installed and says so in the log; asking for ``fsl`` without FSL fails at once.
 """
