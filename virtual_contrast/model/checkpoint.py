@@ -45,6 +45,7 @@ RESULT_FIELDS = (
 
 
 def run_fingerprint(cfg: TrainConfig, train_keys: list[str], tune_keys: list[str]) -> str:
+    """Identity of a run: its result-defining options and subjects; ``last.pt`` resumes only the same."""
     payload = {
         "cfg": {k: cfg.to_dict()[k] for k in RESULT_FIELDS},
         "train": train_keys,
@@ -58,6 +59,7 @@ def _state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically: a killed job leaves the previous file, never half of one."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -75,6 +77,7 @@ def model_checkpoint(
     tune_ids: list[str],
     preprocess: dict | None = None,
 ) -> dict:
+    """What ``model.pt`` holds: the weights on the CPU and all that rebuilds and feeds the model."""
     extra = {} if preprocess is None else {"preprocess": preprocess}
     return {
         "format": CHECKPOINT_FORMAT,
@@ -98,7 +101,7 @@ def model_checkpoint(
 
 
 def load_checkpoint(path: Path | str) -> dict:
-    """Read a ``model.pt`` written by :func:`train_fold`, checking its format."""
+    """Read a ``model.pt`` written by :func:`~virtual_contrast.model.train.train_fold`, checking its format."""
     path = Path(path)
     if not path.exists():
         raise InputError("model checkpoint not found", path=path)
@@ -128,6 +131,7 @@ def save_last(
     fingerprint: str,
     cfg: TrainConfig,
 ) -> None:
+    """Write ``last.pt``: all that :func:`try_resume` needs to continue the run bitwise the same on the CPU."""
     save_checkpoint(
         {
             "format": CHECKPOINT_FORMAT + "/resume",
