@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The library, and the test helpers that benchmarks share with the tests (tests/toy_subjects.py).
+for _path in (REPO / "tests", REPO):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 FULL_GRID = (160, 192, 160)
 CPU_GRID = (32, 48, 32)

@@ -33,12 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from virtual_contrast.atlas import load_atlas  # noqa: E402
-from virtual_contrast.cohort import make_exam  # noqa: E402
+from virtual_contrast.cohort.exam import make_exam  # noqa: E402
+from virtual_contrast.cohort.plan import cohort_subject_id  # noqa: E402
 from virtual_contrast.evaluate.metrics import psnr, ssim  # noqa: E402
+from virtual_contrast.intensity import normalize  # noqa: E402
 from virtual_contrast.io import load_image  # noqa: E402
-from virtual_contrast.preprocess.normalize import normalize  # noqa: E402
 from virtual_contrast.preprocess.transforms import load_transform, resample  # noqa: E402
-from virtual_contrast.workflow import cohort_subject_id  # noqa: E402
 
 BAND = {
     "ssim": (74.0, 86.0),

@@ -48,8 +48,9 @@ def run_part(part: str) -> dict:
     import torch
 
     from virtual_contrast.model import runtime
+    from virtual_contrast.model.config import TrainConfig
     from virtual_contrast.model.predict import tta_predict
-    from virtual_contrast.model.train import TrainConfig, train_step
+    from virtual_contrast.model.train import train_step
     from virtual_contrast.model.unet import UNet3D, count_parameters
 
     config = paper_config()

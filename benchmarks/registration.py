@@ -54,11 +54,6 @@ def displacement(a: np.ndarray, b: np.ndarray, mask: np.ndarray, affine: np.ndar
     return np.linalg.norm(((a - b) @ pts)[:3], axis=0)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0.5, b > 0.5
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
-
-
 def plot_registration_qc(image: np.ndarray, atlas, out: Path, title: str) -> Path:
     """Registered image (grey) with the atlas brain-mask contour (red), sagittal, coronal, axial mid-slices."""
     import matplotlib
@@ -103,10 +98,11 @@ def main() -> int:
 
     from virtual_contrast.atlas import build_atlas
     from virtual_contrast.io import load_image
-    from virtual_contrast.preprocess import fsl
     from virtual_contrast.preprocess import register as reg
     from virtual_contrast.preprocess import transforms as tf
-    from virtual_contrast.preprocess.sitk_backend import SimpleITKBackend
+    from virtual_contrast.preprocess.quality import dice
+    from virtual_contrast.preprocess.registration import fsl
+    from virtual_contrast.preprocess.registration.sitk_backend import SimpleITKBackend
 
     t0 = time.perf_counter()
     atlas, _ = build_atlas(args.voxel_mm)

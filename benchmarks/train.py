@@ -33,10 +33,11 @@ from _common import (
     sync,
     write_results,
 )
+from toy_subjects import make_toy_subjects
 
 from virtual_contrast.model import runtime
-from virtual_contrast.model.toy import make_toy_subjects
-from virtual_contrast.model.train import TrainConfig, split_batch, train_fold, train_step
+from virtual_contrast.model.config import TrainConfig
+from virtual_contrast.model.train import split_batch, train_fold, train_step
 from virtual_contrast.model.unet import UNet3D, UNetSpec, count_flops, count_parameters
 
 EPOCHS, N_TRAIN, N_TUNE = 300, 85, 22  # the paper's fold: 107 training patients, 5 folds

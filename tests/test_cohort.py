@@ -11,16 +11,9 @@ import pytest
 from scipy import ndimage
 
 from virtual_contrast.atlas import build_atlas
-from virtual_contrast.cohort import (
-    LESION_COLUMNS,
-    R1_RELAXIVITY,
-    T1W,
-    TISSUES,
-    flair_signal,
-    make_cohort,
-    make_exam,
-    spgr_signal,
-)
+from virtual_contrast.cohort.exam import LESION_COLUMNS, make_exam
+from virtual_contrast.cohort.physics import R1_RELAXIVITY, T1W, TISSUES, flair_signal, spgr_signal
+from virtual_contrast.cohort.writer import make_cohort
 from virtual_contrast.io import InputError
 from virtual_contrast.subjects import discover_bids, flowchart_counts, select_exams
 
@@ -232,7 +225,7 @@ def test_low_and_full_dose_agree_in_normalised_intensity(cohort):
     not when cortical veins filled 1.2 % of the brain: the full dose's 99th percentile then sat on enhancing
     blood, the low dose's on tissue, and normal white matter differed by 0.05-0.2 (PSNR 21 dB at 1 mm). Normal
     vessels are now a small part of the brain, as in real exams, and the percentile lies in the tissue."""
-    from virtual_contrast.preprocess.normalize import normalize
+    from virtual_contrast.intensity import normalize
 
     gaps = []
     for subject, session in _first_exams(cohort):

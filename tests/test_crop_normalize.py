@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from virtual_contrast import cli
+from virtual_contrast.intensity import normalize
 from virtual_contrast.io import InputError, save_image
 from virtual_contrast.preprocess.crop import crop_images, crop_or_pad, crop_start_for_mask
-from virtual_contrast.preprocess.normalize import normalize, normalize_image
+from virtual_contrast.preprocess.normalize import normalize_image
 
 AFFINE = np.array([[2.0, 0, 0, -40], [0, 2.0, 0, -50], [0, 0, 2.0, -30], [0, 0, 0, 1]])
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from import_scan import import_statements
 from workflow_helpers import REPO
 
 ENVS = sorted((REPO / "envs").glob("*.yaml"))
@@ -45,10 +46,6 @@ IMPORT_TO_PACKAGES: dict[str, tuple[str, ...]] = {
 # that code. Everything else a rule's script may import, however lazily, must be in the rule's env.
 NOT_NEEDED: dict[tuple[str, str], str] = {
     # (rule, module): why a module imported only inside functions is never needed by that rule.
-    (
-        "cohort",
-        "pydicom",
-    ): "workflow.plan_study reads DICOM headers only for dicom_dir, which has no cohort",
 }
 # Snakemake's script preamble puts its own installation on sys.path, so an env need not install it.
 PROVIDED_OUTSIDE_ENVS = {"snakemake"}
@@ -118,13 +115,6 @@ def read_env(path: Path) -> CondaEnv:
 # --- imports of a rule script ---------------------------------------------------------------------------------
 
 
-def _under_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imported_names(tree: ast.AST, module: str, is_package: bool) -> list[tuple[str, bool]]:
     """``(absolute dotted name, inside a function)`` of every import in ``tree``.
 
@@ -132,33 +122,9 @@ def _imported_names(tree: ast.AST, module: str, is_package: bool) -> list[tuple[
     well as ``a``: ``b`` may be a submodule. ``importlib.import_module("literal")`` counts as an import.
     """
     names: list[tuple[str, bool]] = []
-
-    def visit(node: ast.AST, lazy: bool) -> None:
-        if isinstance(node, ast.If) and _under_type_checking(node):
-            for child in node.orelse:
-                visit(child, lazy)
-            return
-        if isinstance(node, ast.Import):
-            names.extend((alias.name, lazy) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = module.split(".")
-                keep = len(parts) - node.level + (1 if is_package else 0)
-                base = ".".join(parts[:keep] + ([base] if base else []))
-            names.append((base, lazy))
-            names.extend((f"{base}.{a.name}", lazy) for a in node.names if a.name != "*")
-        elif isinstance(node, ast.Call) and node.args:
-            func = node.func
-            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            arg = node.args[0]
-            if called == "import_module" and isinstance(arg, ast.Constant):
-                names.append((str(arg.value), lazy))
-        inner = lazy or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-        for child in ast.iter_child_nodes(node):
-            visit(child, inner)
-
-    visit(tree, False)
+    for statement in import_statements(tree, module, is_package):
+        names.append((statement.base, statement.lazy))
+        names.extend((f"{statement.base}.{n}", statement.lazy) for n in statement.names if n != "*")
     return names
 
 

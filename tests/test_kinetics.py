@@ -1,11 +1,11 @@
-"""Gadolinium concentrations over the paper's two-injection exam (virtual_contrast.kinetics)."""
+"""Gadolinium concentrations over the paper's two-injection exam (virtual_contrast.cohort.kinetics)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from virtual_contrast.kinetics import (
+from virtual_contrast.cohort.kinetics import (
     LOW_TO_REF_MIN,
     Bolus,
     Timeline,

@@ -63,10 +63,10 @@ def test_train_command_stores_the_options_it_is_given(tmp_path, one_torch_thread
     import json
 
     import pandas as pd
+    from toy_subjects import make_toy_subjects
 
     from virtual_contrast.cli import main as cli_main
-    from virtual_contrast.model.toy import make_toy_subjects
-    from virtual_contrast.model.train import load_checkpoint
+    from virtual_contrast.model.checkpoint import load_checkpoint
 
     toy = make_toy_subjects(tmp_path / "data", 4, (8, 8, 8), seed=1)
     folds = tmp_path / "folds.tsv"

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from toy_subjects import make_toy_subjects
 
 from virtual_contrast.cli import main as cli_main
 from virtual_contrast.io import InputError
+from virtual_contrast.model.config import TrainConfig
 from virtual_contrast.model.predict import (
     flip_configs,
     load_models,
@@ -19,8 +21,7 @@ from virtual_contrast.model.predict import (
     tta_predict,
     tta_predict_naive,
 )
-from virtual_contrast.model.toy import make_toy_subjects
-from virtual_contrast.model.train import TrainConfig, train_fold
+from virtual_contrast.model.train import train_fold
 from virtual_contrast.model.unet import UNet3D, UNetSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

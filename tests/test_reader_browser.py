@@ -25,9 +25,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from virtual_contrast.annotations import load_lesions, load_reads
 from virtual_contrast.reader import viewer
 from virtual_contrast.reader.protocol import KEY_NAME, load_key
-from virtual_contrast.reader.stats import load_lesions, load_reads
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from virtual_contrast.annotations import LESION_COLUMNS, load_lesions, load_reads
 from virtual_contrast.cli import main
 from virtual_contrast.io import InputError, write_table
 from virtual_contrast.reader import protocol, viewer
 from virtual_contrast.reader.session import ReadingSession, session_lock
-from virtual_contrast.reader.stats import LESION_COLUMNS, load_lesions, load_reads, reader_stats
+from virtual_contrast.reader.stats import reader_stats
 
 PATIENTS = ["vc001", "vc002", "vc003"]
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])

@@ -9,11 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from virtual_contrast import annotations
 from virtual_contrast.cli import main
-from virtual_contrast.evaluate.metrics import format_p
 from virtual_contrast.io import InputError
+from virtual_contrast.matching import match_lesions
 from virtual_contrast.reader import stats
-from virtual_contrast.reader.matching import match_lesions
+from virtual_contrast.reader.detection import DETECTION_COLUMNS
+from virtual_contrast.reader.grades import grade_table
+from virtual_contrast.reader.inference import mcnemar_midp, wilcoxon_signed_rank
+from virtual_contrast.reader.table5 import _threshold_label, table5_rows
+from virtual_contrast.report import format_p
 
 # --------------------------------------------------------------------------------------------------
 # A study built to reproduce Table 5 of Ammari et al. 2021: 38 patients, 91 reference lesions read by R1 on
@@ -123,7 +128,7 @@ def table5_study() -> tuple[pd.DataFrame, pd.DataFrame]:
                     rows.append(
                         (_patient(number), reader, modality, 0.0, y, 80.0, size, 0.6 * size)
                     )
-    lesions = pd.DataFrame(rows, columns=list(stats.LESION_COLUMNS))
+    lesions = pd.DataFrame(rows, columns=list(annotations.LESION_COLUMNS))
     reads = []
     for i in range(1, N_PATIENTS + 1):
         for reader, modality in (("R1", "ref"), *PATTERN_READS):
@@ -136,7 +141,7 @@ def table5_study() -> tuple[pd.DataFrame, pd.DataFrame]:
                     60.0 + 3 * i,
                 )
             )
-    return lesions, pd.DataFrame(reads, columns=list(stats.READ_COLUMNS))
+    return lesions, pd.DataFrame(reads, columns=list(annotations.READ_COLUMNS))
 
 
 @pytest.fixture(scope="module")
@@ -236,9 +241,7 @@ def test_mcnemar_mid_p_equals_fagerland_on_hand_counted_pairs(table5) -> None:
 
 @pytest.mark.parametrize("b,c", [(0, 0), (5, 1), (1, 5), (4, 4), (0, 7), (13, 3), (30, 12)])
 def test_mcnemar_mid_p_formula(b, c) -> None:
-    assert stats.mcnemar_midp(b, c) == pytest.approx(
-        min(1.0, _fagerland_midp(b, c)) if b + c else 1.0
-    )
+    assert mcnemar_midp(b, c) == pytest.approx(min(1.0, _fagerland_midp(b, c)) if b + c else 1.0)
 
 
 def test_wilcoxon_matches_hand_computation() -> None:
@@ -247,11 +250,11 @@ def test_wilcoxon_matches_hand_computation() -> None:
     vir = np.zeros(38)
     low[:4] = 1
     vir[0] = 1
-    stat, p = stats.wilcoxon_signed_rank(low, vir)
+    stat, p = wilcoxon_signed_rank(low, vir)
     # Three +1 differences, zeros dropped: T- = 0, mean 3, variance 3.5 - (27 - 3) / 48 = 3.
     assert stat == 0
     assert p == pytest.approx(2 * (1 - 0.5 * (1 + math.erf(math.sqrt(3) / math.sqrt(2)))), rel=1e-9)
-    assert stats.wilcoxon_signed_rank(low, low) == (0.0, 1.0)
+    assert wilcoxon_signed_rank(low, low) == (0.0, 1.0)
 
 
 def test_reference_reader_is_not_evaluated_on_its_own_reads(table5) -> None:
@@ -269,17 +272,17 @@ def test_table5_markdown_and_html(table5) -> None:
     assert "97% (35/36)" in md
     html = (out / "table5.html").read_text()
     assert html.startswith("<table") and "59% (54/91) [49; 70]" in html
-    header, body = stats.table5_rows(tables["detection"], tables["comparisons"])
+    header, body = table5_rows(tables["detection"], tables["comparisons"])
     assert header[-2:] == ["average low-T1c", "average vir-T1c"]
     for thr, expected in TABLE5_AVERAGE.items():
-        lines = [b for b in body if b[0] == stats._threshold_label(thr)]
+        lines = [b for b in body if b[0] == _threshold_label(thr)]
         assert [tuple(line[-2:]) for line in lines] == list(expected)
 
 
 def test_written_tables_have_the_documented_columns(table5) -> None:
     _, out = table5
     det = pd.read_csv(out / "detection.tsv", sep="\t")
-    assert tuple(det.columns) == stats.DETECTION_COLUMNS
+    assert tuple(det.columns) == DETECTION_COLUMNS
     comp = pd.read_csv(out / "comparisons.tsv", sep="\t")
     assert tuple(comp.columns[:8]) == (
         "comparison",
@@ -311,9 +314,9 @@ def test_grade_tables_are_paired_t_tests() -> None:
             ("P2", "R2", "low", 2, 260.0),
             ("P3", "R2", "low", 2, np.nan),
         ],
-        columns=list(stats.READ_COLUMNS),
+        columns=list(annotations.READ_COLUMNS),
     )
-    q = stats.grade_table(reads, "quality")
+    q = grade_table(reads, "quality")
     summary = q[(q["kind"] == "summary") & (q["reader"] == "R1") & (q["modality"] == "vir")].iloc[0]
     assert summary["mean"] == pytest.approx(4.0) and summary["sd"] == pytest.approx(1.0)
     test = q[(q["kind"] == "modality_comparison") & (q["reader"] == "R1")].iloc[0]
@@ -321,7 +324,7 @@ def test_grade_tables_are_paired_t_tests() -> None:
     # paired differences vir - low = 2, 0, 3: t = mean / (sd / sqrt(3))
     d = np.array([2.0, 0.0, 3.0])
     assert abs(test["statistic"]) == pytest.approx(d.mean() / (d.std(ddof=1) / math.sqrt(3)))
-    t = stats.grade_table(reads, "reading_time_s")
+    t = grade_table(reads, "reading_time_s")
     between = t[(t["kind"] == "reader_comparison") & (t["modality"] == "low")].iloc[0]
     assert between["reader"] == "R1 vs R2" and between["n"] == 2  # P3 has no time for R2
 
@@ -362,7 +365,7 @@ def _small_study() -> tuple[pd.DataFrame, pd.DataFrame]:
             ("A", "R1", "low", 0.5, 0, 0, 9, 7),
             ("A", "R2", "vir", 40, 0, 0, 5, 4),
         ],
-        columns=list(stats.LESION_COLUMNS),
+        columns=list(annotations.LESION_COLUMNS),
     )
     reads = pd.DataFrame(
         [
@@ -373,7 +376,7 @@ def _small_study() -> tuple[pd.DataFrame, pd.DataFrame]:
             ("B", "R1", "low", 2, 80),
             ("B", "R2", "vir", 4, 70),
         ],
-        columns=list(stats.READ_COLUMNS),
+        columns=list(annotations.READ_COLUMNS),
     )
     return lesions, reads
 
@@ -473,9 +476,9 @@ def test_bad_quality_grade_and_duplicate_read_are_errors() -> None:
     bad = reads.copy()
     bad.loc[0, "quality"] = 7
     with pytest.raises(InputError, match="quality must be an integer grade 1-5 on line"):
-        stats.validate_reads(bad)
+        annotations.validate_reads(bad)
     with pytest.raises(InputError, match="read twice"):
-        stats.validate_reads(pd.concat([reads, reads.iloc[[0]]], ignore_index=True))
+        annotations.validate_reads(pd.concat([reads, reads.iloc[[0]]], ignore_index=True))
 
 
 def test_several_reference_readers_need_a_choice(tmp_path) -> None:

@@ -16,12 +16,17 @@ from scipy.spatial.transform import Rotation
 
 from virtual_contrast import cli
 from virtual_contrast.io import InputError, load_image, save_image
-from virtual_contrast.preprocess import fsl
 from virtual_contrast.preprocess import register as reg
 from virtual_contrast.preprocess import transforms as tf
-from virtual_contrast.preprocess.options import GateOptions, RegisterOptions, default_options
-from virtual_contrast.preprocess.quality import RegistrationRejectedError
-from virtual_contrast.preprocess.sitk_backend import SimpleITKBackend
+from virtual_contrast.preprocess.options import (
+    BackendUnavailableError,
+    GateOptions,
+    RegisterOptions,
+    default_options,
+)
+from virtual_contrast.preprocess.quality import RegistrationRejectedError, dice
+from virtual_contrast.preprocess.registration import fsl, select_backend
+from virtual_contrast.preprocess.registration.sitk_backend import SimpleITKBackend
 
 TCGA = "tcga_fg_6692_raw"
 
@@ -80,11 +85,6 @@ def mean_displacement(a: np.ndarray, b: np.ndarray, mask: np.ndarray, affine: np
     pts = affine @ np.c_[ijk, np.ones(len(ijk))].T
     d = np.linalg.norm(((a - b) @ pts)[:3], axis=0)
     return float(d.mean()), float(d.max())
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0.5, b > 0.5
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 # ----------------------------------------------------------------------------------------------- transforms
@@ -300,8 +300,8 @@ def test_fsl_backend_registers_brain_to_brain_with_a_stand_in_flirt(fake_fsl, mo
     mat = random_affine(np.random.default_rng(8))
     np.savetxt(fake_fsl / "known.mat", mat)
     monkeypatch.setenv("FAKE_FLIRT_MAT", str(fake_fsl / "known.mat"))
-    with caplog.at_level(logging.INFO, logger="virtual_contrast.preprocess.register"):
-        backend = reg.select_backend("auto")
+    with caplog.at_level(logging.INFO, logger="virtual_contrast.preprocess.registration"):
+        backend = select_backend("auto")
     assert backend.name == "fsl" and "registration backend: fsl" in caplog.text
     atlas, _ = build_atlas(8.0)
     head = blob_image(shape=(20, 22, 10), voxel=(6.0, 6.0, 12.0), flip_x=True)
@@ -334,28 +334,28 @@ def no_fsl(monkeypatch, tmp_path):
 
 
 def test_fsl_without_fsl_fails_at_once_saying_what_to_install(no_fsl):
-    with pytest.raises(reg.BackendUnavailableError) as err:
-        reg.select_backend("fsl")
+    with pytest.raises(BackendUnavailableError) as err:
+        select_backend("fsl")
     text = str(err.value)
     assert "FSL >= 6" in text and "FSLDIR" in text and "flirt" in text and "PATH" in text
 
 
 def test_fsl_with_a_broken_fsldir_names_it(no_fsl, monkeypatch, tmp_path):
     monkeypatch.setenv("FSLDIR", str(tmp_path / "fsl"))
-    with pytest.raises(reg.BackendUnavailableError, match="FSLDIR=.*fsl is set"):
-        reg.select_backend("fsl")
+    with pytest.raises(BackendUnavailableError, match="FSLDIR=.*fsl is set"):
+        select_backend("fsl")
 
 
 def test_auto_without_fsl_chooses_simpleitk_and_says_why(no_fsl, caplog):
-    with caplog.at_level(logging.INFO, logger="virtual_contrast.preprocess.register"):
-        backend = reg.select_backend("auto")
+    with caplog.at_level(logging.INFO, logger="virtual_contrast.preprocess.registration"):
+        backend = select_backend("auto")
     assert backend.name == "simpleitk"
     assert "registration backend: simpleitk" in caplog.text and "FSL not found" in caplog.text
 
 
 def test_unknown_backend_is_an_input_error():
     with pytest.raises(InputError, match="ants"):
-        reg.select_backend("ants")
+        select_backend("ants")
 
 
 def test_rigid_recovery_is_rigid_and_reproducible():

@@ -15,7 +15,8 @@ import pytest
 from virtual_contrast import cli
 from virtual_contrast.io import InputError, save_image
 from virtual_contrast.preprocess import skull_strip as ss
-from virtual_contrast.preprocess.options import SkullStripOptions
+from virtual_contrast.preprocess.options import BackendUnavailableError, SkullStripOptions
+from virtual_contrast.preprocess.quality import dice
 
 TCGA = "tcga_fg_6692_raw"
 
@@ -46,7 +47,7 @@ def test_deepbet_on_the_raw_tcga_t1_matches_its_shipped_mask(tcga_brain_mask, sh
     # The shipped mask (most likely HD-BET's) lies on the T1c grid, which is the T1's.
     shipped = np.asanyarray(nib.load(shared_data / TCGA / "t1c_brainmask.nii.gz").dataobj) > 0
     volume_l = mask.sum() * abs(np.linalg.det(t1.affine[:3, :3])) / 1e6
-    assert ss.dice(mask, shipped) >= 0.93  # measured 0.941
+    assert dice(mask, shipped) >= 0.93  # measured 0.941
     assert 1.0 <= volume_l <= 1.8  # measured 1.59 L (shipped mask: 1.60 L)
 
 
@@ -128,12 +129,12 @@ def test_auto_with_configured_weights_is_hdbet(fake_hdbet, tmp_path):
 
 
 def test_configured_hdbet_that_cannot_run_is_an_error_not_a_fallback(no_hdbet, tmp_path):
-    with pytest.raises(ss.BackendUnavailableError, match=r"pip install .*hd-bet==2\.0\.1"):
+    with pytest.raises(BackendUnavailableError, match=r"pip install .*hd-bet==2\.0\.1"):
         ss.choose_backend("auto", _weights(tmp_path / "w"))
 
 
 def test_hdbet_requested_with_incomplete_weights_names_the_missing_files(fake_hdbet, tmp_path):
-    with pytest.raises(ss.BackendUnavailableError) as err:
+    with pytest.raises(BackendUnavailableError) as err:
         ss.choose_backend("hdbet", _weights(tmp_path / "w", complete=False))
     msg = str(err.value)
     assert "lacks fold_all/checkpoint_final.pth;" in msg
@@ -142,7 +143,7 @@ def test_hdbet_requested_with_incomplete_weights_names_the_missing_files(fake_hd
 
 def test_deepbet_missing_says_what_to_install(monkeypatch):
     monkeypatch.setattr(ss, "deepbet_import_error", lambda: "cannot import deepbet (ImportError)")
-    with pytest.raises(ss.BackendUnavailableError, match=r"deepbet==1\.0\.2"):
+    with pytest.raises(BackendUnavailableError, match=r"deepbet==1\.0\.2"):
         ss.choose_backend("deepbet")
 
 
@@ -242,7 +243,7 @@ def test_real_hdbet_on_the_raw_tcga_t1(shared_data, tmp_path: Path):
     mask = np.asarray(nib.load(str(tmp_path / "mask.nii.gz")).dataobj) > 0
     shipped = np.asanyarray(nib.load(shared_data / TCGA / "t1c_brainmask.nii.gz").dataobj) > 0
     assert prov["backend"] == "hdbet"
-    assert ss.dice(mask, shipped) > 0.9
+    assert dice(mask, shipped) > 0.9
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from virtual_contrast.annotations import LESION_COLUMNS, validate_lesions
 from virtual_contrast.cli import main
 from virtual_contrast.io import InputError
 from virtual_contrast.reader import slicer
-from virtual_contrast.reader.stats import LESION_COLUMNS, validate_lesions
 
 
 def _lesions() -> pd.DataFrame:

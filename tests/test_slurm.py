@@ -30,13 +30,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workflow_helpers import SNAKEMAKE, snakemake_command
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / ".ci" / "slurm_cluster.sh"
 SLURM_PROFILE = REPO / "profiles" / "slurm"
 LOCAL_PROFILE = REPO / "profiles" / "workstation"
 TOY = REPO / "tests" / "data" / "slurm_toy"
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 # --- the cluster -------------------------------------------------------------------------------
@@ -191,16 +191,8 @@ def _tiny_available() -> str | None:
 
 
 def _tiny_args(workdir: Path) -> list[str]:
-    # The repository's Snakefile run in a scratch working directory, as tests/workflow_helpers.py does.
-    return [
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(REPO / "config.yaml"),
-        str(REPO / "tests" / "tiny.yaml"),
-    ]
+    # The repository's Snakefile run in a scratch working directory with config.yaml and tests/tiny.yaml.
+    return snakemake_command(workdir)[len(SNAKEMAKE) :]
 
 
 TINY_CASE = WorkflowCase(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from virtual_contrast.cohort.plan import plan_cohort
 from virtual_contrast.io import InputError
 from virtual_contrast.subjects import (
     assign_split,
@@ -16,7 +17,7 @@ from virtual_contrast.subjects import (
     read_subjects_table,
     select_exams,
 )
-from virtual_contrast.workflow import plan_cohort, plan_study
+from virtual_contrast.workflow import plan_study
 
 SEQ_FILES = {
     "t1": "anat/{p}_T1w.nii.gz",

@@ -10,10 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from toy_subjects import make_toy_subjects
 
 from virtual_contrast.cli import main as cli_main
+from virtual_contrast.config_schema import schema_defaults
 from virtual_contrast.io import InputError, save_image
 from virtual_contrast.model import runtime
+from virtual_contrast.model.checkpoint import load_checkpoint, load_model
+from virtual_contrast.model.config import TrainConfig
 from virtual_contrast.model.data import (
     SubjectVolumes,
     VolumeStore,
@@ -22,15 +26,8 @@ from virtual_contrast.model.data import (
     find_subject_volumes,
     flip_batch,
 )
-from virtual_contrast.model.toy import make_toy_subjects
-from virtual_contrast.model.train import (
-    LOG_COLUMNS,
-    TrainConfig,
-    load_checkpoint,
-    load_model,
-    loss_fn,
-    train_fold,
-)
+from virtual_contrast.model.train import loss_fn, train_fold
+from virtual_contrast.model.train_log import LOG_COLUMNS
 
 TINY = TrainConfig(
     width=4, depth=2, epochs=4, batch_size=2, checkpoint_every=2, threads=1, progress=False, seed=3
@@ -266,6 +263,21 @@ def test_flip_batch_mirrors_each_sample_on_its_axes():
     y = flip_batch(x, flips)
     assert torch.equal(y[0], torch.flip(x[0], [1, 3]))
     assert torch.equal(y[1], x[1])
+
+
+def test_train_config_from_the_workflow_config():
+    """The train rule's options: the config's model and train sections but the job's cluster resources."""
+    config = schema_defaults()
+    config["model"]["width"], config["train"]["epochs"] = 8, 7
+    cfg = TrainConfig.from_config(config, threads=1)
+    options = {**config["model"], **config["train"], "threads": 1}
+    for resource in ("mem_mb", "runtime_min"):
+        del options[resource]
+    assert {key: cfg.to_dict()[key] for key in options} == options
+    assert (cfg.width, cfg.epochs) == (8, 7)
+    config["train"]["epoch"] = 3  # not a training option: refused, not ignored
+    with pytest.raises(InputError, match=r"unknown training option\(s\) \['epoch'\]"):
+        TrainConfig.from_config(config)
 
 
 def test_brain_loss_ignores_background():

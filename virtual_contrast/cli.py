@@ -26,7 +26,7 @@ from virtual_contrast import __version__
 from virtual_contrast.io import InputError
 
 COMMAND_MODULES = (
-    "virtual_contrast.cohort",
+    "virtual_contrast.cohort.commands",
     "virtual_contrast.preprocess.commands",
     "virtual_contrast.model.commands",
     "virtual_contrast.evaluate.commands",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from virtual_contrast.cohort.plan import CohortExam, participant, plan_cohort
 from virtual_contrast.subjects import (
     SEQUENCES,
     Selection,
@@ -24,8 +25,6 @@ from virtual_contrast.subjects import (
 COHORT_DIR = Path("results/cohort")
 #: Where the workflow files the exams of dicom_dir (rule import_dicom), in the BIDS-like layout below.
 DICOM_DIR = Path("results/dicom")
-#: Sequences a cohort exam may lack (to exercise the exclusions), in the order they are dropped.
-DROPPABLE = ("flair", "dwi", "low")
 #: File of each sequence column inside a BIDS exam folder, given the entity prefix (sub-X[_ses-Y]).
 BIDS_FILES = {
     "t1": "anat/{p}_T1w.nii.gz",
@@ -38,24 +37,16 @@ BIDS_FILES = {
 }
 
 
-@dataclass(frozen=True)
-class CohortExam:
-    """One planned exam of the embedded cohort."""
-
-    subject: str
-    session: str  # "01" for the first visit, "02" for a later one
-    missing: tuple[str, ...] = ()
-
-    def files(self, root: Path = COHORT_DIR) -> dict[str, Path]:
-        """Path of each sequence file of this exam (those in ``missing`` are not written)."""
-        prefix = f"sub-{self.subject}_ses-{self.session}"
-        folder = root / f"sub-{self.subject}" / f"ses-{self.session}"
-        absent = set(self.missing) | ({"bval", "bvec"} if "dwi" in self.missing else set())
-        return {
-            key: folder / pattern.format(p=prefix)
-            for key, pattern in BIDS_FILES.items()
-            if key not in absent
-        }
+def cohort_exam_files(exam: CohortExam, root: Path = COHORT_DIR) -> dict[str, Path]:
+    """Path of each sequence file of a cohort exam (those in ``missing`` are not written)."""
+    prefix = f"sub-{exam.subject}_ses-{exam.session}"
+    folder = root / f"sub-{exam.subject}" / f"ses-{exam.session}"
+    absent = set(exam.missing) | ({"bval", "bvec"} if "dwi" in exam.missing else set())
+    return {
+        key: folder / pattern.format(p=prefix)
+        for key, pattern in BIDS_FILES.items()
+        if key not in absent
+    }
 
 
 def bids_exam_files(root: Path | str, subject: str, session: str = "") -> dict[str, Path]:
@@ -75,29 +66,6 @@ def dicom_exam_record(subject: str, session: str, kind: str, root: Path = DICOM_
 def cohort_lesion_table(subject: str, session: str, root: Path = COHORT_DIR) -> Path:
     """The true lesions of one cohort exam, written by the ``cohort`` rule."""
     return root / f"sub-{subject}" / f"ses-{session}" / f"sub-{subject}_ses-{session}_lesions.tsv"
-
-
-def cohort_subject_id(index: int) -> str:
-    """Id of the ``index``-th (1-based) cohort patient."""
-    return f"vc{index:03d}"
-
-
-def plan_cohort(n: int, *, extra_visits: int, missing_sequence: int) -> list[CohortExam]:
-    """The exams of the embedded cohort, decided from the config alone (no image is needed).
-
-    ``n`` patients with a complete first exam (``vc001``...), of which the first ``extra_visits`` also have a
-    later visit (excluded), plus ``missing_sequence`` patients (``vcm01``...) whose exam lacks one sequence
-    (excluded). Growing ``n`` only adds patients: every existing exam, and so every computed result, stays.
-    """
-    exams = []
-    for i in range(n):
-        subject = cohort_subject_id(i + 1)
-        exams.append(CohortExam(subject, "01"))
-        if i < extra_visits:
-            exams.append(CohortExam(subject, "02"))
-    for i in range(missing_sequence):
-        exams.append(CohortExam(f"vcm{i + 1:02d}", "01", (DROPPABLE[i % len(DROPPABLE)],)))
-    return exams
 
 
 @dataclass
@@ -140,8 +108,6 @@ class Study:
         or the subjects table's own columns (age, sex, weight, indication) when it has them."""
         inc = self.selection.included
         if self.embedded:
-            from virtual_contrast.cohort import participant
-
             table = pd.DataFrame([participant(s, seed) for s in inc["subject"]])
         else:
             table = inc.drop(
@@ -181,7 +147,7 @@ class Study:
 def _cohort_exams(plan: list[CohortExam]) -> pd.DataFrame:
     rows = []
     for exam in plan:
-        files = exam.files()
+        files = cohort_exam_files(exam)
         row = {"subject": exam.subject, "session": exam.session}
         row.update({key: str(files.get(key, "")) for key in SEQUENCES})
         rows.append(row)

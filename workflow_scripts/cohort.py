@@ -3,7 +3,7 @@ from pathlib import Path
 from _common import setup
 
 from virtual_contrast.atlas import load_atlas
-from virtual_contrast.cohort import make_exam
+from virtual_contrast.cohort.exam import make_exam
 
 log = setup(snakemake)
 out = snakemake.output

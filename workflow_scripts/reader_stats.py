@@ -1,8 +1,9 @@
 import pandas as pd
 from _common import setup
 
+from virtual_contrast.annotations import load_lesions, load_reads
 from virtual_contrast.evaluate.lesions import auto_reader_tables
-from virtual_contrast.reader.stats import load_lesions, load_reads, reader_stats
+from virtual_contrast.reader.stats import reader_stats
 
 log = setup(snakemake)
 if "detections" in snakemake.input.keys():

@@ -2,9 +2,10 @@ from pathlib import Path
 
 from _common import setup
 
+from virtual_contrast.model.config import TrainConfig
 from virtual_contrast.model.data import find_subject_volumes
 from virtual_contrast.model.folds import fold_members, read_folds
-from virtual_contrast.model.train import TrainConfig, train_fold
+from virtual_contrast.model.train import train_fold
 
 log = setup(snakemake)
 fold = int(snakemake.wildcards.fold)

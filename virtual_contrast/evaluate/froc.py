@@ -29,7 +29,7 @@ from virtual_contrast.evaluate.lesions import (
     prior_from_counts,
 )
 from virtual_contrast.io import InputError
-from virtual_contrast.reader.matching import MatchRule, match_lesions
+from virtual_contrast.matching import MatchRule, match_lesions
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def validate_detector(
 
     Both tables have ``subject, x_mm, y_mm, z_mm, long_axis_mm, short_axis_mm`` (the cohort's ``lesions.tsv``
     and :func:`detect_lesions_from_files` outputs, concatenated). Matching is
-    :func:`virtual_contrast.reader.matching.match_lesions` per subject, on all lesions. As in the reader
+    :func:`virtual_contrast.matching.match_lesions` per subject, on all lesions. As in the reader
     statistics, a true lesion's bin is its true long axis (for sensitivity and true positives) and a false
     positive's bin is its own measured long axis; PPV = TP / (TP + FP) in the bin. ``subjects`` defaults to
     every subject in either table; pass the full list so that ``n_subjects`` counts subjects with neither.

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from virtual_contrast.annotations import LESION_COLUMNS, READ_COLUMNS
 from virtual_contrast.evaluate import candidates as cand
 from virtual_contrast.io import InputError, load_array
-from virtual_contrast.reader.stats import LESION_COLUMNS, READ_COLUMNS
 
 log = logging.getLogger(__name__)
 

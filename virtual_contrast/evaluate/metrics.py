@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from scipy import ndimage, stats
 from skimage.filters import threshold_otsu
 
 from virtual_contrast.io import InputError, load_array, write_table
+from virtual_contrast.report import format_p
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +235,10 @@ def check_unit_range(image: np.ndarray, mask: np.ndarray, *, name: str, tol: flo
 def normalize_percentiles(
     image: np.ndarray, mask: np.ndarray, *, low: float = 1.0, high: float = 99.0
 ) -> np.ndarray:
-    """The preprocessing's standardisation (:func:`virtual_contrast.preprocess.normalize.normalize`): clip at
+    """The preprocessing's standardisation (:func:`virtual_contrast.intensity.normalize`): clip at
     the ``low``/``high`` percentiles over brain voxels, map to [0, 1], 0 outside; for scoring images that did
     not go through our preprocessing."""
-    from virtual_contrast.preprocess.normalize import normalize
+    from virtual_contrast.intensity import normalize
 
     return normalize(image, mask, low, high)
 
@@ -363,20 +363,6 @@ def aggregate_voxel_metrics(
         row["n_paired"] = len(paired)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def format_p(p: float) -> str:
-    """APA-like p-value: ``p<.001``, ``p>.99``, else two decimals (three below .01 or near .05), half-up."""
-    if p is None or not np.isfinite(p):
-        return "n/a"
-    if p < 0.001:
-        return "p<.001"
-    if p > 0.99:
-        return "p>.99"
-    digits = 3 if (p < 0.01 or 0.045 <= p < 0.055) else 2
-    # Half-up, as tables are usually rounded (0.125 -> .13), not Python's half-to-even on binary floats.
-    rounded = Decimal(repr(float(p))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
-    return "p=" + str(rounded).lstrip("0")
 
 
 def table3_markdown(table: pd.DataFrame, *, baseline: str = "low", candidate: str = "vir") -> str:

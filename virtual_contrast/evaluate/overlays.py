@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.patches import Circle, Rectangle  # noqa: E402
 
 from virtual_contrast.io import InputError, atomic_path  # noqa: E402
-from virtual_contrast.reader.matching import match_lesions  # noqa: E402
+from virtual_contrast.matching import match_lesions  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -107,9 +107,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import yaml
 
+    from virtual_contrast.model.config import TrainConfig
     from virtual_contrast.model.data import find_subject_volumes
     from virtual_contrast.model.folds import fold_members, read_folds
-    from virtual_contrast.model.train import TrainConfig, train_fold
+    from virtual_contrast.model.train import train_fold
 
     values = {}
     if args.config:
@@ -264,7 +265,7 @@ def preprocess_options_of(models: list[Path], args: argparse.Namespace):
     overrides of machine-specific choices (backends, HD-BET weights); returns (options, overrides)."""
     from dataclasses import replace
 
-    from virtual_contrast.model.train import load_checkpoint
+    from virtual_contrast.model.checkpoint import load_checkpoint
     from virtual_contrast.preprocess.options import PreprocessOptions
 
     stored = []
@@ -324,8 +325,8 @@ def _check_normalised(paths: dict[str, Path], subject: str) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from virtual_contrast.model.checkpoint import load_checkpoint
     from virtual_contrast.model.predict import predict_subject
-    from virtual_contrast.model.train import load_checkpoint
     from virtual_contrast.subjects import check_subject_id
 
     if args.subject is not None:

@@ -29,13 +29,10 @@ import torch
 
 from virtual_contrast.io import InputError, atomic_path, load_image
 from virtual_contrast.model import runtime
+from virtual_contrast.model.config import DEFAULT_CHANNELS, check_channels
 
 log = logging.getLogger(__name__)
 
-#: Input channels of the paper, in the order used by default (ADC, T2-FLAIR, T1, low-dose T1c).
-DEFAULT_CHANNELS: tuple[str, ...] = ("ADC", "FLAIR", "T1w", "lowT1c")
-#: Every channel name a model may take as input.
-INPUT_CHANNELS: tuple[str, ...] = ("ADC", "FLAIR", "T1w", "lowT1c")
 #: The training target, the full-dose T1c.
 TARGET = "refT1c"
 CACHE_DTYPE = np.float16
@@ -46,7 +43,7 @@ _CACHE_VERSION = 1
 class SubjectVolumes:
     """The normalised volumes of one subject on the cropped atlas grid.
 
-    ``channels`` maps channel names (see :data:`INPUT_CHANNELS`) to NIfTI paths; ``target`` (the reference
+    ``channels`` maps channel names (see :data:`~virtual_contrast.model.config.INPUT_CHANNELS`) to NIfTI paths; ``target`` (the reference
     T1c) is needed for training and tuning only; ``mask`` (the brain mask) is optional.
     """
 
@@ -104,17 +101,6 @@ def find_subject_volumes(
         if beside is not None and beside.exists()
         else find(mask_filename(subject), mask),
     )
-
-
-def check_channels(channels: Sequence[str]) -> tuple[str, ...]:
-    """Validate a list of input channel names (known, unique, non-empty)."""
-    channels = tuple(channels)
-    unknown = [c for c in channels if c not in INPUT_CHANNELS]
-    if not channels or unknown or len(set(channels)) != len(channels):
-        raise InputError(
-            f"invalid model channels {list(channels)}: give unique names among {list(INPUT_CHANNELS)}"
-        )
-    return channels
 
 
 def load_subject_arrays(

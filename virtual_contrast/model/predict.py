@@ -21,8 +21,8 @@ from torch import nn
 
 from virtual_contrast.io import InputError, save_image
 from virtual_contrast.model import runtime
+from virtual_contrast.model.checkpoint import load_model
 from virtual_contrast.model.data import SubjectVolumes, load_subject_arrays
-from virtual_contrast.model.train import load_model
 from virtual_contrast.model.unet import check_grid
 
 log = logging.getLogger(__name__)

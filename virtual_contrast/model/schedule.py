@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from virtual_contrast.io import InputError
+from virtual_contrast.model.config import LR_SCHEDULES
 
 log = logging.getLogger(__name__)
 
-LR_SCHEDULES = ("constant", "poly")
 #: An output within this distance of 0 or 1 counts as saturated; the guard undoes an epoch after which more
 #: than SATURATED_BRAIN_FRACTION of the brain is.
 SATURATION_EPS = 1e-3

@@ -4,7 +4,8 @@ One call of :func:`train_fold` trains on the training subjects of a fold and kee
 loss on the held-out (tuning) subjects. It writes, in ``out_dir``:
 
 - ``model.pt``: the selected weights in a self-describing checkpoint (architecture, channels, grid, epoch,
-  tuning loss, configuration, subject lists), read back by :func:`load_model`;
+  tuning loss, configuration, subject lists), read back by
+  :func:`~virtual_contrast.model.checkpoint.load_model`;
 - ``train_log.tsv``: one row per epoch (epoch, train_loss, tune_loss, seconds, lr, best);
 - ``loss_curve.png``: both losses against the epoch;
 - ``last.pt`` (in ``checkpoint_dir``, default ``out_dir``): weights, optimiser, grad scaler, RNG states, epoch
@@ -15,150 +16,39 @@ loss on the held-out (tuning) subjects. It writes, in ``out_dir``:
 The loss is the mean squared error over the whole cropped volume by default (``loss_region="volume"``): the
 paper's L2 loss names no mask, and the background, zero after skull stripping, is cheap to learn.
 ``loss_region="brain"`` averages over brain-mask voxels only.
+
+The options are a :class:`~virtual_contrast.model.config.TrainConfig`; the checkpoints are written and read by
+:mod:`virtual_contrast.model.checkpoint`, the log and the loss curve by :mod:`virtual_contrast.model.train_log`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
-from virtual_contrast.io import InputError, atomic_path, load_image, write_table
+from virtual_contrast.io import InputError, load_image
 from virtual_contrast.model import runtime
-from virtual_contrast.model.data import (
-    DEFAULT_CHANNELS,
-    SubjectVolumes,
-    VolumeStore,
-    cache_subject,
-    check_channels,
-    epoch_plan,
+from virtual_contrast.model.checkpoint import (
+    model_checkpoint,
+    run_fingerprint,
+    save_checkpoint,
+    save_last,
+    try_resume,
 )
-from virtual_contrast.model.schedule import (
-    LR_SCHEDULES,
-    DivergenceGuard,
-    learning_rate_at,
-    saturated_fraction,
-)
-from virtual_contrast.model.unet import UNet3D, UNetSpec, check_grid, count_parameters
+from virtual_contrast.model.config import TrainConfig
+from virtual_contrast.model.data import SubjectVolumes, VolumeStore, cache_subject, epoch_plan
+from virtual_contrast.model.schedule import DivergenceGuard, learning_rate_at, saturated_fraction
+from virtual_contrast.model.train_log import write_log, write_loss_curve, write_outputs
+from virtual_contrast.model.unet import UNet3D, check_grid, count_parameters
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "virtual-contrast/unet-v1"
-LOG_COLUMNS = ["epoch", "train_loss", "tune_loss", "seconds", "lr", "best"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters and runtime choices of one training run.
-
-    Defaults follow the paper where it is explicit (Adam defaults, lr 1e-3, 300 epochs, flips); the batch size
-    is not given in the paper. ``device``, ``amp``, ``compile``, ``channels_last``, ``resident``,
-    ``deterministic``, ``threads``, ``progress`` and ``checkpoint_every`` change speed, not the model, and may
-    differ between a killed run and its resumption.
-    """
-
-    channels: tuple[str, ...] = DEFAULT_CHANNELS
-    width: int = 16
-    depth: int = 5
-    epochs: int = 300
-    batch_size: int = 2
-    learning_rate: float = 1e-3
-    lr_schedule: str = (
-        "constant"  # "constant" (the paper's plain Adam) | "poly"; see model.schedule
-    )
-    grad_clip: float = 12.0  # max gradient norm (nnU-Net's 12); 0 = off (see train_step)
-    divergence_guard: float = 3.0  # undo an epoch whose loss exceeds this x the best; 0 = off
-    seed: int = 0
-    output: str = "direct"  # "direct" (the paper) | "residual" (see virtual_contrast.model.unet)
-    loss_region: str = "volume"  # "volume" | "brain"
-    augment: bool = True
-    tune_every: int = 1
-    checkpoint_every: int = 5
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    amp: str = "auto"  # "auto" | "bf16" | "fp16" | "off"
-    compile: bool = False
-    channels_last: str | bool = "auto"
-    resident: str | bool = "auto"
-    deterministic: bool | None = None  # None: on for the CPU, off for CUDA
-    threads: int | None = None
-    progress: bool | None = None  # None: when stderr is a terminal
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", check_channels(self.channels))
-        positive = ("width", "depth", "epochs", "batch_size", "tune_every", "checkpoint_every")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"training option {name} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if not self.grad_clip >= 0:
-            raise InputError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        if not self.divergence_guard >= 0:
-            raise InputError(
-                f"divergence_guard must be >= 0 (0 = off), got {self.divergence_guard}"
-            )
-        if self.loss_region not in ("volume", "brain"):
-            raise InputError(f"loss_region must be 'volume' or 'brain', got {self.loss_region!r}")
-        self.spec  # noqa: B018 - validates output/channels
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        """Build from a mapping (e.g. the workflow config), rejecting unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        if "channels" in values:
-            values["channels"] = tuple(values["channels"])
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @property
-    def spec(self) -> UNetSpec:
-        low = self.channels.index("lowT1c") if "lowT1c" in self.channels else None
-        return UNetSpec(
-            in_channels=len(self.channels),
-            width=self.width,
-            depth=self.depth,
-            output=self.output,
-            residual_channel=low if self.output == "residual" else None,
-        )
-
-
-# Options that define the result; a checkpoint written with other values is not resumed.
-_RESULT_FIELDS = (
-    "channels",
-    "width",
-    "depth",
-    "output",
-    "batch_size",
-    "learning_rate",
-    "lr_schedule",
-    "grad_clip",
-    "divergence_guard",
-    "seed",
-    "loss_region",
-    "augment",
-    "tune_every",
-)
 
 
 def loss_fn(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -265,122 +155,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, fused=device.type == "cuda")
 
 
-def _fingerprint(cfg: TrainConfig, train_keys: list[str], tune_keys: list[str]) -> str:
-    payload = {
-        "cfg": {k: cfg.to_dict()[k] for k in _RESULT_FIELDS},
-        "train": train_keys,
-        "tune": tune_keys,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _save(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def _model_checkpoint(
-    model: nn.Module,
-    cfg: TrainConfig,
-    grid: Sequence[int],
-    *,
-    affine: np.ndarray,
-    epoch: int,
-    train_loss: float,
-    tune_loss: float,
-    train_ids: list[str],
-    tune_ids: list[str],
-    preprocess: dict | None = None,
-) -> dict:
-    extra = {} if preprocess is None else {"preprocess": preprocess}
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "spec": cfg.spec.to_dict(),
-        "channels": list(cfg.channels),
-        "grid": [int(s) for s in grid],
-        # The voxel-to-world matrix of the training grid: a raw exam is pre-processed onto the same grid.
-        "affine": np.asarray(affine, dtype=float).tolist(),
-        "state_dict": _state_dict_cpu(model),
-        "epoch": int(epoch),
-        "train_loss": float(train_loss),
-        "tune_loss": float(tune_loss),
-        "loss_region": cfg.loss_region,
-        "config": cfg.to_dict(),
-        "train_subjects": list(train_ids),
-        "tune_subjects": list(tune_ids),
-        "torch_version": str(torch.__version__),
-        # How the volumes were pre-processed (PreprocessOptions.to_dict()): predict feeds a raw exam the same.
-        **extra,
-    }
-
-
-def load_checkpoint(path: Path | str) -> dict:
-    """Read a ``model.pt`` written by :func:`train_fold`, checking its format."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError("model checkpoint not found", path=path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise InputError(f"cannot be read as a model checkpoint: {exc}", path=path) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"not a {CHECKPOINT_FORMAT} checkpoint", path=path)
-    return ckpt
-
-
-def load_model(path: Path | str, device: torch.device | str = "cpu") -> tuple[UNet3D, dict]:
-    """Rebuild the UNet of a ``model.pt`` in eval mode on ``device``; returns ``(model, checkpoint)``."""
-    ckpt = load_checkpoint(path)
-    model = UNet3D(UNetSpec(**ckpt["spec"]))
-    model.load_state_dict(ckpt.pop("state_dict"))
-    return model.to(device).eval(), ckpt
-
-
-def write_loss_curve(history: list[dict], path: Path | str, title: str = "") -> Path:
-    """Plot train and tuning loss per epoch (log scale), marking the selected epoch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if history:
-        df = pd.DataFrame(history)
-        ax.plot(df["epoch"], df["train_loss"], label="train")
-        tune = df.dropna(subset=["tune_loss"])
-        if len(tune):
-            ax.plot(tune["epoch"], tune["tune_loss"], label="tuning")
-            best = df[df["best"]]
-            if len(best):
-                last = best.iloc[-1]
-                ax.axvline(
-                    last["epoch"],
-                    color="grey",
-                    ls=":",
-                    label=f"selected (epoch {int(last['epoch'])})",
-                )
-        positive = df[["train_loss", "tune_loss"]].to_numpy(dtype=float)
-        if np.nanmin(positive) > 0:
-            ax.set_yscale("log")
-        ax.legend()
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("L2 loss (mean squared error)")
-    ax.set_title(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
-
-
-def _write_log(history: list[dict], path: Path) -> None:
-    df = pd.DataFrame(history, columns=LOG_COLUMNS)
-    write_table(df, path)
-
-
 def train_fold(
     train_subjects: Sequence[SubjectVolumes],
     tune_subjects: Sequence[SubjectVolumes],
@@ -436,7 +210,7 @@ def train_fold(
         )
     check_grid(grid, cfg.depth)
     grid_affine = load_image(train_subjects[0].channels[cfg.channels[0]]).affine
-    fingerprint = _fingerprint(cfg, [p.name for p in train_cache], [p.name for p in tune_cache])
+    fingerprint = run_fingerprint(cfg, [p.name for p in train_cache], [p.name for p in tune_cache])
 
     with runtime.deterministic_algorithms(deterministic, device):
         runtime.seed_everything(cfg.seed)
@@ -463,19 +237,19 @@ def train_fold(
         last_path = ckpt_dir / "last.pt"
         model_path = out_dir / "model.pt"
         if last_path.exists():
-            resumed = _try_resume(last_path, fingerprint, model, optimizer, scaler)
+            resumed = try_resume(last_path, fingerprint, model, optimizer, scaler)
             if resumed is not None:
                 state = resumed
                 guard.load_state_dict(state.get("guard"))
         state["guard"] = guard.state_dict()
         if state["best"] is not None:
             # Snakemake deletes a job's outputs before rerunning it: restore the selected weights so far.
-            _save(state["best"], model_path)
+            save_checkpoint(state["best"], model_path)
         elif model_path.exists():
             model_path.unlink()  # from an earlier, different run: must not survive as this run's result
         if state["epoch"] >= cfg.epochs and model_path.exists():
             log.info("training already complete (%d epochs); nothing to do", state["epoch"])
-            _write_outputs(state["history"], out_dir, title=out_dir.name)
+            write_outputs(state["history"], out_dir, title=out_dir.name)
             return model_path
 
         step_model = torch.compile(model) if cfg.compile else model
@@ -535,7 +309,7 @@ def train_fold(
                 best = tune_store is not None and tune_loss < state["best_loss"]
                 if best:
                     state["best_loss"], state["best_epoch"] = tune_loss, epoch + 1
-                    state["best"] = _model_checkpoint(
+                    state["best"] = model_checkpoint(
                         model,
                         cfg,
                         grid,
@@ -547,7 +321,7 @@ def train_fold(
                         tune_ids=tune_ids,
                         preprocess=preprocess,
                     )
-                    _save(state["best"], model_path)
+                    save_checkpoint(state["best"], model_path)
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(f"training loss is {train_loss} at epoch {epoch + 1}")
                 row = {
@@ -571,9 +345,9 @@ def train_fold(
                     row["seconds"],
                     " *" if best else "",
                 )
-                _write_log(state["history"], out_dir / "train_log.tsv")
+                write_log(state["history"], out_dir / "train_log.tsv")
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == stop_at:
-                    _save_last(last_path, model, optimizer, scaler, state, fingerprint, cfg)
+                    save_last(last_path, model, optimizer, scaler, state, fingerprint, cfg)
                     write_loss_curve(
                         state["history"], out_dir / "loss_curve.png", title=out_dir.name
                     )
@@ -586,7 +360,7 @@ def train_fold(
             if state["best"] is None:
                 # No tuning set (or no finite tuning loss): keep the last weights.
                 log.warning("no tuning loss to select weights with; model.pt holds the last epoch")
-                state["best"] = _model_checkpoint(
+                state["best"] = model_checkpoint(
                     model,
                     cfg,
                     grid,
@@ -598,79 +372,13 @@ def train_fold(
                     tune_ids=tune_ids,
                     preprocess=preprocess,
                 )
-                _save_last(last_path, model, optimizer, scaler, state, fingerprint, cfg)
-            _save(state["best"], model_path)
+                save_last(last_path, model, optimizer, scaler, state, fingerprint, cfg)
+            save_checkpoint(state["best"], model_path)
             log.info(
                 "selected epoch %d (tuning loss %.5g) → %s",
                 state["best_epoch"],
                 state["best_loss"],
                 model_path,
             )
-        _write_outputs(state["history"], out_dir, title=out_dir.name)
+        write_outputs(state["history"], out_dir, title=out_dir.name)
     return model_path
-
-
-def _write_outputs(history: list[dict], out_dir: Path, title: str) -> None:
-    _write_log(history, out_dir / "train_log.tsv")
-    write_loss_curve(history, out_dir / "loss_curve.png", title=title)
-
-
-def _save_last(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    state: dict,
-    fingerprint: str,
-    cfg: TrainConfig,
-) -> None:
-    _save(
-        {
-            "format": CHECKPOINT_FORMAT + "/resume",
-            "fingerprint": fingerprint,
-            "config": cfg.to_dict(),
-            "state_dict": _state_dict_cpu(model),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": runtime.rng_states(),
-            "epoch": state["epoch"],
-            "best_loss": state["best_loss"],
-            "best_epoch": state["best_epoch"],
-            "history": state["history"],
-            "best": state["best"],
-            "guard": state.get("guard"),
-        },
-        path,
-    )
-
-
-def _try_resume(
-    path: Path,
-    fingerprint: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-) -> dict | None:
-    """Load ``last.pt`` into model and optimiser when it belongs to this run; ``None`` otherwise."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a truncated checkpoint means starting afresh
-        log.warning("cannot read %s (%s); starting from scratch", path, exc)
-        return None
-    if ckpt.get("fingerprint") != fingerprint:
-        log.warning("%s was written with other options or subjects; starting from scratch", path)
-        return None
-    model.load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    runtime.set_rng_states(ckpt["rng"])
-    log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
-    return {
-        "epoch": int(ckpt["epoch"]),
-        "best_loss": float(ckpt["best_loss"]),
-        "best_epoch": int(ckpt["best_epoch"]),
-        "history": list(ckpt["history"]),
-        "best": ckpt.get("best"),
-        "guard": ckpt.get("guard"),
-    }

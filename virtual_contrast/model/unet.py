@@ -24,49 +24,18 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 # The grid rule lives with the other checks so that the workflow can apply it at parse time without torch.
 from virtual_contrast.checks import check_grid, max_depth_for_grid  # noqa: F401 (re-exported)
-from virtual_contrast.io import InputError
+from virtual_contrast.model.config import UNetSpec
 
-NEGATIVE_SLOPE = 0.2
 #: Initial output of the network everywhere, about the mean of a normalised, skull-stripped T1c volume.
 INITIAL_OUTPUT = 0.1
 #: The low-dose input is clamped to [eps, 1 - eps] before its logit is taken (output="residual").
 RESIDUAL_EPS = 1e-3
-
-
-@dataclass(frozen=True)
-class UNetSpec:
-    """Everything needed to rebuild a :class:`UNet3D` (stored in every checkpoint)."""
-
-    in_channels: int = 4
-    width: int = 16
-    depth: int = 5
-    out_channels: int = 1
-    negative_slope: float = NEGATIVE_SLOPE
-    output: str = "direct"  # "direct" (the paper) | "residual" (on the logit of the low-dose input)
-    residual_channel: int | None = (
-        None  # index of the low-dose input channel, for output="residual"
-    )
-
-    def __post_init__(self) -> None:
-        if self.output not in ("direct", "residual"):
-            raise InputError(f"UNet output must be 'direct' or 'residual', got {self.output!r}")
-        if self.output == "residual" and not (
-            self.residual_channel is not None and 0 <= self.residual_channel < self.in_channels
-        ):
-            raise InputError(
-                "a residual UNet output needs the low-dose T1c among the input channels "
-                f"(residual_channel={self.residual_channel}, {self.in_channels} inputs)"
-            )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _conv3(cin: int, cout: int) -> nn.Conv3d:

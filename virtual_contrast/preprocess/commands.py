@@ -19,7 +19,7 @@ from virtual_contrast.checks import (
 
 if TYPE_CHECKING:
     from virtual_contrast.preprocess.options import GateOptions
-    from virtual_contrast.preprocess.register import Backend
+    from virtual_contrast.preprocess.registration.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,8 @@ def _register(args: argparse.Namespace) -> int:
     from virtual_contrast.atlas import brain_mask_from_template
     from virtual_contrast.io import load_image, save_image
     from virtual_contrast.preprocess.options import default_options
-    from virtual_contrast.preprocess.register import select_backend, transform_path_for
+    from virtual_contrast.preprocess.register import transform_path_for
+    from virtual_contrast.preprocess.registration import select_backend
     from virtual_contrast.preprocess.skull_strip import skull_strip
 
     check_nifti_output(args.out)
@@ -375,9 +376,9 @@ def register_to_reference(
         field_of_view,
         on_grid,
         register_images,
-        select_backend,
         transform_path_for,
     )
+    from virtual_contrast.preprocess.registration import select_backend
     from virtual_contrast.preprocess.transforms import carry_mask, save_transform
 
     engine = select_backend(backend) if isinstance(backend, str) else backend

@@ -29,7 +29,7 @@ from virtual_contrast.preprocess.skull_strip import skull_strip
 
 log = logging.getLogger(__name__)
 
-#: Channels of a raw exam, in the workflow's names (virtual_contrast.model.data.INPUT_CHANNELS).
+#: Channels of a raw exam, in the workflow's names (virtual_contrast.model.config.INPUT_CHANNELS).
 EXAM_CHANNELS = ("T1w", "FLAIR", "ADC", "lowT1c")
 
 

@@ -22,6 +22,11 @@ from typing import Any
 from virtual_contrast.io import InputError
 
 
+class BackendUnavailableError(InputError):
+    """The backend an option names cannot run on this machine (a package, its weights or an executable are
+    missing); raised before any work, with what to install."""
+
+
 @dataclass(frozen=True)
 class SkullStripOptions:
     """Brain extraction on the native T1 (config ``preprocess.skull_strip_backend``, ``hdbet_weights``)."""

@@ -21,12 +21,12 @@ template's brain (ventricles about 1 cm off) unless the official head mask steer
 raw TCGA-FG-6692 T1 (skull, 5.5 mm oblique slices) and the skull-stripped BraTS-MET-00110 T1 both reach a
 brain Dice of 0.95-0.96 with the official atlas brain mask at 1 mm, with no mask but their own.
 
-Two backends estimate the transforms (:func:`select_backend`):
+Two backends estimate the transforms (:mod:`virtual_contrast.preprocess.registration`):
 
-* ``fsl``: FSL FLIRT through nipype, as in the paper (:mod:`virtual_contrast.preprocess.fsl`), resampling with
-  FLIRT ``-applyxfm -interp spline``;
-* ``simpleitk``: the embedded one (:mod:`virtual_contrast.preprocess.sitk_backend`), Mattes mutual information,
-  resampling with :func:`resample` (cubic B-spline).
+* ``fsl``: FSL FLIRT through nipype, as in the paper (:mod:`~virtual_contrast.preprocess.registration.fsl`),
+  resampling with FLIRT ``-applyxfm -interp spline``;
+* ``simpleitk``: the embedded one (:mod:`~virtual_contrast.preprocess.registration.sitk_backend`), Mattes
+  mutual information, resampling with :func:`resample` (cubic B-spline).
 
 ``auto`` picks FSL when it is installed and says so in the log; asking for ``fsl`` without FSL fails at once.
 """
@@ -36,9 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import nibabel as nib
 import numpy as np
@@ -48,11 +46,12 @@ from virtual_contrast.atlas import Atlas
 from virtual_contrast.io import InputError, load_image, save_image, write_json
 from virtual_contrast.preprocess import quality
 from virtual_contrast.preprocess.options import RegisterOptions
+from virtual_contrast.preprocess.registration import select_backend
+from virtual_contrast.preprocess.registration.base import Backend, Registration
 from virtual_contrast.preprocess.transforms import carry_mask, resample, save_transform, voxel_sizes
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "fsl", "simpleitk")
 #: Margin (mm) around the brain masks that restrict the similarity measure. Brain to brain, the outline of the
 #: brain against the zero background is information too: at 1 mm the carried brain mask's Dice with the official
 #: atlas brain mask went from 0.945 to 0.955 (TCGA-FG-6692) and from 0.957 to 0.964 (BraTS-MET-00110) with 4 mm.
@@ -67,99 +66,6 @@ def dilate_mask(mask: np.ndarray, affine: np.ndarray, mm: float) -> np.ndarray:
         return mask
     dist = ndimage.distance_transform_edt(~mask, sampling=voxel_sizes(affine))
     return dist <= mm
-
-
-# ----------------------------------------------------------------------------------------------- backends
-@dataclass
-class Registration:
-    """One estimated transform and how it was obtained."""
-
-    transform: np.ndarray  # reference world -> moving world, RAS mm
-    backend: str
-    dof: int
-    stages: list[dict] = field(default_factory=list)  # name, metric, iterations, seconds, ...
-    seconds: float = 0.0
-
-    def summary(self) -> dict:
-        return {
-            "backend": self.backend,
-            "dof": self.dof,
-            "seconds": round(self.seconds, 3),
-            "stages": self.stages,
-            "transform": np.round(self.transform, 8).tolist(),
-        }
-
-
-class Backend(Protocol):
-    """What a registration backend provides (images in memory, transforms in our convention).
-
-    ``reference_mask`` restricts the similarity measure (on the reference grid). ``moving_outline`` (on the
-    moving grid) and ``reference_outline`` (on the reference grid), the two brain masks, start a 12-DOF
-    registration from the match of their outlines when no ``initial`` transform is given.
-    """
-
-    name: str
-
-    def register(
-        self,
-        moving: nib.Nifti1Image,
-        reference: nib.Nifti1Image,
-        *,
-        dof: int = 12,
-        reference_mask: np.ndarray | None = None,
-        moving_outline: np.ndarray | None = None,
-        reference_outline: np.ndarray | None = None,
-        initial: np.ndarray | None = None,
-    ) -> Registration: ...
-
-    def resample(
-        self,
-        moving: nib.Nifti1Image,
-        ref_shape: tuple[int, ...],
-        ref_affine: np.ndarray,
-        transform: np.ndarray,
-        order: int = 3,
-    ) -> np.ndarray: ...
-
-
-class BackendUnavailableError(InputError):
-    """The configured backend cannot run on this machine."""
-
-
-def select_backend(
-    name: str = "auto", *, threads: int | None = None, simpleitk_options: dict | None = None
-) -> Backend:
-    """The backend called ``name`` (``auto``, ``fsl`` or ``simpleitk``); never a silent substitute.
-
-    ``auto`` takes FSL when a ``flirt`` executable is found (on PATH, or in ``$FSLDIR/bin``) and the embedded
-    SimpleITK backend otherwise, and logs which one and why. ``fsl`` without FSL raises
-    :class:`BackendUnavailableError` at once, naming what to install. ``threads`` (SimpleITK only; FLIRT is
-    single-threaded) makes the embedded backend bit-reproducible when set to 1; ``simpleitk_options`` go to
-    :class:`~virtual_contrast.preprocess.sitk_backend.SimpleITKBackend`.
-    """
-    from virtual_contrast.preprocess import fsl
-    from virtual_contrast.preprocess.sitk_backend import SimpleITKBackend
-
-    if name not in BACKENDS:
-        raise InputError(
-            f"unknown registration backend {name!r}; choose one of {', '.join(BACKENDS)}"
-        )
-    options = {"threads": threads, **(simpleitk_options or {})}
-    if name in ("auto", "fsl"):
-        flirt, why = fsl.find_flirt()
-        if flirt is not None:
-            log.info("registration backend: fsl (%s%s)", "auto: " if name == "auto" else "", why)
-            return fsl.FSLBackend(flirt)
-        if name == "fsl":
-            raise BackendUnavailableError(
-                f"registration backend 'fsl' requested but FSL is not available ({why}). Install FSL >= 6 "
-                "(https://fsl.fmrib.ox.ac.uk/fsl/docs/install/), set FSLDIR to its folder and put "
-                "$FSLDIR/bin (where flirt lives) on PATH; or choose the embedded backend 'simpleitk'."
-            )
-        log.info("registration backend: simpleitk (auto: FSL not found: %s)", why)
-        return SimpleITKBackend(**options)
-    log.info("registration backend: simpleitk (requested)")
-    return SimpleITKBackend(**options)
 
 
 # ----------------------------------------------------------------------------------------------- high level

@@ -38,7 +38,7 @@ import nibabel as nib
 import numpy as np
 
 from virtual_contrast.io import InputError, load_image, save_image
-from virtual_contrast.preprocess.options import SkullStripOptions
+from virtual_contrast.preprocess.options import BackendUnavailableError, SkullStripOptions
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ DEEPBET_INSTALL_HINT = (
     "install it with `pip install -c constraints.txt deepbet==1.0.2` (constrain torch to the installed "
     "version so that pip does not replace it)"
 )
-
-
-class BackendUnavailableError(InputError):
-    """The requested skull-stripping backend cannot run here (package or weights missing)."""
 
 
 def hdbet_default_weights() -> Path:
@@ -235,13 +231,6 @@ def run_hdbet(
         reader_writer.write_seg(np.asarray(seg), str(seg_path), properties)
         mask = np.asanyarray(nib.load(str(seg_path)).dataobj) > 0
     return mask
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice overlap of two boolean masks (1.0 for two empty masks)."""
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 # --- files ---------------------------------------------------------------------------------------------------

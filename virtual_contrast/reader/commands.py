@@ -10,7 +10,8 @@ from virtual_contrast.io import InputError, staged_folder
 
 
 def _reader_stats(args: argparse.Namespace) -> int:
-    from virtual_contrast.reader.stats import load_lesions, load_reads, reader_stats
+    from virtual_contrast.annotations import load_lesions, load_reads
+    from virtual_contrast.reader.stats import reader_stats
 
     lesions = load_lesions(args.lesions)
     reads = load_reads(args.reads) if args.reads else None
@@ -61,8 +62,8 @@ def _write_csv(df, path: Path) -> None:
 
 
 def _export_markups(args: argparse.Namespace) -> int:
+    from virtual_contrast.annotations import load_lesions
     from virtual_contrast.reader.slicer import lesions_to_markups
-    from virtual_contrast.reader.stats import load_lesions
 
     lesions = load_lesions(args.lesions)
     with staged_folder(args.out) as stage:
@@ -350,6 +351,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _lesion_columns() -> tuple[str, ...]:
-    from virtual_contrast.reader.stats import LESION_COLUMNS
+    from virtual_contrast.annotations import LESION_COLUMNS
 
     return LESION_COLUMNS

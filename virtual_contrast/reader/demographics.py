@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from virtual_contrast.io import InputError
+from virtual_contrast.report import format_p, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +180,12 @@ def demographics_table(
 
 def demographics_markdown(table: pd.DataFrame) -> str:
     """Render :func:`demographics_table` as markdown."""
-    from virtual_contrast.evaluate.metrics import format_p
-
     groups = [
         c for c in table.columns if c not in ("variable", "level", "p_value", "statistical_test")
     ]
-    lines = ["| variable | " + " | ".join(groups) + " | p |", "|---|" + "---|" * (len(groups) + 1)]
+    body = []
     for _, r in table.iterrows():
         name = r["variable"] if not r["level"] else f"{r['variable']}: {r['level']}"
         p = format_p(r["p_value"]) if np.isfinite(r["p_value"]) else ""
-        lines.append(f"| {name} | " + " | ".join(str(r[g]) for g in groups) + f" | {p} |")
-    return "\n".join(lines) + "\n"
+        body.append([name, *(str(r[g]) for g in groups), p])
+    return markdown_table(["variable", *groups, "p"], body) + "\n"

@@ -7,8 +7,8 @@ case in progress:
 
 1. ``OUT/sessions/<reader>_phase-<k>/<case_id>.json``: the lines as drawn (world mm end points and the view they
    were drawn in), the quality grade and the reading time; this is what a review of the case shows again;
-2. the case's rows of ``OUT/lesions.csv`` (:data:`~virtual_contrast.reader.stats.LESION_COLUMNS`) are replaced;
-3. its row of ``OUT/reads.csv`` (:data:`~virtual_contrast.reader.stats.READ_COLUMNS`) is replaced.
+2. the case's rows of ``OUT/lesions.csv`` (:data:`~virtual_contrast.annotations.LESION_COLUMNS`) are replaced;
+3. its row of ``OUT/reads.csv`` (:data:`~virtual_contrast.annotations.READ_COLUMNS`) is replaced.
 
 A read's rows are those with its (patient, reader, modality), which the protocol makes unique. Opening a session
 rewrites the rows of every saved case from step 1, which repairs a crash between the steps. Several sessions
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from virtual_contrast.annotations import LESION_COLUMNS, READ_COLUMNS
 from virtual_contrast.io import InputError, atomic_path, write_json
 from virtual_contrast.reader.protocol import CASE_IMAGE, COMPANION_IMAGES, case_folder, load_key
 from virtual_contrast.reader.slicer import LineMarkup, lines_to_lesions
-from virtual_contrast.reader.stats import LESION_COLUMNS, READ_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from virtual_contrast.io import InputError
-from virtual_contrast.preprocess.register import Registration
+from virtual_contrast.preprocess.registration.base import Registration
 from virtual_contrast.preprocess.transforms import resample, voxel_sizes
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class SimpleITKBackend:
         reference_outline: np.ndarray | None = None,
         initial: np.ndarray | None = None,
     ) -> Registration:
-        """Estimate reference world → moving world; see :class:`~virtual_contrast.preprocess.register.Backend`.
+        """Estimate reference world → moving world; see :class:`~virtual_contrast.preprocess.registration.base.Backend`.
 
         After an outline match the rotation search is skipped: brain to brain, the brain-mask match alone
         found the pose of BraTS-MET-00110 and TCGA-FG-6692 at 1 mm from a start rotated by (35°, 15°, −20°)

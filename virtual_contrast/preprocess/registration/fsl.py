@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from virtual_contrast.io import InputError, load_image, save_image
-from virtual_contrast.preprocess.register import Registration
+from virtual_contrast.preprocess.registration.base import Registration
 from virtual_contrast.preprocess.transforms import voxel_sizes
 
 log = logging.getLogger(__name__)

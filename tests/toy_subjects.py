@@ -1,4 +1,4 @@
-"""Toy normalised subjects with a known input → target mapping, for tests and benchmarks.
+"""Toy normalised subjects with a known input → target mapping, for tests and benchmarks (benchmarks/train.py).
 
 Each channel is smooth random texture in [0, 1] inside an ellipsoidal "brain", zero outside; the target is a
 fixed, mildly non-linear voxel-wise function of the inputs (T1 plus amplified low-dose enhancement), so a small
@@ -14,13 +14,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from virtual_contrast.io import save_image
-from virtual_contrast.model.data import (
-    DEFAULT_CHANNELS,
-    TARGET,
-    SubjectVolumes,
-    mask_filename,
-    norm_filename,
-)
+from virtual_contrast.model.config import DEFAULT_CHANNELS
+from virtual_contrast.model.data import TARGET, SubjectVolumes, mask_filename, norm_filename
 
 
 def toy_target(inputs: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
