@@ -207,7 +207,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_metrics)
 
-    from virtual_contrast.config_schema import schema_defaults
+    from virtual_contrast.config import schema_defaults
 
     defaults = schema_defaults("evaluate")
     p = subparsers.add_parser(
