@@ -7,9 +7,9 @@ import re
 import pandas as pd
 import pytest
 import yaml
-from workflow_helpers import REPO, snakemake
+from workflow_helpers import REPO, job_counts, snakemake
 
-from virtual_contrast.workflow import job_counts
+from virtual_contrast.config import load_config
 
 PER_SUBJECT = ["adc", "register", "skull_strip", "crop", "normalize", "qc"]
 
@@ -130,10 +130,7 @@ def test_test_subjects_never_enter_a_training_job(tmp_path):
 def _tiny_study():
     from virtual_contrast.workflow import plan_study
 
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    for key, value in yaml.safe_load((REPO / "tests/tiny.yaml").read_text()).items():
-        config[key].update(value)
-    return plan_study(config)
+    return plan_study(load_config(REPO / "tests/tiny.yaml"))
 
 
 def test_paper_overlay_lists_every_job(tmp_path):
@@ -145,10 +142,8 @@ def test_paper_overlay_lists_every_job(tmp_path):
     proc = snakemake(tmp_path / "paper", "-n", overlays=("config.paper.yaml",))
     counts = job_counts(proc.stdout)
     assert set(counts) == set(default)
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = load_config(REPO / "config.paper.yaml")
     paper = yaml.safe_load((REPO / "config.paper.yaml").read_text())
-    for key, value in paper.items():
-        config[key].update(value)
     from virtual_contrast.workflow import plan_study
 
     study = plan_study(config)
@@ -157,3 +152,4 @@ def test_paper_overlay_lists_every_job(tmp_path):
     assert counts["train"] == paper["split"]["folds"] == 5
     assert counts["predict"] == len(study.test_subjects)
     assert counts["atlas"] == 1
+

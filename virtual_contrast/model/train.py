@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from virtual_contrast.io import InputError, atomic_path, load_image, write_table
+from virtual_contrast.layout import MODEL_FILES
 from virtual_contrast.model import runtime
 from virtual_contrast.model.data import (
     DEFAULT_CHANNELS,
@@ -461,7 +462,7 @@ def train_fold(
         state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": [], "best": None}
         guard = DivergenceGuard(cfg.divergence_guard)
         last_path = ckpt_dir / "last.pt"
-        model_path = out_dir / "model.pt"
+        model_path = out_dir / MODEL_FILES["model"]
         if last_path.exists():
             resumed = _try_resume(last_path, fingerprint, model, optimizer, scaler)
             if resumed is not None:
@@ -571,11 +572,11 @@ def train_fold(
                     row["seconds"],
                     " *" if best else "",
                 )
-                _write_log(state["history"], out_dir / "train_log.tsv")
+                _write_log(state["history"], out_dir / MODEL_FILES["log"])
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == stop_at:
                     _save_last(last_path, model, optimizer, scaler, state, fingerprint, cfg)
                     write_loss_curve(
-                        state["history"], out_dir / "loss_curve.png", title=out_dir.name
+                        state["history"], out_dir / MODEL_FILES["curve"], title=out_dir.name
                     )
                 if on_epoch_end is not None:
                     on_epoch_end(epoch + 1, row)
@@ -611,8 +612,8 @@ def train_fold(
 
 
 def _write_outputs(history: list[dict], out_dir: Path, title: str) -> None:
-    _write_log(history, out_dir / "train_log.tsv")
-    write_loss_curve(history, out_dir / "loss_curve.png", title=title)
+    _write_log(history, out_dir / MODEL_FILES["log"])
+    write_loss_curve(history, out_dir / MODEL_FILES["curve"], title=title)
 
 
 def _save_last(
