@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)
 
 from virtual_contrast import layout  # noqa: E402
+from virtual_contrast.backends import resolve_backends, with_backends  # noqa: E402
 from virtual_contrast.checks import check_config, check_study  # noqa: E402
 from virtual_contrast.cli import report_error  # noqa: E402
 from virtual_contrast.config import train_options, validate_config  # noqa: E402
@@ -30,10 +31,17 @@ try:
         n_test=len(STUDY.test_subjects),
         source=STUDY.source,
     )
+    # `auto` backends resolved once, here, for every job of the run: nodes with and without FSL cannot
+    # register one study with two tools. Each job gets the resolved name; provenance.json records the choice.
+    BACKENDS = resolve_backends(config)
 except InputError as exc:
     sys.exit(report_error("virtual-contrast workflow", exc))
+logger.info(
+    "backends of this run: "
+    + "; ".join(f"{step} {b['backend']} ({b['reason']})" for step, b in BACKENDS.items())
+)
 # One typed options object for every pre-processing rule (each takes its part) and stored in model.pt.
-PREPROCESS_OPTIONS = PreprocessOptions.from_config(config).to_dict()
+PREPROCESS_OPTIONS = PreprocessOptions.from_config(with_backends(config, BACKENDS)).to_dict()
 SUBJECTS = STUDY.subjects
 CHANNELS = ["T1w", "FLAIR", "ADC", "lowT1c", "refT1c"]
 # Network inputs (config model.channels, in order) and the training folds.

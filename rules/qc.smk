@@ -23,6 +23,8 @@ rule qc:
     params:
         channels=CHANNELS,
         options=PREPROCESS_OPTIONS,
+        # How `auto` backends were resolved for the whole run (rules/common.smk), into provenance.json.
+        backends=BACKENDS,
     group:
         "subject"
     log:

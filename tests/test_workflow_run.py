@@ -41,6 +41,15 @@ def test_every_subject_is_preprocessed_with_its_qc_and_provenance(tiny_run):
         assert provenance["register"]["backend"] == "simpleitk"  # no FSL on test machines
         assert provenance["skull_strip"]["backend"] == "deepbet"  # no HD-BET weights configured
         assert provenance["register"]["gate"]["passed"]
+        # `auto` was resolved once when the run was planned, and every job ran what was resolved.
+        assert provenance["backends"]["registration"] == {
+            "configured": "auto",
+            "backend": "simpleitk",
+            "reason": "auto: no FSL (no flirt on PATH and FSLDIR is not set)",
+        }
+        assert provenance["preprocess_options"]["register"]["backend"] == "simpleitk"
+        assert provenance["backends"]["brain_extraction"]["backend"] == "deepbet"
+        assert provenance["preprocess_options"]["skull_strip"]["backend"] == "deepbet"
         assert (base / f"sub-{subject}_qc.png").stat().st_size > 10_000
         log = (tiny_run / "logs" / "register" / f"sub-{subject}.log").read_text()
         assert "simpleitk" in log and "registration quality passed" in log
