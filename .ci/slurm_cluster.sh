@@ -16,7 +16,7 @@
 #   VC_SLURM_CPUS, VC_SLURM_MEM_MB  the node's declared size (default 16 CPUs, 65536 MB)
 #   VC_SLURM_PORT        slurmctld port; slurmd uses the next one (default 6817)
 #
-# Why it looks like this (DESIGN §6): there is no systemd, so munged (as user munge), slurmctld and
+# Why it looks like this: there is no systemd, so munged (as user munge), slurmctld and
 # slurmd are started by hand. The executor plugin drops SLURM_CONF in the job step, so the config
 # is also copied to /etc/slurm/; `stop` removes it again, because an /etc/slurm/slurm.conf naming a
 # dead controller makes every `scontrol` wait for a timeout, and the plugin calls scontrol whenever

@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from virtual_contrast import layout  # noqa: E402
 from virtual_contrast.atlas import load_atlas  # noqa: E402
 from virtual_contrast.cohort.exam import make_exam  # noqa: E402
 from virtual_contrast.cohort.plan import cohort_subject_id  # noqa: E402
@@ -48,17 +49,18 @@ PAPER = {"ssim": "80.4 ± 6.1", "psnr": "27.4 ± 1.8"}
 
 
 def workflow_files(workdir: Path, subject: str) -> dict[str, Path]:
-    def sub(step: str, name: str) -> Path:
-        return workdir / "results" / f"sub-{subject}" / step / f"sub-{subject}_{name}"
-
-    return {
-        "norm_low": sub("normalize", "desc-norm_lowT1c.nii.gz"),
-        "norm_ref": sub("normalize", "desc-norm_refT1c.nii.gz"),
-        "norm_mask": sub("normalize", "desc-brain_mask.nii.gz"),
-        "crop_low": sub("crop", "desc-crop_lowT1c.nii.gz"),
-        "crop_ref": sub("crop", "desc-crop_refT1c.nii.gz"),
-        "t1_transform": sub("register", "from-T1w_to-ICBM09a_xfm.txt"),
+    channels = ("lowT1c", "refT1c")
+    norm = layout.normalize_files(subject, channels)
+    crop = layout.crop_files(subject, channels)
+    files = {
+        "norm_low": norm["lowT1c"],
+        "norm_ref": norm["refT1c"],
+        "norm_mask": norm["mask"],
+        "crop_low": crop["lowT1c"],
+        "crop_ref": crop["refT1c"],
+        "t1_transform": layout.transform_file(subject, "T1w"),
     }
+    return {key: workdir / path for key, path in files.items()}
 
 
 def run_workflow(workdir: Path, subjects: list[str], cores: int) -> None:
@@ -112,12 +114,11 @@ def main() -> int:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--workdir", type=Path, help="keep the run here (default: a temp dir)")
     args = parser.parse_args()
-    import yaml
+    from virtual_contrast.config import load_config
 
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    paper = yaml.safe_load((REPO / "config.paper.yaml").read_text())
+    config = load_config(REPO / "config.yaml", REPO / "config.paper.yaml")
     seed = int(config["cohort"]["seed"])
-    voxel_mm = float(paper["cohort"]["native_voxel_mm"])
+    voxel_mm = float(config["cohort"]["native_voxel_mm"])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vc-fidelity-"))
     subjects = [cohort_subject_id(i + 1) for i in range(args.subjects)]
     run_workflow(workdir, subjects, args.cores)

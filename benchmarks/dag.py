@@ -5,7 +5,7 @@
 For each size, writes a subjects TSV and empty placeholder files for every sequence in a scratch folder
 (the table layout; ids ``p0001``...), then times ``snakemake -n`` with the real Snakefile, config.yaml and
 an overlay ``subjects: TSV``, and prints the wall time and the jobs per rule from Snakemake's "Job stats".
-Nothing is executed, so the placeholders are enough. Goals (DESIGN §7): ≤ 10 s for 200 subjects, ≤ 40 s
+Nothing is executed, so the placeholders are enough. Goals: ≤ 10 s for 200 subjects, ≤ 40 s
 for 1000. CPU seconds are printed beside wall seconds: on a busy machine they are the fairer figure.
 ``--quiet-jobs`` also times ``-n --quiet rules`` (the DAG without Snakemake listing every job);
 ``--profile`` runs the largest size once more under cProfile and prints where the time goes.
@@ -28,28 +28,25 @@ from pathlib import Path
 
 import yaml
 
-from virtual_contrast.workflow import job_counts
+from virtual_contrast.layout import bids_exam_files
+from virtual_contrast.subjects import SEQUENCES
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from workflow_helpers import job_counts  # noqa: E402
+
 GOALS_S = {200: 10.0, 1000: 40.0}
-FILES = {
-    "t1": "anat/{p}_T1w.nii.gz",
-    "flair": "anat/{p}_FLAIR.nii.gz",
-    "low": "anat/{p}_ce-low_T1w.nii.gz",
-    "ref": "anat/{p}_ce-full_T1w.nii.gz",
-    "dwi": "dwi/{p}_dwi.nii.gz",
-    "bval": "dwi/{p}_dwi.bval",
-}
 
 
 def write_study(root: Path, n: int) -> Path:
     """``n`` subjects with empty placeholder files, a subjects TSV (relative paths) and a config overlay."""
-    lines = ["\t".join(["subject", *FILES])]
+    lines = ["\t".join(["subject", *SEQUENCES])]
     for i in range(1, n + 1):
         subject = f"p{i:04d}"
         paths = []
-        for pattern in FILES.values():
-            rel = Path("raw") / f"sub-{subject}" / pattern.format(p=f"sub-{subject}")
+        files = bids_exam_files("raw", subject)
+        for key in SEQUENCES:
+            rel = files[key]
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).touch()
             paths.append(str(rel))

@@ -32,12 +32,9 @@ sys.path.insert(0, str(REPO))
 
 
 def paper_config() -> dict:
-    import yaml
+    from virtual_contrast.config import load_config
 
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    for key, values in yaml.safe_load((REPO / "config.paper.yaml").read_text()).items():
-        config.setdefault(key, {}).update(values)
-    return config
+    return load_config(REPO / "config.yaml", REPO / "config.paper.yaml")
 
 
 def peak_rss_gb() -> float:

@@ -7,7 +7,7 @@ Prints seconds per exam, the speed-up over naive, achieved TFLOP/s (FLOPs from t
 of the GPU's dense bf16 peak and the largest difference to the fp32 result.
 
 On a CUDA GPU the grid is 160×192×160 (the paper's). Without one it runs the same code on a reduced grid
-(default 32×48×32) and says so; use --shape to force a size. Goal (DESIGN §7): ≤ 1 s per exam on one H100.
+(default 32×48×32) and says so; use --shape to force a size. Goal: ≤ 1 s per exam on one H100 (the paper: 16 s on a V100).
 
     .venv/bin/python benchmarks/predict.py [--shape 160 192 160] [--width 16] [--models 5] [--compile]
 """

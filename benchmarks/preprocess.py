@@ -54,16 +54,14 @@ def main() -> int:
 
 
 def workflow_run(args: argparse.Namespace) -> None:
-    import yaml
-
+    from virtual_contrast import layout
+    from virtual_contrast.config import load_config
     from virtual_contrast.workflow import plan_study
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vc-bench-"))
-    config: dict = {}
-    for path in [REPO / "config.yaml", *map(Path, args.overlay)]:
-        _merge(config, yaml.safe_load(Path(path).read_text()))
-    subjects = plan_study(_with_defaults(config)).subjects[: args.subjects]
-    targets = [f"results/sub-{s}/normalize/sub-{s}_desc-norm_T1w.nii.gz" for s in subjects]
+    config = load_config(REPO / "config.yaml", *args.overlay)
+    subjects = plan_study(config).subjects[: args.subjects]
+    targets = [layout.normalize_files(s, ["T1w"])["T1w"] for s in subjects]
     cmd = [
         sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
         "--cores", str(args.cores), "--configfile", str(REPO / "config.yaml"), *args.overlay,
@@ -74,8 +72,8 @@ def workflow_run(args: argparse.Namespace) -> None:
     rows = []
     for stage in ["cohort", *STAGES]:
         for s in subjects:
-            pattern = f"sub-{s}_ses-*.tsv" if stage == "cohort" else f"sub-{s}.tsv"
-            for f in sorted((workdir / "results/benchmarks" / stage).glob(pattern)):
+            pattern = layout.benchmark(stage, s, "*" if stage == "cohort" else None)
+            for f in sorted(workdir.glob(pattern)):
                 b = pd.read_csv(f, sep="\t")
                 rows.append(
                     {
@@ -170,20 +168,6 @@ def _verdict(wall: float, cpu: float) -> None:
         f"on 2 cores ({cpu:.1f} s of CPU time, all threads); load average {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores"
     )
-
-
-def _merge(base: dict, extra: dict) -> None:
-    for key, value in (extra or {}).items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-
-
-def _with_defaults(config: dict) -> dict:
-    config.setdefault("split", {}).setdefault("test_fraction", 0.25)
-    config["split"].setdefault("seed", 2021)
-    return config
 
 
 if __name__ == "__main__":

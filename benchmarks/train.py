@@ -10,7 +10,7 @@ device → checkpoints and logs) and compares its epoch time with the step time 
 starves the GPU shows up as overhead.
 
 On a CUDA GPU the grid is 160×192×160; without one the same code runs on a reduced grid (32×48×32) and says
-so. Goal (DESIGN §7): one fold ≤ 1 hour on one H100.
+so. Goal: one fold ≤ 1 hour on one H100 (the paper: 14.5 h on a V100).
 
     .venv/bin/python benchmarks/train.py [--shape 160 192 160] [--batch-size 2] [--width 16] [--compile]
 """

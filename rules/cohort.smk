@@ -1,21 +1,28 @@
-# The atlas on the working grid, and the embedded synthetic cohort (used when no data is configured).
+# The cohort: the exams included and excluded with their reasons (the paper's Figure 2), and the embedded
+# synthetic cohort (used when no data is configured).
 
 
-rule atlas:
+rule exclusions:
     output:
-        **atlas_files("{res}"),
-        provenance="results/atlas/res-{res}mm/provenance.json",
+        table=report(
+            layout.table("exclusions"),
+            caption="report/exclusions.rst",
+            category="1. Cohort",
+        ),
+        flowchart=report(
+            layout.figure("flowchart"),
+            caption="report/flowchart.rst",
+            category="1. Cohort",
+        ),
     params:
-        voxel_mm=lambda wc: float(wc.res),
-        t1=config["atlas"]["t1"],
-        brain_mask=config["atlas"]["brain_mask"],
-        head_mask=config["atlas"]["head_mask"],
+        excluded=STUDY.selection.excluded.to_dict("records"),
+        counts=flowchart_counts(STUDY.selection),
     log:
-        "logs/atlas/res-{res}mm.log",
+        layout.log("exclusions"),
     conda:
         "../envs/core.yaml"
     script:
-        "../workflow_scripts/atlas.py"
+        "../workflow_scripts/exclusions.py"
 
 
 # One job per synthetic exam. Only complete exams are made by the workflow (the excluded ones of the plan are
@@ -25,10 +32,12 @@ rule cohort:
         atlas=list(COHORT_ATLAS.values()),
     output:
         **{
-            key: f"results/cohort/sub-{{subject}}/ses-{{session}}/{pattern.format(p='sub-{subject}_ses-{session}')}"
-            for key, pattern in BIDS_FILES.items()
+            key: str(path)
+            for key, path in layout.bids_exam_files(
+                layout.COHORT_DIR, "{subject}", "{session}"
+            ).items()
         },
-        lesions=str(cohort_lesion_table("{subject}", "{session}")),
+        lesions=str(layout.cohort_lesion_table("{subject}", "{session}")),
     params:
         seed=config["cohort"]["seed"],
         native_voxel_mm=config["cohort"]["native_voxel_mm"],
@@ -36,9 +45,9 @@ rule cohort:
     group:
         "subject"
     log:
-        "logs/cohort/sub-{subject}_ses-{session}.log",
+        layout.log("cohort", "{subject}", "{session}"),
     benchmark:
-        "results/benchmarks/cohort/sub-{subject}_ses-{session}.tsv"
+        layout.benchmark("cohort", "{subject}", "{session}")
     conda:
         "../envs/core.yaml"
     script:
@@ -49,9 +58,9 @@ rule cohort_truth:
     input:
         STUDY.cohort_lesion_tables(),
     output:
-        lesions="results/cohort/lesions.tsv",
+        lesions=layout.COHORT_TRUTH,
     log:
-        "logs/cohort_truth.log",
+        layout.log("cohort_truth"),
     conda:
         "../envs/core.yaml"
     script:

@@ -1,28 +1,28 @@
-# Validation, the subject table, wildcard constraints, input functions and the one path helper.
+# Validation, the subject table, wildcard constraints and input functions. Every path comes from
+# virtual_contrast.layout (`layout.` below), where each file name of the study is spelled once.
 import sys
 from pathlib import Path
-
-from snakemake.utils import validate
 
 # The library lives beside the workflow; make it importable when Snakemake runs without `pip install`.
 sys.path.insert(0, workflow.basedir)
 
-from virtual_contrast.atlas import ATLAS_FILES  # noqa: E402
+from virtual_contrast import layout  # noqa: E402
+from virtual_contrast.backends import resolve_backends, with_backends  # noqa: E402
 from virtual_contrast.checks import check_config, check_study  # noqa: E402
 from virtual_contrast.cli import report_error  # noqa: E402
+from virtual_contrast.config import train_options, validate_config  # noqa: E402
 from virtual_contrast.io import InputError  # noqa: E402
 from virtual_contrast.preprocess.options import PreprocessOptions  # noqa: E402
 from virtual_contrast.subjects import SUBJECT_ID_PATTERN, flowchart_counts  # noqa: E402
-from virtual_contrast.workflow import BIDS_FILES, cohort_lesion_table, plan_study  # noqa: E402
+from virtual_contrast.workflow import plan_study  # noqa: E402
 from virtual_contrast.dicom import sidecar  # noqa: E402
-from virtual_contrast.workflow import DICOM_DIR, bids_exam_files, dicom_exam_record  # noqa: E402
 
 
-validate(config, "../virtual_contrast/schemas/config.schema.yaml")
-
-# What the schema cannot say (related values, files, the study itself) is checked before any job, even in a
-# dry run: a mistake stops the run with one line naming the key, table row or file, and exit status 2.
+# The schema (virtual_contrast/schemas/config.schema.yaml) fills in every default, then what it cannot say
+# (related values, files, the study itself) is checked before any job, even in a dry run: a mistake stops the
+# run with one line naming the key, table row or file, and exit status 2.
 try:
+    validate_config(config)
     check_config(config)
     STUDY = plan_study(config)
     check_study(
@@ -31,38 +31,32 @@ try:
         n_test=len(STUDY.test_subjects),
         source=STUDY.source,
     )
+    # `auto` backends resolved once, here, for every job of the run: nodes with and without FSL cannot
+    # register one study with two tools. Each job gets the resolved name; provenance.json records the choice.
+    BACKENDS = resolve_backends(config)
 except InputError as exc:
     sys.exit(report_error("virtual-contrast workflow", exc))
+logger.info(
+    "backends of this run: "
+    + "; ".join(f"{step} {b['backend']} ({b['reason']})" for step, b in BACKENDS.items())
+)
 # One typed options object for every pre-processing rule (each takes its part) and stored in model.pt.
-PREPROCESS_OPTIONS = PreprocessOptions.from_config(config).to_dict()
+PREPROCESS_OPTIONS = PreprocessOptions.from_config(with_backends(config, BACKENDS)).to_dict()
 SUBJECTS = STUDY.subjects
 CHANNELS = ["T1w", "FLAIR", "ADC", "lowT1c", "refT1c"]
 # Network inputs (config model.channels, in order) and the training folds.
 INPUT_CHANNELS = list(config["model"]["channels"])
 FOLDS = list(range(config["split"]["folds"]))
-
-
-def atlas_files(voxel_mm):
-    """The atlas volumes on an isotropic grid of voxel_mm, as written by rule `atlas`."""
-    return {key: f"results/atlas/res-{voxel_mm}mm/{name}" for key, name in ATLAS_FILES.items()}
-
-
 # The working grid of pre-processing and model; the cohort is simulated from the atlas at its own voxel size.
-ATLAS = atlas_files(config["grid"]["voxel_mm"])
-COHORT_ATLAS = atlas_files(config["cohort"]["native_voxel_mm"])
+ATLAS = layout.atlas_files(config["grid"]["voxel_mm"])
+COHORT_ATLAS = layout.atlas_files(config["cohort"]["native_voxel_mm"])
 
 
 wildcard_constraints:
     subject=SUBJECT_ID_PATTERN,
-    channel="|".join(CHANNELS),
     fold=r"\d+",
     session=r"\d+",
     res=r"[0-9]+(\.[0-9]+)?",
-
-
-def sub(subject, step, name):
-    """Path of a per-subject file: results/sub-{subject}/{step}/sub-{subject}_{name}."""
-    return f"results/sub-{subject}/{step}/sub-{subject}_{name}"
 
 
 def get_raw(wildcards):
@@ -71,34 +65,26 @@ def get_raw(wildcards):
 
 
 def get_final_outputs():
-    outputs = [
-        "results/tables/exclusions.tsv",
-        "results/figures/flowchart.png",
-    ]
-    outputs += expand("results/sub-{subject}/sub-{subject}_qc.png", subject=SUBJECTS)
-    outputs += expand("results/sub-{subject}/provenance.json", subject=SUBJECTS)
-    outputs.append("results/tables/registration_quality.tsv")
+    outputs = [rules.exclusions.output.table, rules.exclusions.output.flowchart]
+    outputs += expand(rules.qc.output.figure, subject=SUBJECTS)
+    outputs += expand(rules.qc.output.provenance, subject=SUBJECTS)
+    outputs.append(rules.registration_quality.output.table)
     if STUDY.embedded:
-        outputs.append("results/cohort/lesions.tsv")
-    outputs += expand("results/models/fold-{fold}/loss_curve.png", fold=FOLDS)
+        outputs.append(rules.cohort_truth.output.lesions)
+    outputs += expand(rules.train.output.curve, fold=FOLDS)
     outputs += [
-        "results/tables/voxel_metrics.tsv",
-        "results/reader_study/detection.tsv",
-        "results/reader_study/reading_key.tsv",
-        "results/tables/demographics.tsv",
+        rules.voxel_metrics.output.table,
+        rules.reader_stats.output.detection,
+        rules.reading_lists.output.key,
+        rules.demographics.output.table,
     ]
     if STUDY.embedded:
-        outputs.append("results/tables/detector_validation.tsv")
-        outputs.append("results/tables/detector_froc.tsv")
-        outputs.append("results/reader_study/reference-truth/detection.tsv")
-    outputs += expand(
-        "results/figures/detections/sub-{subject}_detections.png", subject=STUDY.test_subjects
-    )
-    outputs += expand(
-        "results/sub-{subject}/predict/sub-{subject}_space-{space}_desc-virtual_T1c.nii.gz",
-        subject=STUDY.test_subjects,
-        space=["ICBM09a", "native"],
-    )
+        outputs.append(rules.detector_validation.output.table)
+        outputs.append(rules.detector_froc.output.froc)
+        outputs.append(rules.reader_stats_truth.output.detection)
+    outputs += expand(rules.detection_overlay.output.figure, subject=STUDY.test_subjects)
+    outputs += expand(rules.predict.output.atlas, subject=STUDY.test_subjects)
+    outputs += expand(rules.predict.output.native, subject=STUDY.test_subjects)
     if STUDY.dicom_manifests:
         outputs += expand(rules.export_dicom.output.series, subject=STUDY.test_subjects)
     return outputs
@@ -106,10 +92,10 @@ def get_final_outputs():
 
 def dicom_import_outputs():
     """Outputs of import_dicom, with {subject} and {session} wildcards; each sequence, its sidecar, the report."""
-    files = bids_exam_files(DICOM_DIR, "{subject}", "{session}")
+    files = layout.bids_exam_files(layout.DICOM_DIR, "{subject}", "{session}")
     outputs = {key: str(path) for key, path in files.items()}
     outputs.update({f"{key}_json": str(sidecar(files[key])) for key in ("t1", "flair", "low", "ref", "dwi")})
-    outputs["report"] = str(dicom_exam_record("{subject}", "{session}", "dicom.tsv"))
+    outputs["report"] = str(layout.dicom_exam_record("{subject}", "{session}", "dicom.tsv"))
     return outputs
 
 
@@ -141,28 +127,20 @@ def normalized(subject):
 
 
 def get_training_volumes(wildcards):
-    """Normalised volumes of every training subject: test subjects never enter a training job."""
-    return [path for s in STUDY.train_subjects for path in normalized(s).values()]
+    """Normalised volumes of every training subject, subject by subject in the order of
+    training_volume_subjects(), each as training_volume_keys(): test subjects never enter a training job."""
+    return [normalized(s)[key] for s in STUDY.train_subjects for key in training_volume_keys()]
+
+
+def training_volume_keys():
+    """The files of one subject that training reads: the input channels, the target, the brain mask."""
+    return [*INPUT_CHANNELS, "refT1c", "mask"]
 
 
 def train_config():
-    """Options of virtual_contrast.model.train.TrainConfig from the config."""
-    m, t = config["model"], config["train"]
-    return {
-        "channels": INPUT_CHANNELS,
-        "width": m["width"],
-        "depth": m["depth"],
-        "output": m["output"],
-        "epochs": t["epochs"],
-        "batch_size": t["batch_size"],
-        "learning_rate": t["learning_rate"],
-        "lr_schedule": t["lr_schedule"],
-        "grad_clip": t["grad_clip"],
-        "divergence_guard": t["divergence_guard"],
-        "seed": t["seed"],
-        "device": t["device"],
-        "checkpoint_every": t["checkpoint_every"],
-    }
+    """Options of virtual_contrast.model.train.TrainConfig: model.channels, width, depth, output and every
+    key of the config's train section but the job's size (threads, mem_mb, runtime_min)."""
+    return train_options(config)
 
 
 def registration_transform(subject, channel):
@@ -181,7 +159,7 @@ def get_detection_images(wildcards):
 def get_operating_point(wildcards):
     """The decision threshold tuned on the training subjects (embedded cohort); none with real data, where
     detect_lesions uses config evaluate.detector.threshold."""
-    return {"operating_point": "results/tables/detector_operating_point.json"} if STUDY.embedded else {}
+    return {"operating_point": rules.detector_froc.output.operating_point} if STUDY.embedded else {}
 
 
 def get_subject_truth(wildcards):
@@ -189,7 +167,7 @@ def get_subject_truth(wildcards):
     if not STUDY.embedded:
         return {}
     return {
-        "truth": "results/cohort/lesions.tsv",
+        "truth": rules.cohort_truth.output.lesions,
         "transform": registration_transform(wildcards.subject, "refT1c"),
     }
 
@@ -201,6 +179,19 @@ def get_reader_inputs(wildcards):
         return {"lesions": rs["lesions"], **({"reads": rs["reads"]} if rs["reads"] else {})}
     return {
         "detections": expand(rules.detect_lesions.output.detections, subject=STUDY.test_subjects)
+    }
+
+
+def reader_stats_outputs(folder, detection_caption, table5_caption):
+    """The outputs of the reader statistics written into folder, the detection table and Table 5 in the
+    report with the captions report/<name>.rst."""
+    files = layout.reader_stats_files(folder)
+    in_report = {"detection": detection_caption, "table5": table5_caption}
+    return {
+        key: report(path, caption=f"report/{in_report[key]}.rst", category="5. Lesion detection")
+        if key in in_report
+        else path
+        for key, path in files.items()
     }
 
 
@@ -238,8 +229,8 @@ def list_rejected_registrations(subjects):
     from virtual_contrast.io import write_table
     from virtual_contrast.preprocess.quality import rejected_registrations
 
-    table = Path("results/tables/registration_rejected.tsv")
-    evidence = {s: sub(s, "register", "desc-rejected_registration.json") for s in subjects}
+    table = Path(layout.table("registration_rejected"))
+    evidence = {s: layout.rejected_registration(s, ".json") for s in subjects}
     rows = rejected_registrations(evidence)
     if not rows:
         table.unlink(missing_ok=True)

@@ -5,13 +5,13 @@
 rule import_dicom:
     input:
         # Written at parse time from the exam's headers (virtual_contrast.dicom.study): series, roles, files.
-        manifest=dicom_exam_record("{subject}", "{session}", "series.json"),
+        manifest=str(layout.dicom_exam_record("{subject}", "{session}", "series.json")),
     output:
         **dicom_import_outputs(),
     params:
         series_map=config["dicom"]["series_map"],
     log:
-        "logs/import_dicom/sub-{subject}_ses-{session}.log",
+        layout.log("import_dicom", "{subject}", "{session}"),
     conda:
         "../envs/dicom.yaml"
     script:
@@ -24,11 +24,11 @@ rule export_dicom:
         manifest=get_dicom_manifest,
         models=expand(rules.train.output.model, fold=FOLDS),
     output:
-        series=directory(sub("{subject}", "export_dicom", "desc-virtual_T1c")),
+        series=directory(layout.export_dicom_dir("{subject}")),
     params:
         tta=config["predict"]["tta"],
     log:
-        "logs/export_dicom/sub-{subject}.log",
+        layout.log("export_dicom", "{subject}"),
     conda:
         "../envs/dicom.yaml"
     script:

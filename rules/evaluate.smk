@@ -13,17 +13,16 @@ rule metrics:
         adc=rules.normalize.output.ADC,
         mask=rules.normalize.output.mask,
     output:
-        metrics=sub("{subject}", "metrics", "voxel_metrics.tsv"),
-        roc=sub("{subject}", "metrics", "roc.tsv"),
+        **layout.metrics_files("{subject}"),
         montage=report(
-            "results/figures/montage/sub-{subject}_montage.png",
+            layout.figure("montage", "{subject}"),
             caption="report/montage.rst",
             category="4. Voxel metrics",
             subcategory="Montages",
             labels={"subject": "{subject}"},
         ),
     log:
-        "logs/metrics/sub-{subject}.log",
+        layout.log("metrics", "{subject}"),
     conda:
         "../envs/stats.yaml"
     script:
@@ -36,19 +35,17 @@ rule voxel_metrics:
         roc=expand(rules.metrics.output.roc, subject=STUDY.test_subjects),
     output:
         table=report(
-            "results/tables/voxel_metrics.tsv",
+            layout.table("voxel_metrics"),
             caption="report/voxel_metrics.rst",
             category="4. Voxel metrics",
         ),
         table3=report(
-            "results/tables/table3.tsv", caption="report/table3.rst", category="4. Voxel metrics"
+            layout.table("table3"), caption="report/table3.rst", category="4. Voxel metrics"
         ),
-        table3_md="results/tables/table3.md",
-        roc=report(
-            "results/figures/roc.png", caption="report/roc.rst", category="4. Voxel metrics"
-        ),
+        table3_md=layout.table("table3", ".md"),
+        roc=report(layout.figure("roc"), caption="report/roc.rst", category="4. Voxel metrics"),
     log:
-        "logs/voxel_metrics.log",
+        layout.log("voxel_metrics"),
     conda:
         "../envs/stats.yaml"
     script:
@@ -61,12 +58,12 @@ rule enhancement_prior:
         pre=[normalized(s)["T1w"] for s in STUDY.train_subjects],
         mask=[normalized(s)["mask"] for s in STUDY.train_subjects],
     output:
-        mask="results/models/normal_enhancement_mask.nii.gz",
+        mask=layout.ENHANCEMENT_PRIOR,
     params:
         prior=config["evaluate"]["prior"],
         smoothing_mm=config["evaluate"]["detector"]["smoothing_mm"],
     log:
-        "logs/enhancement_prior.log",
+        layout.log("enhancement_prior"),
     conda:
         "../envs/stats.yaml"
     script:
@@ -82,27 +79,27 @@ rule detector_froc:
         pre=[normalized(s)["T1w"] for s in STUDY.train_subjects],
         mask=[normalized(s)["mask"] for s in STUDY.train_subjects],
         transforms=[registration_transform(s, "refT1c") for s in STUDY.train_subjects],
-        truth="results/cohort/lesions.tsv",
+        truth=rules.cohort_truth.output.lesions,
     output:
         froc=report(
-            "results/tables/detector_froc.tsv",
+            layout.table("detector_froc"),
             caption="report/detector_froc.rst",
             category="5. Lesion detection",
         ),
         figure=report(
-            "results/figures/detector_froc.png",
+            layout.figure("detector_froc"),
             caption="report/detector_froc.rst",
             category="5. Lesion detection",
         ),
-        operating_point="results/tables/detector_operating_point.json",
-        candidates="results/tables/detector_froc_candidates.tsv",
+        operating_point=layout.table("detector_operating_point", ".json"),
+        candidates=layout.table("detector_froc_candidates"),
     params:
         subjects=STUDY.train_subjects,
         detector=config["evaluate"]["detector"],
         prior=config["evaluate"]["prior"],
         froc=config["evaluate"]["froc"],
     log:
-        "logs/detector_froc.log",
+        layout.log("detector_froc"),
     conda:
         "../envs/stats.yaml"
     script:
@@ -117,12 +114,11 @@ rule detect_lesions:
         mask=rules.normalize.output.mask,
         prior=rules.enhancement_prior.output.mask,
     output:
-        detections=sub("{subject}", "lesions", "detections.tsv"),
-        labels=sub("{subject}", "lesions", "desc-detections_dseg.nii.gz"),
+        **layout.lesion_files("{subject}"),
     params:
         detector=config["evaluate"]["detector"],
     log:
-        "logs/detect_lesions/sub-{subject}.log",
+        layout.log("detect_lesions", "{subject}"),
     conda:
         "../envs/stats.yaml"
     script:
@@ -133,10 +129,10 @@ rule detector_validation:
     input:
         detections=expand(rules.detect_lesions.output.detections, subject=SUBJECTS),
         transforms=[registration_transform(s, "refT1c") for s in SUBJECTS],
-        truth="results/cohort/lesions.tsv",
+        truth=rules.cohort_truth.output.lesions,
     output:
         table=report(
-            "results/tables/detector_validation.tsv",
+            layout.table("detector_validation"),
             caption="report/detector_validation.rst",
             category="5. Lesion detection",
         ),
@@ -144,7 +140,7 @@ rule detector_validation:
         subjects=SUBJECTS,
         split=STUDY.split,
     log:
-        "logs/detector_validation.log",
+        layout.log("detector_validation"),
     conda:
         "../envs/stats.yaml"
     script:
@@ -159,14 +155,14 @@ rule detection_overlay:
         labels=rules.detect_lesions.output.labels,
     output:
         figure=report(
-            "results/figures/detections/sub-{subject}_detections.png",
+            layout.figure("detections", "{subject}"),
             caption="report/detection_overlay.rst",
             category="5. Lesion detection",
             subcategory="Detections",
             labels={"subject": "{subject}"},
         ),
     log:
-        "logs/detection_overlay/sub-{subject}.log",
+        layout.log("detection_overlay", "{subject}"),
     conda:
         "../envs/stats.yaml"
     script:

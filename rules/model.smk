@@ -4,13 +4,13 @@
 
 rule split:
     output:
-        folds="results/tables/folds.tsv",
+        folds=layout.table("folds"),
     params:
         subjects=STUDY.split_table().to_dict("records"),
         k=config["split"]["folds"],
         seed=config["split"]["seed"],
     log:
-        "logs/split.log",
+        layout.log("split"),
     conda:
         "../envs/torch.yaml"
     script:
@@ -22,24 +22,27 @@ rule train:
         folds=rules.split.output.folds,
         volumes=get_training_volumes,
     output:
-        model="results/models/fold-{fold}/model.pt",
+        model=layout.model_files("{fold}")["model"],
         log=report(
-            "results/models/fold-{fold}/train_log.tsv",
+            layout.model_files("{fold}")["log"],
             caption="report/train_log.rst",
             category="3. Training",
             labels={"fold": "{fold}", "figure": "log"},
         ),
         curve=report(
-            "results/models/fold-{fold}/loss_curve.png",
+            layout.model_files("{fold}")["curve"],
             caption="report/loss_curve.rst",
             category="3. Training",
             labels={"fold": "{fold}", "figure": "loss curve"},
         ),
     params:
         # Not an output: Snakemake deletes a failed job's outputs, and a preempted job resumes from here.
-        checkpoint_dir="results/models/fold-{fold}/checkpoint",
-        cache_dir="results/models/cache",
+        checkpoint_dir=layout.checkpoint_dir("{fold}"),
+        cache_dir=layout.TRAINING_CACHE,
         config=lambda wc: train_config(),
+        # input.volumes holds, for each of these subjects in turn, one file per key.
+        subjects=STUDY.train_subjects,
+        volume_keys=training_volume_keys(),
         # Stored in model.pt: `virtual-contrast predict` pre-processes a raw exam with the same options.
         preprocess=PREPROCESS_OPTIONS,
     threads: config["train"]["threads"]
@@ -48,9 +51,9 @@ rule train:
         mem_mb=config["train"]["mem_mb"],
         runtime=config["train"]["runtime_min"],
     log:
-        "logs/train/fold-{fold}.log",
+        layout.log("train", fold="{fold}"),
     benchmark:
-        "results/benchmarks/train/fold-{fold}.tsv"
+        layout.benchmark("train", fold="{fold}")
     conda:
         "../envs/torch.yaml"
     script:
@@ -68,8 +71,7 @@ rule predict:
         native_mask=rules.skull_strip.output.mask,
         native=lambda wc: STUDY.raw_inputs(wc.subject)["low"],
     output:
-        atlas=sub("{subject}", "predict", "space-ICBM09a_desc-virtual_T1c.nii.gz"),
-        native=sub("{subject}", "predict", "space-native_desc-virtual_T1c.nii.gz"),
+        **layout.predict_files("{subject}"),
     params:
         channels=INPUT_CHANNELS,
         device=config["predict"]["device"],
@@ -80,9 +82,9 @@ rule predict:
         mem_mb=8000,
         runtime=30,
     log:
-        "logs/predict/sub-{subject}.log",
+        layout.log("predict", "{subject}"),
     benchmark:
-        "results/benchmarks/predict/sub-{subject}.tsv"
+        layout.benchmark("predict", "{subject}")
     conda:
         "../envs/torch.yaml"
     script:

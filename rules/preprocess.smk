@@ -1,22 +1,39 @@
-# Per-subject pre-processing (paper, "Pre-processing"): ADC from DWI; brain extraction on the native T1 ->
-# brain-to-brain 12-DOF registration to the ICBM 2009a atlas (other sequences rigidly to the T1), one spline
-# resampling onto its grid, the brain mask carried along, a quality gate -> crop -> percentile normalisation.
+# Pre-processing (paper, "Pre-processing"): the ICBM 2009a atlas on the working grid; per subject, ADC from
+# DWI; brain extraction on the native T1 -> brain-to-brain 12-DOF registration to the atlas (other sequences
+# rigidly to the T1), one spline resampling onto its grid, the brain mask carried along, a quality gate -> crop
+# -> percentile normalisation.
+
+
+rule atlas:
+    output:
+        **layout.atlas_files("{res}"),
+        provenance=f"{layout.atlas_dir('{res}')}/{layout.ATLAS_PROVENANCE}",
+    params:
+        voxel_mm=lambda wc: float(wc.res),
+        t1=config["atlas"]["t1"],
+        brain_mask=config["atlas"]["brain_mask"],
+        head_mask=config["atlas"]["head_mask"],
+    log:
+        layout.log("atlas", res="{res}mm"),
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../workflow_scripts/atlas.py"
 
 
 rule adc:
     input:
         unpack(get_dwi),
     output:
-        adc=sub("{subject}", "adc", "space-dwi_ADC.nii.gz"),
-        b0=sub("{subject}", "adc", "space-dwi_desc-b0_dwi.nii.gz"),
+        **layout.adc_files("{subject}"),
     params:
         allow_degenerate=config["preprocess"]["adc_allow_degenerate"],
     group:
         "subject"
     log:
-        "logs/adc/sub-{subject}.log",
+        layout.log("adc", "{subject}"),
     benchmark:
-        "results/benchmarks/adc/sub-{subject}.tsv"
+        layout.benchmark("adc", "{subject}")
     conda:
         "../envs/core.yaml"
     script:
@@ -27,8 +44,7 @@ rule skull_strip:
     input:
         t1=get_native_t1,
     output:
-        mask=sub("{subject}", "skull_strip", "space-T1w_desc-brain_mask.nii.gz"),
-        provenance=sub("{subject}", "skull_strip", "skull_strip.json"),
+        **layout.skull_strip_files("{subject}"),
     params:
         options=PREPROCESS_OPTIONS["skull_strip"],
     threads: 2
@@ -37,9 +53,9 @@ rule skull_strip:
     group:
         "subject"
     log:
-        "logs/skull_strip/sub-{subject}.log",
+        layout.log("skull_strip", "{subject}"),
     benchmark:
-        "results/benchmarks/skull_strip/sub-{subject}.tsv"
+        layout.benchmark("skull_strip", "{subject}")
     conda:
         "../envs/brain_extraction.yaml"
     script:
@@ -52,26 +68,22 @@ rule register:
         mask=rules.skull_strip.output.mask,
         atlas=list(ATLAS.values()),
     output:
-        **{c: sub("{subject}", "register", f"space-ICBM09a_{c}.nii.gz") for c in CHANNELS},
-        transforms=expand(
-            sub("{{subject}}", "register", "from-{channel}_to-ICBM09a_xfm.txt"), channel=CHANNELS
-        ),
-        mask=sub("{subject}", "register", "space-ICBM09a_desc-brain_mask.nii.gz"),
-        provenance=sub("{subject}", "register", "register.json"),
+        **layout.register_files("{subject}", CHANNELS),
+        transforms=[layout.transform_file("{subject}", c) for c in CHANNELS],
     params:
         options=PREPROCESS_OPTIONS["register"],
         channels=CHANNELS,
         # Not an output: drawn only when the quality gate rejects the registration (the job then fails).
-        rejected_figure=lambda wc: sub(wc.subject, "register", "desc-rejected_registration.png"),
+        rejected_figure=lambda wc: layout.rejected_registration(wc.subject),
     threads: 2
     resources:
         mem_mb=4000,
     group:
         "subject"
     log:
-        "logs/register/sub-{subject}.log",
+        layout.log("register", "{subject}"),
     benchmark:
-        "results/benchmarks/register/sub-{subject}.tsv"
+        layout.benchmark("register", "{subject}")
     conda:
         "../envs/registration.yaml"
     script:
@@ -84,17 +96,16 @@ rule crop:
         mask=rules.register.output.mask,
         atlas_brain_mask=ATLAS["brain_mask"],
     output:
-        **{c: sub("{subject}", "crop", f"desc-crop_{c}.nii.gz") for c in CHANNELS},
-        mask=sub("{subject}", "crop", "desc-brain_mask.nii.gz"),
+        **layout.crop_files("{subject}", CHANNELS),
     params:
         shape=config["grid"]["crop_shape"],
         channels=CHANNELS,
     group:
         "subject"
     log:
-        "logs/crop/sub-{subject}.log",
+        layout.log("crop", "{subject}"),
     benchmark:
-        "results/benchmarks/crop/sub-{subject}.tsv"
+        layout.benchmark("crop", "{subject}")
     conda:
         "../envs/core.yaml"
     script:
@@ -106,18 +117,16 @@ rule normalize:
         **{c: rules.crop.output[c] for c in CHANNELS},
         mask=rules.crop.output.mask,
     output:
-        **{c: sub("{subject}", "normalize", f"desc-norm_{c}.nii.gz") for c in CHANNELS},
-        mask=sub("{subject}", "normalize", "desc-brain_mask.nii.gz"),
-        provenance=sub("{subject}", "normalize", "normalize.json"),
+        **layout.normalize_files("{subject}", CHANNELS),
     params:
         percentiles=PREPROCESS_OPTIONS["normalize_percentiles"],
         channels=CHANNELS,
     group:
         "subject"
     log:
-        "logs/normalize/sub-{subject}.log",
+        layout.log("normalize", "{subject}"),
     benchmark:
-        "results/benchmarks/normalize/sub-{subject}.tsv"
+        layout.benchmark("normalize", "{subject}")
     conda:
         "../envs/core.yaml"
     script:

@@ -1,28 +1,5 @@
-# Exclusions and flow chart (the paper's Figure 2), the per-subject QC figure and provenance, the registration
-# quality of every subject, and, when a run fails, the list of registrations the quality gate rejected.
-
-
-rule exclusions:
-    output:
-        table=report(
-            "results/tables/exclusions.tsv",
-            caption="report/exclusions.rst",
-            category="1. Cohort",
-        ),
-        flowchart=report(
-            "results/figures/flowchart.png",
-            caption="report/flowchart.rst",
-            category="1. Cohort",
-        ),
-    params:
-        excluded=STUDY.selection.excluded.to_dict("records"),
-        counts=flowchart_counts(STUDY.selection),
-    log:
-        "logs/exclusions.log",
-    conda:
-        "../envs/core.yaml"
-    script:
-        "../workflow_scripts/exclusions.py"
+# The per-subject QC figure and provenance, the registration quality of every subject, and, when a run fails,
+# the list of registrations the quality gate rejected.
 
 
 rule qc:
@@ -37,19 +14,21 @@ rule qc:
         skull_strip=rules.skull_strip.output.provenance,
     output:
         figure=report(
-            "results/sub-{subject}/sub-{subject}_qc.png",
+            layout.qc_figure("{subject}"),
             caption="report/qc.rst",
             category="2. Pre-processing QC",
             labels={"subject": "{subject}"},
         ),
-        provenance="results/sub-{subject}/provenance.json",
+        provenance=layout.provenance_file("{subject}"),
     params:
         channels=CHANNELS,
         options=PREPROCESS_OPTIONS,
+        # How `auto` backends were resolved for the whole run (rules/common.smk), into provenance.json.
+        backends=BACKENDS,
     group:
         "subject"
     log:
-        "logs/qc/sub-{subject}.log",
+        layout.log("qc", "{subject}"),
     conda:
         "../envs/core.yaml"
     script:
@@ -61,14 +40,14 @@ rule registration_quality:
         expand(rules.register.output.provenance, subject=SUBJECTS),
     output:
         table=report(
-            "results/tables/registration_quality.tsv",
+            layout.table("registration_quality"),
             caption="report/registration_quality.rst",
             category="2. Pre-processing QC",
         ),
     params:
         subjects=SUBJECTS,
     log:
-        "logs/registration_quality.log",
+        layout.log("registration_quality"),
     conda:
         "../envs/core.yaml"
     script:

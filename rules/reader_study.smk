@@ -6,25 +6,14 @@ rule reader_stats:
     input:
         unpack(get_reader_inputs),
     output:
-        detection=report(
-            "results/reader_study/detection.tsv",
-            caption="report/detection.rst",
-            category="5. Lesion detection",
-        ),
-        comparisons="results/reader_study/comparisons.tsv",
-        quality="results/reader_study/quality.tsv",
-        reading_times="results/reader_study/reading_times.tsv",
-        table5=report(
-            "results/reader_study/table5.html",
-            caption="report/table5.rst",
-            category="5. Lesion detection",
-        ),
-        table5_md="results/reader_study/table5.md",
+        **reader_stats_outputs(layout.READER_STUDY, "detection", "table5"),
     params:
+        # Whose detections input.detections holds, in order (the automated reader).
+        subjects=STUDY.test_subjects,
         reference_reader=config["reader_study"]["reference_reader"] or None,
         thresholds=config["reader_study"]["thresholds"],
     log:
-        "logs/reader_stats.log",
+        layout.log("reader_stats"),
     conda:
         "../envs/stats.yaml"
     script:
@@ -40,8 +29,8 @@ rule reading_lists:
         t1=[normalized(s)["T1w"] for s in STUDY.test_subjects],
         flair=[normalized(s)["FLAIR"] for s in STUDY.test_subjects],
     output:
-        key="results/reader_study/reading_key.tsv",
-        lists=directory("results/reader_study/reading_lists"),
+        key=layout.reading_files()["key"],
+        lists=directory(layout.reading_files()["lists"]),
     params:
         patients=STUDY.test_subjects,
         readers=config["reader_study"]["readers"],
@@ -49,7 +38,7 @@ rule reading_lists:
         seed=config["split"]["seed"],
         image_format=reading_image_format(),
     log:
-        "logs/reading_lists.log",
+        layout.log("reading_lists"),
     conda:
         "../envs/stats.yaml"
     script:
@@ -59,15 +48,15 @@ rule reading_lists:
 rule demographics:
     output:
         table=report(
-            "results/tables/demographics.tsv",
+            layout.table("demographics"),
             caption="report/demographics.rst",
             category="1. Cohort",
         ),
-        markdown="results/tables/demographics.md",
+        markdown=layout.table("demographics", ".md"),
     params:
         subjects=STUDY.demographics(config["cohort"]["seed"]).to_dict("records"),
     log:
-        "logs/demographics.log",
+        layout.log("demographics"),
     conda:
         "../envs/stats.yaml"
     script:
@@ -80,27 +69,14 @@ rule reader_stats_truth:
     input:
         detections=expand(rules.detect_lesions.output.detections, subject=STUDY.test_subjects),
         transforms=[registration_transform(s, "refT1c") for s in STUDY.test_subjects],
-        truth="results/cohort/lesions.tsv",
+        truth=rules.cohort_truth.output.lesions,
     output:
-        detection=report(
-            "results/reader_study/reference-truth/detection.tsv",
-            caption="report/detection_truth.rst",
-            category="5. Lesion detection",
-        ),
-        comparisons="results/reader_study/reference-truth/comparisons.tsv",
-        quality="results/reader_study/reference-truth/quality.tsv",
-        reading_times="results/reader_study/reference-truth/reading_times.tsv",
-        table5=report(
-            "results/reader_study/reference-truth/table5.html",
-            caption="report/table5_truth.rst",
-            category="5. Lesion detection",
-        ),
-        table5_md="results/reader_study/reference-truth/table5.md",
+        **reader_stats_outputs(f"{layout.READER_STUDY}/reference-truth", "detection_truth", "table5_truth"),
     params:
         subjects=STUDY.test_subjects,
         thresholds=config["reader_study"]["thresholds"],
     log:
-        "logs/reader_stats_truth.log",
+        layout.log("reader_stats_truth"),
     conda:
         "../envs/stats.yaml"
     script:

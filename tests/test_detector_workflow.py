@@ -11,19 +11,17 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from workflow_helpers import REPO, snakemake
+from workflow_helpers import REPO, job_counts, snakemake
 
+from virtual_contrast.config import load_config
 from virtual_contrast.evaluate.lesions import READ_MODALITIES
-from virtual_contrast.workflow import job_counts, plan_study
+from virtual_contrast.workflow import plan_study
 
 pytestmark = pytest.mark.slow
 
 
 def _study():
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    for key, value in yaml.safe_load((REPO / "tests/tiny.yaml").read_text()).items():
-        config[key].update(value)
+    config = load_config(REPO / "tests/tiny.yaml")
     return plan_study(config)
 
 

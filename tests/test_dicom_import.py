@@ -13,8 +13,8 @@ from virtual_contrast.dicom.convert import import_exam
 from virtual_contrast.dicom.rules import builtin_kind, classify, load_series_map
 from virtual_contrast.dicom.scan import Series, scan_folder
 from virtual_contrast.io import InputError
+from virtual_contrast.layout import bids_exam_files
 from virtual_contrast.preprocess.adc import adc_from_files
-from virtual_contrast.workflow import bids_exam_files
 
 
 @pytest.fixture(scope="module")

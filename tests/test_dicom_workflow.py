@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import yaml
 from dicom_exams import build_exam
-from workflow_helpers import snakemake
+from workflow_helpers import job_counts, snakemake
 
-from virtual_contrast.workflow import job_counts, plan_study
+from virtual_contrast.workflow import plan_study
 
 
 @pytest.fixture(scope="module")

@@ -70,11 +70,7 @@ TORCH_FREE = (
 )
 #: Cycles between areas that another change removes, with why they are here; one that no longer occurs
 #: fails the test, so that it is removed from this list.
-KNOWN_AREA_CYCLES = {
-    frozenset({"dicom", "workflow"}): "dicom.commands names the files of an imported exam with "
-    "workflow.bids_exam_files, the workflow's file layout, which the path-layout module of issue 12 (the "
-    "workflow-side half) takes over",
-}
+KNOWN_AREA_CYCLES: dict[frozenset[str], str] = {}
 
 
 # --- the graph ------------------------------------------------------------------------------------------------

@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from workflow_helpers import REPO, snakemake, snakemake_command
-
-from virtual_contrast.workflow import job_counts
+from workflow_helpers import REPO, job_counts, snakemake, snakemake_command
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from virtual_contrast.cli import build_parser, main
-from virtual_contrast.config_schema import schema_defaults
+from virtual_contrast.config import schema_defaults
 from virtual_contrast.evaluate import lesions as L
 from virtual_contrast.evaluate import shape
 from virtual_contrast.evaluate.candidates import calibrated_enhancement, intensity_mapping

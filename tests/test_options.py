@@ -6,12 +6,12 @@ import pytest
 import yaml
 from workflow_helpers import REPO
 
+from virtual_contrast.config import schema_defaults
 from virtual_contrast.io import InputError
 from virtual_contrast.preprocess.options import (
     PreprocessOptions,
     default_options,
     register_options,
-    schema_defaults,
     skull_strip_options,
 )
 

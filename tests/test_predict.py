@@ -168,12 +168,13 @@ def test_predict_command_with_normalised_channels(trained, tmp_path):
     rc = cli_main(["predict", "--models", str(models_dir), "--channels-dir", str(data),
                    "--subject", sv.subject, "--out", str(tmp_path / "a"), "--device", "cpu"])  # fmt: skip
     assert rc == 0
-    a = nib.load(tmp_path / "a" / f"sub-{sv.subject}_space-atlas_ce-vir_T1w.nii.gz").get_fdata()
+    a = nib.load(tmp_path / "a" / f"sub-{sv.subject}_space-ICBM09a_desc-virtual_T1c.nii.gz")
+    a = a.get_fdata()
     rc = cli_main(["predict", "--models", *map(str, models), "--adc", str(sv.channels["ADC"]),
                    "--flair", str(sv.channels["FLAIR"]), "--t1", str(sv.channels["T1w"]),
                    "--low", str(sv.channels["lowT1c"]), "--out", str(tmp_path / "b")])  # fmt: skip
     assert rc == 0
-    b = nib.load(tmp_path / "b" / "sub-exam_space-atlas_ce-vir_T1w.nii.gz").get_fdata()
+    b = nib.load(tmp_path / "b" / "sub-exam_space-ICBM09a_desc-virtual_T1c.nii.gz").get_fdata()
     mask = nib.load(sv.mask).get_fdata() > 0.5  # --channels-dir picks up the brain mask
     np.testing.assert_allclose(a[mask], b[mask], atol=1e-6)
     assert (a[~mask] == 0).all()

@@ -21,14 +21,12 @@ def raw_exam(tiny_run, tmp_path) -> dict[str, Path]:
     """A copy of one test subject's raw files (the tests change them) and the models of the tiny run."""
     import shutil
 
-    import yaml
     from workflow_helpers import REPO
 
+    from virtual_contrast.config import load_config
     from virtual_contrast.workflow import plan_study
 
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    for key, value in yaml.safe_load((REPO / "tests/tiny.yaml").read_text()).items():
-        config[key].update(value)
+    config = load_config(REPO / "tests/tiny.yaml")
     study = plan_study(config)
     subject = study.test_subjects[0]
     files = {}

@@ -9,6 +9,7 @@ import pytest
 
 from virtual_contrast.cohort.plan import plan_cohort
 from virtual_contrast.io import InputError
+from virtual_contrast.layout import BIDS_SEQUENCES, bids_exam_files
 from virtual_contrast.subjects import (
     assign_split,
     check_subject_id,
@@ -19,23 +20,16 @@ from virtual_contrast.subjects import (
 )
 from virtual_contrast.workflow import plan_study
 
-SEQ_FILES = {
-    "t1": "anat/{p}_T1w.nii.gz",
-    "flair": "anat/{p}_FLAIR.nii.gz",
-    "low": "anat/{p}_ce-low_T1w.nii.gz",
-    "ref": "anat/{p}_ce-full_T1w.nii.gz",
-    "dwi": "dwi/{p}_dwi.nii.gz",
-    "bval": "dwi/{p}_dwi.bval",
-}
+#: The sequence files of an exam, as the workflow names them (no bvec: discovery does not need it).
+SEQ_FILES = [key for key in BIDS_SEQUENCES if key != "bvec"]
 
 
 def _touch_exam(root: Path, subject: str, session: str = "", skip: tuple[str, ...] = ()) -> None:
-    folder = root / f"sub-{subject}" / (f"ses-{session}" if session else "")
-    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
-    for key, pattern in SEQ_FILES.items():
+    files = bids_exam_files(root, subject, session)
+    for key in SEQ_FILES:
         if key in skip:
             continue
-        path = folder / pattern.format(p=prefix)
+        path = files[key]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"")
 
@@ -76,10 +70,9 @@ def test_bids_discovery_keeps_the_earliest_exam_and_excludes_incomplete_ones(tmp
 
 
 def _table_row(subject: str, session: str = "", **extra: str) -> dict[str, str]:
-    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
-    folder = f"sub-{subject}/" + (f"ses-{session}/" if session else "")
+    files = bids_exam_files("", subject, session)
     row = {"subject": subject, "session": session}
-    row.update({k: folder + v.format(p=prefix) for k, v in SEQ_FILES.items()})
+    row.update({k: str(files[k]) for k in SEQ_FILES})
     row.update(extra)
     return row
 

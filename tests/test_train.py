@@ -13,7 +13,7 @@ import torch
 from toy_subjects import make_toy_subjects
 
 from virtual_contrast.cli import main as cli_main
-from virtual_contrast.config_schema import schema_defaults
+from virtual_contrast.config import schema_defaults
 from virtual_contrast.io import InputError, save_image
 from virtual_contrast.model import runtime
 from virtual_contrast.model.checkpoint import load_checkpoint, load_model

@@ -89,9 +89,9 @@ def test_check_grid_rules():
 def test_default_network_matches_the_stated_size_and_cost():
     spec = UNetSpec()  # 4 inputs, width 16, depth 5
     params = count_parameters(UNet3D(spec))
-    assert 7.7e6 < params < 7.85e6  # DESIGN §7: 7.8 M
+    assert 7.7e6 < params < 7.85e6  # the size stated in the module docstring: 7.8 M
     flops = count_flops(spec, (160, 192, 160))
-    assert 0.80e12 < flops < 0.82e12  # DESIGN §7: 0.81 TFLOP per forward pass
+    assert 0.80e12 < flops < 0.82e12  # and its cost: 0.81 TFLOP per forward pass
     # Convolution cost is proportional to the number of voxels and grows as width².
     assert count_flops(spec, (80, 96, 80)) == pytest.approx(flops / 8, rel=1e-6)
     assert count_flops(UNetSpec(width=32), (160, 192, 160)) == pytest.approx(3.2e12, rel=0.01)

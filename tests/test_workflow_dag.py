@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pandas as pd
 import pytest
 import yaml
-from workflow_helpers import REPO, snakemake
+from workflow_helpers import REPO, job_counts, snakemake
 
-from virtual_contrast.workflow import job_counts
+from virtual_contrast.config import load_config
 
 PER_SUBJECT = ["adc", "register", "skull_strip", "crop", "normalize", "qc"]
 
@@ -130,10 +131,7 @@ def test_test_subjects_never_enter_a_training_job(tmp_path):
 def _tiny_study():
     from virtual_contrast.workflow import plan_study
 
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    for key, value in yaml.safe_load((REPO / "tests/tiny.yaml").read_text()).items():
-        config[key].update(value)
-    return plan_study(config)
+    return plan_study(load_config(REPO / "tests/tiny.yaml"))
 
 
 def test_paper_overlay_lists_every_job(tmp_path):
@@ -145,10 +143,8 @@ def test_paper_overlay_lists_every_job(tmp_path):
     proc = snakemake(tmp_path / "paper", "-n", overlays=("config.paper.yaml",))
     counts = job_counts(proc.stdout)
     assert set(counts) == set(default)
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = load_config(REPO / "config.paper.yaml")
     paper = yaml.safe_load((REPO / "config.paper.yaml").read_text())
-    for key, value in paper.items():
-        config[key].update(value)
     from virtual_contrast.workflow import plan_study
 
     study = plan_study(config)
@@ -157,3 +153,37 @@ def test_paper_overlay_lists_every_job(tmp_path):
     assert counts["train"] == paper["split"]["folds"] == 5
     assert counts["predict"] == len(study.test_subjects)
     assert counts["atlas"] == 1
+
+
+def test_auto_backends_are_resolved_once_when_the_run_is_planned(tmp_path, monkeypatch):
+    """`auto` is decided on the machine that plans the run, for every job: with a flirt on its PATH every
+    subject is registered with FSL (a node without FSL then fails, naming what to install), never some
+    subjects with one tool and some with the other."""
+    from virtual_contrast.backends import resolve_backends, with_backends
+    from virtual_contrast.preprocess.options import PreprocessOptions
+
+    monkeypatch.delenv("FSLDIR", raising=False)
+    path = os.environ["PATH"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "flirt").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "flirt").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    backends = resolve_backends(load_config())
+    assert backends["registration"]["backend"] == "fsl"
+    assert backends["registration"]["reason"].startswith(f"auto: flirt found at {bin_dir}")
+    assert backends["brain_extraction"]["backend"] == "deepbet"  # no HD-BET weights configured
+    options = PreprocessOptions.from_config(with_backends(load_config(), backends))
+    assert (options.register.backend, options.skull_strip.backend) == ("fsl", "deepbet")
+    explicit = load_config({"preprocess": {"register_backend": "simpleitk"}})
+    assert resolve_backends(explicit)["registration"] == {
+        "configured": "simpleitk",
+        "backend": "simpleitk",
+        "reason": "configured",
+    }
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert resolve_backends(load_config())["registration"]["backend"] == "simpleitk"
+
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{path}")
+    proc = snakemake(tmp_path, "-n")
+    assert f"backends of this run: registration fsl (auto: flirt found at {bin_dir}" in proc.stdout

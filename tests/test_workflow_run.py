@@ -12,20 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage
-from workflow_helpers import snakemake
+from workflow_helpers import REPO, job_counts, snakemake
 
-from virtual_contrast.workflow import job_counts, plan_study
+from virtual_contrast.config import load_config
+from virtual_contrast.layout import NATIVE_SPACE, exam_work_name, normalize_files, predicted_name
+from virtual_contrast.workflow import plan_study
 
 pytestmark = pytest.mark.slow
 
 
 def _study():
-    import yaml
-    from workflow_helpers import REPO
-
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    for key, value in yaml.safe_load((REPO / "tests/tiny.yaml").read_text()).items():
-        config[key].update(value)
+    config = load_config(REPO / "tests/tiny.yaml")
     return plan_study(config)
 
 
@@ -44,10 +41,40 @@ def test_every_subject_is_preprocessed_with_its_qc_and_provenance(tiny_run):
         assert provenance["register"]["backend"] == "simpleitk"  # no FSL on test machines
         assert provenance["skull_strip"]["backend"] == "deepbet"  # no HD-BET weights configured
         assert provenance["register"]["gate"]["passed"]
+        # `auto` was resolved once when the run was planned, and every job ran what was resolved.
+        assert provenance["backends"]["registration"] == {
+            "configured": "auto",
+            "backend": "simpleitk",
+            "reason": "auto: no FSL (no flirt on PATH and FSLDIR is not set)",
+        }
+        assert provenance["preprocess_options"]["register"]["backend"] == "simpleitk"
+        assert provenance["backends"]["brain_extraction"]["backend"] == "deepbet"
+        assert provenance["preprocess_options"]["skull_strip"]["backend"] == "deepbet"
         assert (base / f"sub-{subject}_qc.png").stat().st_size > 10_000
         log = (tiny_run / "logs" / "register" / f"sub-{subject}.log").read_text()
         assert "simpleitk" in log and "registration quality passed" in log
         assert "deepbet" in (tiny_run / "logs" / "skull_strip" / f"sub-{subject}.log").read_text()
+
+
+def test_training_reads_its_declared_inputs_and_no_test_subject(tiny_run):
+    """What each fold's training read (its log lists every file), against what the train rule declares
+    (the normalised volumes of the training subjects): the same files, and nothing of a test subject."""
+    study = _study()
+    config = load_config(REPO / "tests/tiny.yaml")
+    keys = [*config["model"]["channels"], "refT1c"]
+    declared = {
+        path
+        for s in study.train_subjects
+        for key, path in normalize_files(s, keys).items()
+        if key != "provenance"
+    }
+    for fold in range(config["split"]["folds"]):
+        log = (tiny_run / "logs" / "train" / f"fold-{fold}.log").read_text()
+        lines = re.findall(r"reads sub-(\w+): (.+)$", log, re.M)
+        read = {path for _, paths in lines for path in paths.split()}
+        assert {s for s, _ in lines} == set(study.train_subjects)  # every one trains or tunes
+        assert read == declared
+        assert not any(f"sub-{s}" in path for s in study.test_subjects for path in read)
 
 
 def test_every_atlas_space_brain_mask_agrees_with_the_atlas_brain_mask(tiny_run):
@@ -178,22 +205,23 @@ def test_predict_command_on_a_raw_exam_repeats_the_workflow(tiny_run, tmp_path):
     assert rc == 0
     workflow = tiny_run / "results" / f"sub-{subject}" / "predict"
     expected = nib.load(workflow / f"sub-{subject}_space-ICBM09a_desc-virtual_T1c.nii.gz")
-    got = nib.load(out / f"sub-{subject}_space-atlas_ce-vir_T1w.nii.gz")
+    # The command names its files as the workflow does (virtual_contrast.layout).
+    assert (workflow / predicted_name(subject)).exists()
+    got = nib.load(out / predicted_name(subject))
     assert got.shape == expected.shape
     np.testing.assert_allclose(got.affine, expected.affine, atol=1e-4)
     np.testing.assert_allclose(got.get_fdata(), expected.get_fdata(), atol=1e-3)
-    native = nib.load(out / f"sub-{subject}_ce-vir_T1w.nii.gz")
+    native = nib.load(out / predicted_name(subject, NATIVE_SPACE))
     expected_native = nib.load(workflow / f"sub-{subject}_space-native_desc-virtual_T1c.nii.gz")
     assert native.shape == nib.load(raw["low"]).shape
     np.testing.assert_allclose(native.get_fdata(), expected_native.get_fdata(), rtol=1e-3, atol=1.0)
     provenance = json.loads(
-        (out / f"sub-{subject}_work" / f"sub-{subject}_provenance.json").read_text()
+        (out / exam_work_name(subject) / f"sub-{subject}_provenance.json").read_text()
     )
     assert provenance["register"]["backend"] == "simpleitk"
     assert provenance["skull_strip"]["backend"] == "deepbet"
     # The option that tests/tiny.yaml changes (percentiles 0.5/99.5, default 1/99) came with the models.
     import yaml
-    from workflow_helpers import REPO
 
     tiny = yaml.safe_load((REPO / "tests/tiny.yaml").read_text())["preprocess"]
     assert (
@@ -205,8 +233,8 @@ def test_predict_command_on_a_raw_exam_repeats_the_workflow(tiny_run, tmp_path):
     assert provenance["normalize"]["lowT1c"]["high_percentile"] == 99.5
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [
-            f"sub-{subject}_space-atlas_ce-vir_T1w.nii.gz",
-            f"sub-{subject}_ce-vir_T1w.nii.gz",
+            f"sub-{subject}_space-ICBM09a_desc-virtual_T1c.nii.gz",
+            f"sub-{subject}_space-native_desc-virtual_T1c.nii.gz",
             f"sub-{subject}_work",
         ]
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,17 @@ def snakemake(
             f"snakemake failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def job_counts(snakemake_output: str) -> dict[str, int]:
+    """Snakemake's 'Job stats' table (printed by a dry run or a run) as {rule: count}, without the total."""
+    counts: dict[str, int] = {}
+    for line in snakemake_output.split("Job stats:", 1)[-1].splitlines()[2:]:
+        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+        if not m:
+            if counts:
+                break
+            continue
+        if m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts

@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from virtual_contrast import layout
 from virtual_contrast.checks import check_positive
 from virtual_contrast.io import InputError, load_image, save_image, write_json
 
@@ -33,15 +34,8 @@ NILEARN_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 NILEARN_GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 NILEARN_WM = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
 
-#: File names written by :func:`prepare_atlas` in its output folder.
-ATLAS_FILES = {
-    "t1": "atlas_T1w.nii.gz",
-    "brain_mask": "atlas_desc-brain_mask.nii.gz",
-    "head_mask": "atlas_desc-head_mask.nii.gz",
-    "gm": "atlas_label-GM_probseg.nii.gz",
-    "wm": "atlas_label-WM_probseg.nii.gz",
-    "csf": "atlas_label-CSF_probseg.nii.gz",
-}
+#: File names written by :func:`prepare_atlas` in its output folder (the study's layout names them).
+ATLAS_FILES = layout.ATLAS_FILES
 
 
 @dataclass(frozen=True)
@@ -190,6 +184,6 @@ def prepare_atlas(out_dir: Path | str, voxel_mm: float, **kwargs) -> Path:
     for key, name in ATLAS_FILES.items():
         dtype = np.uint8 if key.endswith("mask") else np.float32
         save_image(getattr(atlas, key), atlas.affine, out_dir / name, dtype=dtype)
-    write_json(provenance, out_dir / "provenance.json")
+    write_json(provenance, out_dir / layout.ATLAS_PROVENANCE)
     log.info("atlas on a %.1f mm grid %s written to %s", voxel_mm, atlas.shape, out_dir)
     return out_dir

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from virtual_contrast.io import InputError
+from virtual_contrast.layout import BIDS_SEQUENCES, bids_patterns
 
 #: Subject ids become file-name entities (``sub-{id}_...``): BIDS labels, letters and digits only, so no path
 #: separator, no ``..`` and no ``_`` that would break the entity parsing.
@@ -39,14 +40,7 @@ SEQUENCE_LABELS = {
     "ref": "full-dose T1c",
 }
 #: BIDS-like file patterns (relative to ``sub-X[/ses-Y]``), keyed by sequence column.
-BIDS_PATTERNS = {
-    "t1": "anat/*_T1w.nii*",
-    "flair": "anat/*_FLAIR.nii*",
-    "low": "anat/*_ce-low_T1w.nii*",
-    "ref": "anat/*_ce-full_T1w.nii*",
-    "dwi": "dwi/*_dwi.nii*",
-    "bval": "dwi/*_dwi.bval",
-}
+BIDS_PATTERNS = bids_patterns(key for key in BIDS_SEQUENCES if key in SEQUENCES)
 
 
 #: Values of the optional ``split`` column (compared case-insensitively, surrounding spaces ignored).

@@ -1,17 +1,17 @@
-"""What the Snakemake workflow needs at parse time: the study's exams, exclusions, split and file layout.
+"""What the Snakemake workflow needs at parse time: the study's exams, exclusions and split.
 
 Kept out of the rule files so that it is typed, tested, and shared by the CLI and the benchmarks.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
 
+from virtual_contrast import layout
 from virtual_contrast.cohort.plan import CohortExam, participant, plan_cohort
 from virtual_contrast.subjects import (
     SEQUENCES,
@@ -21,51 +21,6 @@ from virtual_contrast.subjects import (
     read_subjects_table,
     select_exams,
 )
-
-COHORT_DIR = Path("results/cohort")
-#: Where the workflow files the exams of dicom_dir (rule import_dicom), in the BIDS-like layout below.
-DICOM_DIR = Path("results/dicom")
-#: File of each sequence column inside a BIDS exam folder, given the entity prefix (sub-X[_ses-Y]).
-BIDS_FILES = {
-    "t1": "anat/{p}_T1w.nii.gz",
-    "flair": "anat/{p}_FLAIR.nii.gz",
-    "low": "anat/{p}_ce-low_T1w.nii.gz",
-    "ref": "anat/{p}_ce-full_T1w.nii.gz",
-    "dwi": "dwi/{p}_dwi.nii.gz",
-    "bval": "dwi/{p}_dwi.bval",
-    "bvec": "dwi/{p}_dwi.bvec",
-}
-
-
-def cohort_exam_files(exam: CohortExam, root: Path = COHORT_DIR) -> dict[str, Path]:
-    """Path of each sequence file of a cohort exam (those in ``missing`` are not written)."""
-    prefix = f"sub-{exam.subject}_ses-{exam.session}"
-    folder = root / f"sub-{exam.subject}" / f"ses-{exam.session}"
-    absent = set(exam.missing) | ({"bval", "bvec"} if "dwi" in exam.missing else set())
-    return {
-        key: folder / pattern.format(p=prefix)
-        for key, pattern in BIDS_FILES.items()
-        if key not in absent
-    }
-
-
-def bids_exam_files(root: Path | str, subject: str, session: str = "") -> dict[str, Path]:
-    """Path of each sequence file of an exam in a BIDS-like folder: BIDS_FILES under sub-X[/ses-Y]."""
-    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
-    folder = Path(root) / f"sub-{subject}" / (f"ses-{session}" if session else "")
-    return {key: folder / pattern.format(p=prefix) for key, pattern in BIDS_FILES.items()}
-
-
-def dicom_exam_record(subject: str, session: str, kind: str, root: Path = DICOM_DIR) -> Path:
-    """A per-exam record of the DICOM import: ``series.json`` (the manifest, written at parse time) or
-    ``dicom.tsv`` (the import report: every series, used or ignored, and why)."""
-    prefix = f"sub-{subject}_ses-{session}"
-    return root / f"sub-{subject}" / f"ses-{session}" / f"{prefix}_{kind}"
-
-
-def cohort_lesion_table(subject: str, session: str, root: Path = COHORT_DIR) -> Path:
-    """The true lesions of one cohort exam, written by the ``cohort`` rule."""
-    return root / f"sub-{subject}" / f"ses-{session}" / f"sub-{subject}_ses-{session}_lesions.tsv"
 
 
 @dataclass
@@ -124,7 +79,7 @@ class Study:
             return []
         inc = self.selection.included
         return [
-            str(cohort_lesion_table(s, ses))
+            str(layout.cohort_lesion_table(s, ses))
             for s, ses in zip(inc["subject"], inc["session"], strict=True)
         ]
 
@@ -147,7 +102,7 @@ class Study:
 def _cohort_exams(plan: list[CohortExam]) -> pd.DataFrame:
     rows = []
     for exam in plan:
-        files = cohort_exam_files(exam)
+        files = exam.files()
         row = {"subject": exam.subject, "session": exam.session}
         row.update({key: str(files.get(key, "")) for key in SEQUENCES})
         rows.append(row)
@@ -169,8 +124,12 @@ def plan_study(config: dict) -> Study:
 
         exams, manifests = discover_dicom(
             config["dicom_dir"],
-            files_of=lambda subject, session: bids_exam_files(DICOM_DIR, subject, session),
-            manifest_of=lambda subject, session: dicom_exam_record(subject, session, "series.json"),
+            files_of=lambda subject, session: layout.bids_exam_files(
+                layout.DICOM_DIR, subject, session
+            ),
+            manifest_of=lambda subject, session: layout.dicom_exam_record(
+                subject, session, "series.json"
+            ),
             series_map=load_series_map(config["dicom"]["series_map"]),
         )
         embedded, plan = False, []
@@ -200,17 +159,3 @@ def plan_study(config: dict) -> Study:
         if (subject, session) in included
     }
     return Study(exams, selection, split, embedded, plan, dicom_manifests=dicom, source=source)
-
-
-def job_counts(snakemake_output: str) -> dict[str, int]:
-    """Snakemake's 'Job stats' table (printed by a dry run or a run) as {rule: count}, without the total."""
-    counts: dict[str, int] = {}
-    for line in snakemake_output.split("Job stats:", 1)[-1].splitlines()[2:]:
-        m = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
-        if not m:
-            if counts:
-                break
-            continue
-        if m.group(1) != "total":
-            counts[m.group(1)] = int(m.group(2))
-    return counts

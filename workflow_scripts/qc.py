@@ -15,6 +15,7 @@ skull_strip = json.loads(Path(inp.skull_strip).read_text())
 provenance = {
     "subject": subject,
     "preprocess_options": snakemake.params.options,
+    "backends": snakemake.params.backends,
     "skull_strip": skull_strip,
     "register": register,
 }

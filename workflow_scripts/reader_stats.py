@@ -9,9 +9,8 @@ log = setup(snakemake)
 if "detections" in snakemake.input.keys():
     # No radiologist reads configured: the automated detector is reader `auto` on ref, low and vir.
     detections = {}
-    for path in snakemake.input.detections:
+    for subject, path in zip(snakemake.params.subjects, snakemake.input.detections, strict=True):
         table = pd.read_csv(path, sep="\t", dtype={"subject": str})
-        subject = path.split("/sub-")[1].split("/")[0]
         for modality in ("ref", "low", "vir"):
             detections[(subject, modality)] = table[table["modality"] == modality]
     lesions, reads = auto_reader_tables(detections)

@@ -11,7 +11,10 @@ from pathlib import Path
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """``virtual-contrast cohort``: write the embedded synthetic cohort."""
+    """``virtual-contrast cohort``: write the embedded synthetic cohort (defaults: the config's cohort)."""
+    from virtual_contrast.config import schema_defaults
+
+    defaults = schema_defaults("cohort")
     p = subparsers.add_parser(
         "cohort",
         help="write the embedded synthetic cohort (BIDS-like, native scanner space)",
@@ -19,20 +22,35 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--n", type=int, required=True, help="number of complete patients")
     p.add_argument(
-        "--seed", type=int, default=0, help="random seed (the cohort is deterministic given it)"
+        "--seed",
+        type=int,
+        default=defaults["seed"],
+        help="random seed (the cohort is deterministic given it; default: %(default)s)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
-        "--voxel-mm", type=float, default=2.0, help="atlas grid the anatomy comes from (mm)"
+        "--voxel-mm",
+        type=float,
+        default=defaults["native_voxel_mm"],
+        help="atlas grid the anatomy comes from (mm; default: %(default)s, as the workflow simulates it)",
     )
     p.add_argument(
-        "--native-voxel-mm", type=float, default=2.0, help="T1 voxel of the synthetic scans (mm)"
+        "--native-voxel-mm",
+        type=float,
+        default=defaults["native_voxel_mm"],
+        help="T1 voxel of the synthetic scans (mm; default: %(default)s)",
     )
     p.add_argument(
-        "--extra-visits", type=int, default=1, help="patients with a later (excluded) visit"
+        "--extra-visits",
+        type=int,
+        default=defaults["extra_visits"],
+        help="patients with a later (excluded) visit (default: %(default)s)",
     )
     p.add_argument(
-        "--missing-sequence", type=int, default=1, help="extra patients lacking one sequence"
+        "--missing-sequence",
+        type=int,
+        default=defaults["missing_sequence"],
+        help="extra patients lacking one sequence (default: %(default)s)",
     )
     p.add_argument(
         "--atlas-brain-mask", type=Path, default=None, help="official ICBM 2009a brain mask"

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy.spatial.transform import Rotation
 
+from virtual_contrast import layout
 from virtual_contrast.atlas import Atlas
 from virtual_contrast.cohort import kinetics
 from virtual_contrast.cohort.acquisition import (
@@ -53,14 +54,6 @@ from virtual_contrast.io import InputError, save_image, write_json, write_table,
 
 log = logging.getLogger(__name__)
 
-#: File suffix of each sequence key (the keys of the workflow's BIDS_FILES).
-SEQUENCE_SUFFIX = {
-    "t1": ("anat", "T1w"),
-    "flair": ("anat", "FLAIR"),
-    "low": ("anat", "ce-low_T1w"),
-    "ref": ("anat", "ce-full_T1w"),
-    "dwi": ("dwi", "dwi"),
-}
 LESION_COLUMNS = [
     "subject",
     "session",
@@ -130,7 +123,7 @@ def make_exam(
             raise InputError("make_exam needs the atlas (or a prepared head model)")
         model = head_model(atlas)
     check_parameters(seed, native_voxel_mm, lesions_per_subject)
-    unknown = set(paths) - {*SEQUENCE_SUFFIX, "bval", "bvec"}
+    unknown = set(paths) - set(layout.BIDS_SEQUENCES)
     if unknown:
         raise InputError(f"unknown sequence key(s) {sorted(unknown)} for subject {subject}")
     anat = make_anatomy(

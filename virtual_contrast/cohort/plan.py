@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from virtual_contrast import layout
 from virtual_contrast.io import InputError
 
 INDICATIONS = ("metastases", "glioma", "other")  # "other": no enhancing lesion (33 % in the paper)
@@ -28,6 +30,12 @@ class CohortExam:
     subject: str
     session: str  # "01" for the first visit, "02" for a later one
     missing: tuple[str, ...] = ()
+
+    def files(self, root: Path | str = layout.COHORT_DIR) -> dict[str, Path]:
+        """Path of each sequence file of this exam (those in ``missing`` are not written)."""
+        absent = set(self.missing) | ({"bval", "bvec"} if "dwi" in self.missing else set())
+        files = layout.bids_exam_files(root, self.subject, self.session)
+        return {key: path for key, path in files.items() if key not in absent}
 
 
 def cohort_subject_id(index: int) -> str:

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from virtual_contrast import layout
 from virtual_contrast.atlas import Atlas
 from virtual_contrast.cohort.anatomy import head_model
 from virtual_contrast.cohort.exam import (
     LESION_COLUMNS,
-    SEQUENCE_SUFFIX,
     check_parameters,
     make_exam,
 )
@@ -98,15 +98,12 @@ def make_cohort(
     for exam in tqdm(plan, desc="cohort exams", unit="exam", disable=not progress):
         subject = exam.subject
         session = exam.session if visits[subject] > 1 else ""
-        prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "")
-        folder = out_dir / f"sub-{subject}" / (f"ses-{session}" if session else "")
-        paths: dict[str, Path] = {}
-        for key, (kind_dir, suffix) in SEQUENCE_SUFFIX.items():
-            if key not in exam.missing:
-                paths[key] = folder / kind_dir / f"{prefix}_{suffix}.nii.gz"
-        if "dwi" in paths:
-            paths["bval"] = folder / "dwi" / f"{prefix}_dwi.bval"
-            paths["bvec"] = folder / "dwi" / f"{prefix}_dwi.bvec"
+        absent = set(exam.missing) | ({"bval", "bvec"} if "dwi" in exam.missing else set())
+        paths = {
+            key: path
+            for key, path in layout.bids_exam_files(out_dir, subject, session).items()
+            if key not in absent
+        }
         truth_dir = out_dir / "derivatives" / "truth" if truth else None
         table = make_exam(
             paths, None, subject=subject, session=session, seed=seed, truth_dir=truth_dir, **common

@@ -9,16 +9,15 @@ from pathlib import Path
 def _import_dicom(args: argparse.Namespace) -> int:
     from virtual_contrast.dicom.convert import import_exam
     from virtual_contrast.dicom.rules import ROLE_LABELS, load_series_map
+    from virtual_contrast.layout import bids_exam_files, exam_record
     from virtual_contrast.subjects import check_subject_id
-    from virtual_contrast.workflow import bids_exam_files
 
     subject = check_subject_id(args.subject)
     if args.session:
         check_subject_id(args.session, source="--session")
     series_map = load_series_map(args.series_map)
     targets = bids_exam_files(args.out, subject, args.session or "")
-    prefix = targets["t1"].name.removesuffix("_T1w.nii.gz")
-    report_path = targets["t1"].parents[1] / f"{prefix}_dicom.tsv"
+    report_path = exam_record(args.out, subject, args.session or "", "dicom.tsv")
     result = import_exam(args.dicom, targets, report_path, series_map=series_map, subject=subject)
     for row in result.report.itertuples():
         role = f"{row.role} -> {row.file}" if row.status == "used" else row.status

@@ -153,11 +153,15 @@ def _tune_detector(args: argparse.Namespace) -> int:
         thresholds=threshold_grid(*args.thresholds),
         max_fp_per_patient=args.max_fp,
     )
-    out = args.out_dir
-    write_table(froc, out / "detector_froc.tsv")
-    write_table(candidates, out / "detector_froc_candidates.tsv")
-    write_json(point, out / "detector_operating_point.json")
-    plot_froc(froc, out / "detector_froc.png", operating_point=point)
+    from virtual_contrast import layout
+
+    def out(path: str) -> Path:  # the workflow's file names (rule detector_froc), in --out-dir
+        return args.out_dir / Path(path).name
+
+    write_table(froc, out(layout.table("detector_froc")))
+    write_table(candidates, out(layout.table("detector_froc_candidates")))
+    write_json(point, out(layout.table("detector_operating_point", ".json")))
+    plot_froc(froc, out(layout.figure("detector_froc")), operating_point=point)
     print(json.dumps(point, indent=2))
     return 0
 
@@ -207,7 +211,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_metrics)
 
-    from virtual_contrast.config_schema import schema_defaults
+    from virtual_contrast.config import schema_defaults
 
     defaults = schema_defaults("evaluate")
     p = subparsers.add_parser(

@@ -91,7 +91,7 @@ class DetectorSettings:
     @classmethod
     def from_schema(cls, **overrides: float) -> DetectorSettings:
         """The config schema's defaults (``evaluate.detector``), with ``overrides``."""
-        from virtual_contrast.config_schema import schema_defaults
+        from virtual_contrast.config import schema_defaults
 
         return cls(**{**schema_defaults("evaluate", "detector"), **overrides})
 

@@ -4,28 +4,42 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from virtual_contrast.io import InputError, staged_folder, write_table
+from virtual_contrast.layout import (
+    ATLAS_SPACE,
+    MODEL_FILES,
+    NATIVE_SPACE,
+    atlas_dir,
+    bids_name,
+    brain_mask_name,
+    exam_work_name,
+    normalized_name,
+    parse_name,
+    predicted_name,
+)
 
 log = logging.getLogger(__name__)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add this area's subcommands."""
-    _add_split(subparsers)
+    from virtual_contrast.config import schema_defaults
+
+    defaults = schema_defaults()
+    _add_split(subparsers, defaults)
     _add_train(subparsers)
-    _add_predict(subparsers)
+    _add_predict(subparsers, defaults)
 
 
 # --- split -----------------------------------------------------------------------------------------------
 
 
-def _add_split(subparsers: argparse._SubParsersAction) -> None:
+def _add_split(subparsers: argparse._SubParsersAction, defaults: dict) -> None:
     p = subparsers.add_parser(
         "split",
         help="assign the training subjects to K cross-validation folds",
@@ -34,8 +48,15 @@ def _add_split(subparsers: argparse._SubParsersAction) -> None:
         "their fold and only new subjects are dealt.",
     )
     p.add_argument("--subjects", type=Path, required=True, help="subjects TSV")
-    p.add_argument("--k", type=int, default=5, help="number of folds (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--k",
+        type=int,
+        default=defaults["split"]["folds"],
+        help="number of folds (default: %(default)s, the config's split.folds; the paper: 5)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=defaults["split"]["seed"], help="default: %(default)s"
+    )
     p.add_argument("--previous", type=Path, help="an earlier folds TSV to keep stable")
     p.add_argument("--out", type=Path, required=True, help="folds TSV to write")
     p.set_defaults(func=_run_split)
@@ -64,9 +85,11 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train the UNet of one fold",
-        description="Train on the subjects outside --fold, select weights on the subjects of --fold. The "
-        "normalised volumes are found under --data by name (sub-{s}_desc-norm_{channel}.nii.gz, "
-        "sub-{s}_desc-brain_mask.nii.gz). Rerunning after an interruption resumes from last.pt.",
+        description="Train on the subjects outside --fold, select weights on the subjects of --fold. "
+        "Options default to the workflow's (config model and train), overridden by --config, then by the "
+        "flags. The "
+        f"normalised volumes are found under --data by name ({normalized_name('{s}', '{channel}')}, "
+        f"{brain_mask_name('{s}')}). Rerunning after an interruption resumes from last.pt.",
     )
     p.add_argument("--folds", type=Path, required=True, help="folds TSV (subject, fold)")
     p.add_argument("--fold", type=int, required=True)
@@ -104,19 +127,19 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def train_values(args: argparse.Namespace) -> dict:
+    """The training options of ``virtual-contrast train``: the config schema's (as the workflow's train rule
+    passes them), then the --config file's, then the flags'."""
     import yaml
 
-    from virtual_contrast.model.config import TrainConfig
-    from virtual_contrast.model.data import find_subject_volumes
-    from virtual_contrast.model.folds import fold_members, read_folds
-    from virtual_contrast.model.train import train_fold
+    from virtual_contrast.config import load_config, train_options
 
-    values = {}
+    config = load_config()
+    values = {**train_options(config), "threads": config["train"]["threads"]}
     if args.config:
         if not args.config.exists():
             raise InputError("training configuration not found", path=args.config)
-        values = yaml.safe_load(args.config.read_text()) or {}
+        values.update(yaml.safe_load(args.config.read_text()) or {})
     for key in (
         "epochs",
         "batch_size",
@@ -136,7 +159,16 @@ def _run_train(args: argparse.Namespace) -> int:
             values[key] = getattr(args, key)
     if args.channels:
         values["channels"] = [c.strip() for c in args.channels.split(",") if c.strip()]
-    cfg = TrainConfig.from_dict(values)
+    return values
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from virtual_contrast.model.config import TrainConfig
+    from virtual_contrast.model.data import find_subject_volumes
+    from virtual_contrast.model.folds import fold_members, read_folds
+    from virtual_contrast.model.train import train_fold
+
+    cfg = TrainConfig.from_dict(train_values(args))
     preprocess = None
     if args.preprocess_options:
         preprocess = _read_preprocess_options(args.preprocess_options)
@@ -177,14 +209,14 @@ def _read_preprocess_options(path: Path) -> dict:
 # --- predict ---------------------------------------------------------------------------------------------
 
 
-def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None:
     p = subparsers.add_parser(
         "predict",
         help="predict vir-T1c for one exam with trained fold models",
         description="Three ways to give the exam: (1) a raw exam (--t1 --flair --dwi --bval --low), "
         "pre-processed first exactly as the workflow that trained the models did (the options are stored "
         "in model.pt), which also writes vir-T1c on the native low-dose T1c grid; (2) --channels-dir with "
-        "the normalised volumes (sub-{s}_desc-norm_{channel}.nii.gz); (3) the normalised files one by one "
+        f"the normalised volumes ({normalized_name('{s}', '{channel}')}); (3) the normalised files one by one "
         "(--adc --flair --t1 --low). All fold models' 8 mirror configurations are averaged. Every input "
         "is checked before any work; outputs appear in --out only when everything succeeded.",
     )
@@ -209,7 +241,7 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     raw.add_argument(
         "--atlas",
         type=Path,
-        help="atlas folder at the models' voxel size (the workflow's results/atlas/res-<v>mm); "
+        help=f"atlas folder at the models' voxel size (the workflow's {atlas_dir('<v>')}); "
         "default: prepared from the atlas files recorded in the models (nilearn's template)",
     )
     raw.add_argument("--register-backend", choices=["auto", "fsl", "simpleitk"])
@@ -220,8 +252,19 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
         help="subject id, letters and digits (file names; default: from --channels-dir)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--no-tta", action="store_true", help="one pass per model, no mirroring")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=defaults["predict"]["device"],
+        help="default: %(default)s",
+    )
+    p.add_argument(
+        "--no-tta",
+        action="store_false",
+        dest="tta",
+        default=defaults["predict"]["tta"],
+        help="one pass per model, no mirroring (default: all 8 mirror configurations)",
+    )
     p.add_argument(
         "--batch", type=int, help="mirrored copies per forward pass (default 8 on GPU, 1 on CPU)"
     )
@@ -233,9 +276,9 @@ def find_models(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
-            hits = sorted(p.rglob("model.pt"))
+            hits = sorted(p.rglob(MODEL_FILES["model"]))
             if not hits:
-                raise InputError("no model.pt found in this folder", path=p)
+                raise InputError(f"no {MODEL_FILES['model']} found in this folder", path=p)
             found.extend(hits)
         elif p.exists():
             found.append(p)
@@ -245,13 +288,8 @@ def find_models(paths: list[Path]) -> list[Path]:
 
 
 def _subject_in_dir(folder: Path) -> str:
-    ids = sorted(
-        {
-            m.group(1)
-            for f in folder.rglob("sub-*_desc-norm_*.nii*")
-            if (m := re.match(r"sub-(.+?)_desc-norm_", f.name))
-        }
-    )
+    pattern = normalized_name("*", "*").removesuffix(".gz") + "*"  # .nii or .nii.gz
+    ids = sorted({parse_name(f.name)["sub"] for f in folder.rglob(pattern)})
     if len(ids) != 1:
         raise InputError(
             f"cannot tell the subject: found {ids or 'no normalised volumes'}; pass --subject",
@@ -333,7 +371,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         check_subject_id(args.subject)
     models = find_models(args.models)
     channels = list(load_checkpoint(models[0])["channels"])
-    flips = "none" if args.no_tta else "all8"
+    flips = "all8" if args.tta else "none"
     raw_mode = args.dwi is not None or args.bval is not None
     if raw_mode:
         if args.adc or args.channels_dir:
@@ -369,8 +407,9 @@ def _run_predict(args: argparse.Namespace) -> int:
         _check_normalised({c: given[c] for c in channels}, subject)
 
     out = args.out
-    atlas_name = f"sub-{subject}_space-atlas_ce-vir_T1w.nii.gz"
-    native_name = f"sub-{subject}_ce-vir_T1w.nii.gz"
+    atlas_name = predicted_name(subject, ATLAS_SPACE)
+    native_name = predicted_name(subject, NATIVE_SPACE)
+    work_dir = exam_work_name(subject)
     with staged_folder(out) as stage:
         mask = args.mask
         to_native = None
@@ -384,16 +423,17 @@ def _run_predict(args: argparse.Namespace) -> int:
                 dwi=args.dwi,
                 bval=args.bval,
                 low=args.low,
-                out_dir=stage / f"sub-{subject}_work",
+                out_dir=stage / work_dir,
                 subject=subject,
                 options=options,
                 atlas_dir=args.atlas,
-                rejected_figure=out / f"sub-{subject}_desc-rejected_registration.png",
+                rejected_figure=out
+                / bids_name(subject, desc="rejected", suffix="registration", extension=".png"),
             )
             if overrides:
                 write_json(
                     {"command_line_overrides": overrides},
-                    stage / f"sub-{subject}_work" / "overrides.json",
+                    stage / work_dir / "overrides.json",
                 )
             channel_paths = dict(prepared["channels"])
             mask = mask or prepared["mask"]
@@ -420,5 +460,5 @@ def _run_predict(args: argparse.Namespace) -> int:
     print(f"vir-T1c (atlas space): {out / atlas_name}")
     if to_native is not None:
         print(f"vir-T1c (native low-dose T1c grid): {out / native_name}")
-        print(f"pre-processing (every intermediate, provenance): {out / f'sub-{subject}_work'}")
+        print(f"pre-processing (every intermediate, provenance): {out / work_dir}")
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from virtual_contrast import layout
 from virtual_contrast.io import InputError, atomic_path, load_image
 from virtual_contrast.model import runtime
 from virtual_contrast.model.config import DEFAULT_CHANNELS, check_channels
@@ -52,15 +53,44 @@ class SubjectVolumes:
     target: Path | None = None
     mask: Path | None = None
 
+    def files(self) -> list[Path]:
+        """Every file given: the channels, then the target and the mask when set."""
+        return [Path(p) for p in (*self.channels.values(), self.target, self.mask) if p is not None]
+
 
 def norm_filename(subject: str, channel: str) -> str:
     """File name of a normalised channel, as written by the ``normalize`` rule."""
-    return f"sub-{subject}_desc-norm_{channel}.nii.gz"
+    return layout.normalized_name(subject, channel)
 
 
 def mask_filename(subject: str) -> str:
     """File name of the brain mask on the cropped grid."""
-    return f"sub-{subject}_desc-brain_mask.nii.gz"
+    return layout.brain_mask_name(subject)
+
+
+def volumes_by_subject(
+    paths: Sequence[Path | str],
+    subjects: Sequence[str],
+    keys: Sequence[str],
+    channels: Sequence[str] = DEFAULT_CHANNELS,
+) -> dict[str, SubjectVolumes]:
+    """Each subject's volumes from a flat list of files: for each of ``subjects`` in turn, one file per
+    ``keys`` entry (input channels, :data:`TARGET`, ``mask``), as the workflow's ``train`` rule declares its
+    inputs. Training then reads exactly the files its job declared."""
+    missing = [k for k in (*channels, TARGET, "mask") if k not in keys]
+    if missing:
+        raise InputError(f"the training inputs lack {', '.join(missing)} for each subject")
+    if len(paths) != len(subjects) * len(keys):
+        raise InputError(
+            f"{len(paths)} training files for {len(subjects)} subjects of {len(keys)} files each"
+        )
+    out = {}
+    for i, subject in enumerate(subjects):
+        files = dict(zip(keys, map(Path, paths[i * len(keys) : (i + 1) * len(keys)]), strict=True))
+        out[subject] = SubjectVolumes(
+            subject, {c: files[c] for c in channels}, target=files[TARGET], mask=files["mask"]
+        )
+    return out
 
 
 def find_subject_volumes(

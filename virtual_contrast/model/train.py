@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from virtual_contrast.io import InputError, load_image
+from virtual_contrast.layout import MODEL_FILES
 from virtual_contrast.model import runtime
 from virtual_contrast.model.checkpoint import (
     model_checkpoint,
@@ -235,7 +236,7 @@ def train_fold(
         state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": [], "best": None}
         guard = DivergenceGuard(cfg.divergence_guard)
         last_path = ckpt_dir / "last.pt"
-        model_path = out_dir / "model.pt"
+        model_path = out_dir / MODEL_FILES["model"]
         if last_path.exists():
             resumed = try_resume(last_path, fingerprint, model, optimizer, scaler)
             if resumed is not None:
@@ -345,11 +346,11 @@ def train_fold(
                     row["seconds"],
                     " *" if best else "",
                 )
-                write_log(state["history"], out_dir / "train_log.tsv")
+                write_log(state["history"], out_dir / MODEL_FILES["log"])
                 if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == stop_at:
                     save_last(last_path, model, optimizer, scaler, state, fingerprint, cfg)
                     write_loss_curve(
-                        state["history"], out_dir / "loss_curve.png", title=out_dir.name
+                        state["history"], out_dir / MODEL_FILES["curve"], title=out_dir.name
                     )
                 if on_epoch_end is not None:
                     on_epoch_end(epoch + 1, row)

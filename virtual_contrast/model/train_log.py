@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from virtual_contrast.io import atomic_path, write_table
+from virtual_contrast.layout import MODEL_FILES
 
 LOG_COLUMNS = ["epoch", "train_loss", "tune_loss", "seconds", "lr", "best"]
 
@@ -54,5 +55,5 @@ def write_log(history: list[dict], path: Path) -> None:
 
 
 def write_outputs(history: list[dict], out_dir: Path, title: str) -> None:
-    write_log(history, out_dir / "train_log.tsv")
-    write_loss_curve(history, out_dir / "loss_curve.png", title=title)
+    write_log(history, out_dir / MODEL_FILES["log"])
+    write_loss_curve(history, out_dir / MODEL_FILES["curve"], title=title)

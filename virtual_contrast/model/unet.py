@@ -8,7 +8,7 @@ the decoder level of the same resolution (long skip). LeakyReLU(0.2) follows eve
 convolution and a sigmoid give the output in [0, 1], the range of the normalised reference T1c.
 
 With 4 inputs, width 16 and depth 5 this network has 7.8 M parameters and costs 0.81 TFLOP per forward pass at
-160×192×160 (DESIGN §7; :func:`count_flops`). There is no normalisation layer: the paper names none, and the
+160×192×160 (counted by :func:`count_flops`). There is no normalisation layer: the paper names none, and the
 inputs are already mapped to [0, 1].
 
 ``output="residual"`` (not in the paper; off by default) adds the logit of the low-dose input channel to the

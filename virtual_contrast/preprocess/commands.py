@@ -29,7 +29,10 @@ REGISTER_BACKENDS = ("auto", "fsl", "simpleitk")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add this area's subcommands."""
+    """Add this area's subcommands (defaults from the config schema, as the workflow's)."""
+    from virtual_contrast.config import schema_defaults
+
+    pre = schema_defaults("preprocess")
     p = subparsers.add_parser(
         "adc", help="ADC map (mm²/s) from a DWI series with b=0 and b≈1000 volumes"
     )
@@ -56,7 +59,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--t1", type=Path, required=True, help="T1 image (native, raw)")
     p.add_argument("--out", type=Path, required=True, help="brain mask to write (uint8 .nii.gz)")
-    p.add_argument("--backend", choices=BACKENDS, help="default: auto")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=pre["skull_strip_backend"],
+        help="default: %(default)s",
+    )
     p.add_argument("--hdbet-weights", type=Path, help="HD-BET 2 weights folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument(
@@ -80,9 +88,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--shape",
         type=int,
         nargs=3,
-        default=[160, 192, 160],
+        default=schema_defaults("grid", "crop_shape"),
         metavar=("X", "Y", "Z"),
-        help="output shape in voxels (default: the paper's 160 192 160 at 1 mm)",
+        help="output shape in voxels (default: %(default)s, the config's grid.crop_shape for its 4 mm grid; "
+        "the paper: 160 192 160 at 1 mm)",
     )
     p.add_argument(
         "--reference-mask",
@@ -99,12 +108,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image", type=Path, required=True, help="skull-stripped image")
     p.add_argument("--mask", type=Path, required=True, help="brain mask on the image's grid")
     p.add_argument("--out", type=Path, required=True, help="normalised image to write")
-    p.add_argument("--low", type=float, default=1.0, help="lower percentile (default 1)")
-    p.add_argument("--high", type=float, default=99.0, help="upper percentile (default 99)")
+    low, high = pre["normalize_percentiles"]
+    p.add_argument("--low", type=float, default=low, help="lower percentile (default %(default)s)")
+    p.add_argument(
+        "--high", type=float, default=high, help="upper percentile (default %(default)s)"
+    )
     p.add_argument("--subject", help="subject id, for messages")
     p.set_defaults(func=_normalize)
 
-    _add_register(subparsers)
+    _add_register(subparsers, pre)
 
     p = subparsers.add_parser(
         "atlas",
@@ -229,7 +241,8 @@ def _normalize(args: argparse.Namespace) -> int:
 # --- register ------------------------------------------------------------------------------------------------
 
 
-def _add_register(subparsers: argparse._SubParsersAction) -> None:
+def _add_register(subparsers: argparse._SubParsersAction, pre: dict) -> None:
+    gate = pre["registration_gate"]
     p = subparsers.add_parser(
         "register",
         help="register an image to a reference, brain to brain (12-DOF affine or 6-DOF rigid), resample once",
@@ -252,9 +265,17 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dof", type=int, choices=(6, 12), default=12, help="default: 12")
     p.add_argument("--moving-mask", type=Path, help="brain mask of MOVING (default: extracted)")
     p.add_argument("--reference-mask", type=Path, help="brain mask of REFERENCE (see above)")
-    p.add_argument("--backend", choices=REGISTER_BACKENDS, help="registration (default: auto)")
     p.add_argument(
-        "--skull-strip-backend", choices=BACKENDS, help="brain extraction (default: auto)"
+        "--backend",
+        choices=REGISTER_BACKENDS,
+        default=pre["register_backend"],
+        help="registration (default: %(default)s)",
+    )
+    p.add_argument(
+        "--skull-strip-backend",
+        choices=BACKENDS,
+        default=pre["skull_strip_backend"],
+        help="brain extraction (default: %(default)s)",
     )
     p.add_argument("--hdbet-weights", type=Path, help="HD-BET 2 weights folder")
     p.add_argument(
@@ -262,12 +283,21 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         nargs=2,
         metavar=("LOW", "HIGH"),
-        help="quality gate: allowed scales of the affine (default: the config's)",
+        default=gate["scale_range"],
+        help="quality gate: allowed scales of the affine (default: %(default)s)",
     )
     p.add_argument(
-        "--gate-min-correlation", type=float, help="quality gate (default: the config's)"
+        "--gate-min-correlation",
+        type=float,
+        default=gate["min_correlation"],
+        help="quality gate (default: %(default)s)",
     )
-    p.add_argument("--gate-min-brain-dice", type=float, help="quality gate (default: the config's)")
+    p.add_argument(
+        "--gate-min-brain-dice",
+        type=float,
+        default=gate["min_brain_dice"],
+        help="quality gate (default: %(default)s)",
+    )
     p.add_argument(
         "--order", type=int, choices=(0, 1, 3), default=3, help="spline order (default: 3)"
     )
@@ -279,27 +309,22 @@ def _add_register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     import numpy as np
 
     from virtual_contrast.atlas import brain_mask_from_template
     from virtual_contrast.io import load_image, save_image
-    from virtual_contrast.preprocess.options import default_options
+    from virtual_contrast.preprocess.options import GateOptions
     from virtual_contrast.preprocess.register import transform_path_for
     from virtual_contrast.preprocess.registration import select_backend
     from virtual_contrast.preprocess.skull_strip import skull_strip
 
     check_nifti_output(args.out)
-    defaults = default_options().register
-    gate = defaults.gate
-    if args.gate_scale_range is not None:
-        gate = replace(gate, scale_range=tuple(args.gate_scale_range))
-    if args.gate_min_correlation is not None:
-        gate = replace(gate, min_correlation=args.gate_min_correlation)
-    if args.gate_min_brain_dice is not None:
-        gate = replace(gate, min_brain_dice=args.gate_min_brain_dice)
-    engine = select_backend(args.backend or defaults.backend, threads=args.threads)
+    gate = GateOptions(
+        scale_range=tuple(args.gate_scale_range),
+        min_correlation=args.gate_min_correlation,
+        min_brain_dice=args.gate_min_brain_dice,
+    )
+    engine = select_backend(args.backend, threads=args.threads)
     strip = _skull_strip_options(args.skull_strip_backend, args.hdbet_weights)
     with tempfile.TemporaryDirectory(prefix="vc-register-") as tmp:
         moving_mask, reference_mask = args.moving_mask, args.reference_mask

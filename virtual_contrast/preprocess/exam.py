@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
+from virtual_contrast import layout
 from virtual_contrast.atlas import ATLAS_FILES, load_atlas, prepare_atlas
 from virtual_contrast.io import InputError, write_json
 from virtual_contrast.preprocess.adc import adc_from_files
@@ -52,7 +53,7 @@ def exam_atlas(
         if missing:
             raise InputError(
                 f"not an atlas folder (lacks {', '.join(missing)}); the workflow writes one under "
-                "results/atlas/res-<voxel>mm/",
+                f"{layout.atlas_dir('<voxel>')}/",
                 path=folder,
             )
         return folder
@@ -102,22 +103,23 @@ def preprocess_exam(
         ),
     }
 
-    def step(folder: str, name: str) -> Path:
-        return out / folder / f"sub-{subject}_{name}"
+    def files(names: dict[str, str]) -> dict[str, Path]:
+        return {key: Path(path) for key, path in names.items()}
 
-    adc = step("adc", "space-dwi_ADC.nii.gz")
-    b0 = step("adc", "space-dwi_desc-b0_dwi.nii.gz")
+    adc_outputs = files(layout.adc_files(subject, out))
+    adc, b0 = adc_outputs["adc"], adc_outputs["b0"]
     provenance["adc"] = adc_from_files(dwi, bval, adc, b0, subject=subject)
 
-    native_mask = step("skull_strip", "space-T1w_desc-brain_mask.nii.gz")
+    native_mask = files(layout.skull_strip_files(subject, out))["mask"]
     provenance["skull_strip"] = skull_strip(
         t1, native_mask, options.skull_strip, device=device, subject=subject
     )
 
     atlas_folder = exam_atlas(atlas_dir, options, out)
-    registered = {c: step("register", f"space-ICBM09a_{c}.nii.gz") for c in EXAM_CHANNELS}
-    transforms = {c: step("register", f"from-{c}_to-ICBM09a_xfm.txt") for c in EXAM_CHANNELS}
-    brain = step("register", "space-ICBM09a_desc-brain_mask.nii.gz")
+    registered = files(layout.register_files(subject, EXAM_CHANNELS, out))
+    brain = registered.pop("mask")
+    del registered["provenance"]  # the exam's provenance is one file (below)
+    transforms = {c: Path(layout.transform_file(subject, c, out)) for c in EXAM_CHANNELS}
     register = register_subject(
         Path(t1),
         native_mask,
@@ -133,8 +135,7 @@ def preprocess_exam(
     provenance["register"] = register
 
     atlas_mask = atlas_folder / ATLAS_FILES["brain_mask"]
-    cropped = {c: step("crop", f"desc-crop_{c}.nii.gz") for c in EXAM_CHANNELS}
-    cropped["mask"] = step("crop", "desc-brain_mask.nii.gz")
+    cropped = files(layout.crop_files(subject, EXAM_CHANNELS, out))
     provenance["crop"] = crop_images(
         {**registered, "mask": brain},
         cropped,
@@ -143,7 +144,8 @@ def preprocess_exam(
         subject=subject,
     )
 
-    normalized = {c: step("normalize", f"desc-norm_{c}.nii.gz") for c in EXAM_CHANNELS}
+    normalized = files(layout.normalize_files(subject, EXAM_CHANNELS, out))
+    normalized = {c: normalized[c] for c in EXAM_CHANNELS}  # the mask stays with the crop
     ranges = normalize_images(
         {c: cropped[c] for c in EXAM_CHANNELS},
         cropped["mask"],
@@ -153,7 +155,7 @@ def preprocess_exam(
     )
     provenance["normalize"] = ranges
     provenance["seconds"] = round(time.perf_counter() - start, 2)
-    provenance_path = write_json(provenance, out / f"sub-{subject}_provenance.json")
+    provenance_path = write_json(provenance, out / layout.exam_provenance_name(subject))
     log.info(
         "sub-%s: raw exam pre-processed in %.1f s (skull stripping %s, registration %s)",
         subject,

@@ -7,8 +7,8 @@ the whole object in every ``model.pt``, and ``predict`` reads it back from there
 with the model: a model is always fed the way it was trained.
 
 There are no default values here: they live in the config schema (``virtual_contrast/schemas/
-config.schema.yaml``), and :func:`schema_defaults` reads them from there for callers without a config (the
-command line's single steps).
+config.schema.yaml``), and :func:`default_options` builds the options of its defaults for callers without a
+config (the command line's single steps).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass
 from functools import cache
-from importlib import resources
 from typing import Any
 
 from virtual_contrast.io import InputError
@@ -113,26 +112,14 @@ def register_options(values: dict) -> RegisterOptions:
 
 
 @cache
-def schema_defaults() -> dict:
-    """The default config: every default of the config schema, nested as the config is."""
-    import yaml
-
-    text = resources.files("virtual_contrast").joinpath("schemas/config.schema.yaml").read_text()
-    return _defaults(yaml.safe_load(text))
-
-
 def default_options() -> PreprocessOptions:
     """The options of the schema's defaults (for the single-step commands, which have no config)."""
-    return PreprocessOptions.from_config(schema_defaults())
+    from virtual_contrast.config import load_config
+
+    return PreprocessOptions.from_config(load_config())
 
 
 # -- helpers
-def _defaults(schema: dict) -> Any:
-    if schema.get("type") == "object" and "properties" in schema:
-        return {key: _defaults(sub) for key, sub in schema["properties"].items()}
-    return schema.get("default")
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

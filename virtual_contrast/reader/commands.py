@@ -88,7 +88,10 @@ def _reading_lists(args: argparse.Namespace) -> int:
         reference_reader=args.reference_reader,
         seed=args.seed,
     )
-    if args.image_pattern and args.image_format in ("nifti", "both"):
+    image_format = args.image_format
+    if image_format == "auto":  # as the workflow: both for DICOM exams, else NIfTI
+        image_format = "both" if args.dicom_source else "nifti"
+    if args.image_pattern and image_format in ("nifti", "both"):
         export_reading_images(
             lists,
             args.out,
@@ -96,7 +99,7 @@ def _reading_lists(args: argparse.Namespace) -> int:
             pre_pattern=args.pre_pattern,
             flair_pattern=args.flair_pattern,
         )
-    if args.image_pattern and args.image_format in ("dicom", "both"):
+    if args.image_pattern and image_format in ("dicom", "both"):
         from virtual_contrast.dicom.deid import export_reading_dicom
 
         export_reading_dicom(
@@ -182,7 +185,9 @@ def _demographics(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add this area's subcommands."""
+    """Add this area's subcommands (defaults from the config schema, as the workflow's)."""
+    from virtual_contrast.config import schema_defaults
+
     p = subparsers.add_parser(
         "reader-stats",
         help="lesion detection, image quality and reading-time statistics of a reader study (Table 5)",
@@ -207,8 +212,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--thresholds",
         type=float,
         nargs="+",
-        default=[0.0, 2.5, 5.0, 7.5, 10.0],
-        help="minimum long axes (mm) of the nested size classes",
+        default=schema_defaults("reader_study", "thresholds"),
+        help="minimum long axes (mm) of the nested size classes (default: %(default)s)",
     )
     p.add_argument(
         "--matching",
@@ -235,7 +240,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--reference-reader", help="reader who also reads every ref-T1c, in a last phase"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=schema_defaults("split", "seed"),
+        help="default: %(default)s (the workflow draws the lists with the config's split.seed)",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder handed to the readers")
     p.add_argument(
         "--key",
@@ -258,10 +268,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--image-format",
-        choices=("nifti", "dicom", "both"),
-        default="nifti",
+        choices=("auto", "nifti", "dicom", "both"),
+        default=schema_defaults("reader_study", "image_format"),
         help="copy the images as NIfTI, as de-identified DICOM series (<reader>/phase-<k>/<case_id>/post/, "
-        "pre/; for any DICOM viewer), or both",
+        "pre/; for any DICOM viewer), or both; auto (default): both with --dicom-source, else NIfTI",
     )
     p.add_argument(
         "--dicom-source",

@@ -33,12 +33,13 @@ import numpy as np
 import pandas as pd
 
 from virtual_contrast.io import InputError, load_image, save_image, write_table
+from virtual_contrast.layout import READING_KEY
 
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("case_id", "reader", "phase", "order", "patient", "modality")
 # The workflow writes the key beside the readers' folder: results/reader_study/{reading_key.tsv,reading_lists/}.
-KEY_NAME = "reading_key.tsv"
+KEY_NAME = READING_KEY
 # The images of one case in the readers' folder: the post-contrast image to read and the series shown beside it.
 CASE_IMAGE = "{case_id}.nii.gz"
 COMPANION_IMAGES = {"T1": "{case_id}_T1.nii.gz", "FLAIR": "{case_id}_FLAIR.nii.gz"}

@@ -33,6 +33,7 @@ import pandas as pd
 
 from virtual_contrast.annotations import LESION_COLUMNS, READ_COLUMNS
 from virtual_contrast.io import InputError, atomic_path, write_json
+from virtual_contrast.layout import READINGS
 from virtual_contrast.reader.protocol import CASE_IMAGE, COMPANION_IMAGES, case_folder, load_key
 from virtual_contrast.reader.slicer import LineMarkup, lines_to_lesions
 
@@ -42,7 +43,7 @@ LESIONS_FILE = "lesions.csv"
 READS_FILE = "reads.csv"
 SESSIONS_FOLDER = "sessions"
 # Where `virtual-contrast read` writes by default, beside the reading lists (the key's folder in the workflow).
-DEFAULT_READINGS_FOLDER = "readings"
+DEFAULT_READINGS_FOLDER = READINGS
 QUALITY_GRADES = (1, 2, 3, 4, 5)
 MAX_READING_TIME_S = 24 * 3600.0
 

@@ -24,6 +24,7 @@ from virtual_contrast.annotations import (
     validate_reads,
 )
 from virtual_contrast.io import InputError, write_table, write_text
+from virtual_contrast.layout import READER_STATS_FILES
 from virtual_contrast.matching import MatchRule
 from virtual_contrast.reader.detection import (
     DEFAULT_THRESHOLDS,
@@ -66,11 +67,12 @@ def reader_stats(
         "quality": grade_table(reads, "quality"),
         "reading_times": grade_table(reads, "reading_time_s"),
     }
-    out_dir = Path(out_dir)
+    out_dir, names = Path(out_dir), READER_STATS_FILES
     for name, table in tables.items():
-        write_table(table, out_dir / f"{name}.tsv")
-    write_text(table5_markdown(tables["detection"], tables["comparisons"]), out_dir / "table5.md")
-    write_text(table5_html(tables["detection"], tables["comparisons"]), out_dir / "table5.html")
+        write_table(table, out_dir / names[name])
+    detection, comparisons = tables["detection"], tables["comparisons"]
+    write_text(table5_markdown(detection, comparisons), out_dir / names["table5_md"])
+    write_text(table5_html(detection, comparisons), out_dir / names["table5"])
     log.info(
         "reader statistics: reference reader %s, %d evaluated reads, written to %s",
         reference_reader,
