@@ -11,22 +11,15 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from workflow_helpers import REPO, job_counts, snakemake
+from workflow_helpers import job_counts, snakemake, tiny_study
 
-from virtual_contrast.config import load_config
 from virtual_contrast.evaluate.lesions import READ_MODALITIES
-from virtual_contrast.workflow import plan_study
 
 pytestmark = pytest.mark.slow
 
 
-def _study():
-    config = load_config(REPO / "tests/tiny.yaml")
-    return plan_study(config)
-
-
 def test_the_froc_and_its_operating_point_come_from_the_training_subjects(tiny_run):
-    study = _study()
+    study = tiny_study()
     tables = tiny_run / "results" / "tables"
     froc = pd.read_csv(tables / "detector_froc.tsv", sep="\t")
     assert set(froc["size_bin"]) == {"[0, 5)", "[5, 10)", "[10, inf)", "all"}
@@ -46,7 +39,7 @@ def test_the_froc_and_its_operating_point_come_from_the_training_subjects(tiny_r
 def test_changing_a_test_subject_never_moves_the_operating_point(tiny_run, tmp_path):
     work = tmp_path / "run"
     shutil.copytree(tiny_run, work, symlinks=True)
-    study = _study()
+    study = tiny_study()
 
     def rerun_after_changing(subject):
         path = (
@@ -73,7 +66,7 @@ def test_changing_a_test_subject_never_moves_the_operating_point(tiny_run, tmp_p
 
 
 def test_detections_label_images_and_overlays_of_the_test_subjects(tiny_run):
-    study = _study()
+    study = tiny_study()
     for subject in study.subjects:
         folder = tiny_run / "results" / f"sub-{subject}" / "lesions"
         table = pd.read_csv(
@@ -94,7 +87,7 @@ def test_detections_label_images_and_overlays_of_the_test_subjects(tiny_run):
 
 
 def test_table5_with_the_truth_as_reference_lists_the_true_lesions_of_the_test_patients(tiny_run):
-    study = _study()
+    study = tiny_study()
     truth = pd.read_csv(
         tiny_run / "results" / "cohort" / "lesions.tsv", sep="\t", dtype={"subject": str}
     )

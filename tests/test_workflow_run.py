@@ -12,22 +12,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage
-from workflow_helpers import REPO, job_counts, snakemake
+from workflow_helpers import REPO, job_counts, snakemake, tiny_study
 
 from virtual_contrast.config import load_config
 from virtual_contrast.layout import NATIVE_SPACE, exam_work_name, normalize_files, predicted_name
-from virtual_contrast.workflow import plan_study
 
 pytestmark = pytest.mark.slow
 
 
-def _study():
-    config = load_config(REPO / "tests/tiny.yaml")
-    return plan_study(config)
-
-
 def test_every_subject_is_preprocessed_with_its_qc_and_provenance(tiny_run):
-    study = _study()
+    study = tiny_study()
     assert study.subjects
     crop = [40, 48, 40]
     for subject in study.subjects:
@@ -59,7 +53,7 @@ def test_every_subject_is_preprocessed_with_its_qc_and_provenance(tiny_run):
 def test_training_reads_its_declared_inputs_and_no_test_subject(tiny_run):
     """What each fold's training read (its log lists every file), against what the train rule declares
     (the normalised volumes of the training subjects): the same files, and nothing of a test subject."""
-    study = _study()
+    study = tiny_study()
     config = load_config(REPO / "tests/tiny.yaml")
     keys = [*config["model"]["channels"], "refT1c"]
     declared = {
@@ -86,8 +80,8 @@ def test_every_atlas_space_brain_mask_agrees_with_the_atlas_brain_mask(tiny_run)
         > 0
     )
     quality = pd.read_csv(tiny_run / "results/tables/registration_quality.tsv", sep="\t")
-    assert sorted(quality["subject"]) == sorted(_study().subjects) and quality["passed"].all()
-    for subject in _study().subjects:
+    assert sorted(quality["subject"]) == sorted(tiny_study().subjects) and quality["passed"].all()
+    for subject in tiny_study().subjects:
         path = (
             tiny_run
             / f"results/sub-{subject}/register/sub-{subject}_space-ICBM09a_desc-brain_mask.nii.gz"
@@ -106,7 +100,7 @@ def test_exclusions_are_listed_with_their_reason(tiny_run):
     assert table["reason"].str.len().min() > 10
     assert (tiny_run / "results/figures/flowchart.png").exists()
     truth = pd.read_csv(tiny_run / "results/cohort/lesions.tsv", sep="\t")
-    assert set(truth["subject"]) == set(_study().subjects)
+    assert set(truth["subject"]) == set(tiny_study().subjects)
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
@@ -116,7 +110,7 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 def test_a_changed_raw_file_reruns_only_that_subject_and_the_aggregates(tiny_run, tmp_path):
     work = _copy_run(tiny_run, tmp_path / "run")
-    study = _study()
+    study = tiny_study()
     subject = study.test_subjects[0]
     raw = Path(work / study.raw_inputs(subject)["t1"])
     img = nib.load(raw)
@@ -136,7 +130,7 @@ def test_a_changed_raw_file_reruns_only_that_subject_and_the_aggregates(tiny_run
 
 def test_a_corrupt_raw_file_fails_that_subject_only_naming_subject_and_file(tiny_run, tmp_path):
     work = _copy_run(tiny_run, tmp_path / "run")
-    study = _study()
+    study = tiny_study()
     subject = study.subjects[0]
     raw = Path(work / study.raw_inputs(subject)["flair"])
     blob = raw.read_bytes()
@@ -161,7 +155,7 @@ def test_a_corrupt_raw_file_fails_that_subject_only_naming_subject_and_file(tiny
 
 
 def test_vir_t1c_is_written_for_every_test_subject_in_atlas_and_native_space(tiny_run):
-    study = _study()
+    study = tiny_study()
     for subject in study.test_subjects:
         base = tiny_run / "results" / f"sub-{subject}" / "predict"
         atlas = nib.load(base / f"sub-{subject}_space-ICBM09a_desc-virtual_T1c.nii.gz")
@@ -193,7 +187,7 @@ def test_predict_command_on_a_raw_exam_repeats_the_workflow(tiny_run, tmp_path):
     """`virtual-contrast predict` on one raw exam runs the same chain as the workflow: same vir-T1c."""
     from virtual_contrast.cli import main as cli_main
 
-    study = _study()
+    study = tiny_study()
     subject = study.test_subjects[0]
     raw = {key: tiny_run / path for key, path in study.raw_inputs(subject).items()}
     out = tmp_path / "exam"
@@ -262,7 +256,9 @@ def _max_concurrent_gpu_jobs(log: str) -> tuple[int, int]:
 def test_a_workstation_with_one_gpu_never_runs_two_gpu_jobs_at_once(tiny_run):
     log = (tiny_run / "snakemake_run.log").read_text()
     most, seen = _max_concurrent_gpu_jobs(log)
-    assert seen == 2 + len(_study().test_subjects)  # 2 train folds + one predict per test subject
+    assert seen == 2 + len(
+        tiny_study().test_subjects
+    )  # 2 train folds + one predict per test subject
     assert most == 1
 
 

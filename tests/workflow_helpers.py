@@ -57,3 +57,11 @@ def job_counts(snakemake_output: str) -> dict[str, int]:
         if m.group(1) != "total":
             counts[m.group(1)] = int(m.group(2))
     return counts
+
+
+def tiny_study():
+    """The study of the tiny workflow (tests/tiny.yaml over the defaults), as its parse plans it."""
+    from virtual_contrast.config import load_config
+    from virtual_contrast.workflow import plan_study
+
+    return plan_study(load_config(REPO / "tests/tiny.yaml"))

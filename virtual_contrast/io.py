@@ -154,12 +154,7 @@ def staged_folder(out_dir: Path | str) -> Iterator[Path]:
     stage = _create_unique(out_dir, ".staging-", "", directory=True)
     try:
         yield stage
-        for item in sorted(stage.iterdir()):
-            target = out_dir / item.name
-            if item.is_dir() and target.is_dir():
-                _merge_folder(item, target)
-            else:
-                os.replace(item, target)
+        _merge_folder(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if created and out_dir.exists() and not any(out_dir.iterdir()):
