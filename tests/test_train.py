@@ -200,6 +200,19 @@ def test_residual_output_trains_and_round_trips(toy, tmp_path):
         dataclasses.replace(cfg, channels=("T1w", "FLAIR"))
 
 
+def test_enhancement_output_trains_and_round_trips(toy, tmp_path):
+    cfg = dataclasses.replace(TINY, epochs=3, output="enhancement", channels=("T1w", "lowT1c"))
+    assert (cfg.spec.residual_channel, cfg.spec.precontrast_channel) == (1, 0)
+    model_path = train_fold(toy[:3], toy[3:5], tmp_path, cfg)
+    model, ckpt = load_model(model_path)
+    assert ckpt["spec"]["output"] == "enhancement" and model.spec.precontrast_channel == 0
+    assert model.head.out_channels == 2
+    log = _log(tmp_path)
+    assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0]
+    with pytest.raises(InputError, match="needs the pre-contrast T1w"):
+        dataclasses.replace(cfg, channels=("FLAIR", "lowT1c"))
+
+
 def test_config_validation():
     assert TrainConfig.from_dict({"epochs": 3, "channels": ["T1w", "lowT1c"]}).spec.in_channels == 2
     with pytest.raises(InputError, match="unknown training option"):

@@ -49,8 +49,37 @@ def test_residual_output_starts_from_the_low_dose_input():
     torch.testing.assert_close(y, x[:, 2:3].clamp(1e-3, 1 - 1e-3))
     with pytest.raises(InputError, match="needs the low-dose T1c"):
         UNetSpec(in_channels=3, output="residual")
-    with pytest.raises(InputError, match="'direct' or 'residual'"):
+    with pytest.raises(InputError, match="UNet output must be one of"):
         UNetSpec(output="skip")
+
+
+def test_enhancement_output_scales_the_low_dose_enhancement():
+    spec = UNetSpec(
+        in_channels=3,
+        width=4,
+        depth=2,
+        output="enhancement",
+        residual_channel=2,
+        precontrast_channel=0,
+    )
+    model = UNet3D(spec).eval()
+    x = torch.rand(2, 3, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x[:, 2:3])  # zero head: the low-dose input
+        # gain 1, offset 0: low + 3 (low - pre), the full dose if enhancement is linear in the dose
+        model.head.bias.copy_(torch.tensor([1.0, 0.0]))
+        low, pre = x[:, 2:3], x[:, 0:1]
+        torch.testing.assert_close(model(x), (low + 3 * (low - pre)).clamp(0, 1))
+        assert (
+            float(model(x).min()) == 0.0 and float(model(x).max()) == 1.0
+        )  # clamped outside training
+        assert (
+            float(model.train()(x).min()) < 0
+        )  # not while training: the gradient must reach every voxel
+    with pytest.raises(InputError, match="needs the pre-contrast T1w"):
+        UNetSpec(in_channels=3, output="enhancement", residual_channel=2)
+    with pytest.raises(InputError, match="needs the low-dose T1c"):
+        UNetSpec(in_channels=3, output="enhancement", precontrast_channel=0)
 
 
 def test_input_channels_follow_the_spec():

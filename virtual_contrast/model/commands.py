@@ -22,6 +22,7 @@ from virtual_contrast.layout import (
     parse_name,
     predicted_name,
 )
+from virtual_contrast.model.config import UNET_OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--loss-region", choices=["volume", "brain"])
     p.add_argument(
-        "--output", choices=["direct", "residual"], help="network output (paper: direct; see docs)"
+        "--output", choices=list(UNET_OUTPUTS), help="network output (paper: direct; see docs)"
     )
     p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
     p.add_argument(

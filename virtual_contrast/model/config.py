@@ -18,6 +18,9 @@ from virtual_contrast.io import InputError
 DEFAULT_CHANNELS: tuple[str, ...] = ("ADC", "FLAIR", "T1w", "lowT1c")
 #: Every channel name a model may take as input.
 INPUT_CHANNELS: tuple[str, ...] = ("ADC", "FLAIR", "T1w", "lowT1c")
+#: How the network's head becomes the output (see virtual_contrast.model.unet): the paper's sigmoid, a
+#: correction of the low-dose image's logit, or a gain of the low-dose enhancement plus an offset.
+UNET_OUTPUTS = ("direct", "residual", "enhancement")
 LR_SCHEDULES = ("constant", "poly")  # see virtual_contrast.model.schedule
 NEGATIVE_SLOPE = 0.2  # of every LeakyReLU of the UNet
 #: Keys of the workflow config's ``train`` section that are the job's cluster resources, not training options.
@@ -44,19 +47,29 @@ class UNetSpec:
     depth: int = 5
     out_channels: int = 1
     negative_slope: float = NEGATIVE_SLOPE
-    output: str = "direct"  # "direct" (the paper) | "residual" (on the logit of the low-dose input)
+    output: str = "direct"  # one of UNET_OUTPUTS; see virtual_contrast.model.unet
     residual_channel: int | None = (
-        None  # index of the low-dose input channel, for output="residual"
+        None  # index of the low-dose input channel, for output="residual" or "enhancement"
     )
+    precontrast_channel: int | None = None  # index of the pre-contrast T1, for output="enhancement"
 
     def __post_init__(self) -> None:
-        if self.output not in ("direct", "residual"):
-            raise InputError(f"UNet output must be 'direct' or 'residual', got {self.output!r}")
-        if self.output == "residual" and not (
+        if self.output not in UNET_OUTPUTS:
+            raise InputError(f"UNet output must be one of {UNET_OUTPUTS}, got {self.output!r}")
+        if self.output == "enhancement" and not (
+            self.precontrast_channel is not None
+            and 0 <= self.precontrast_channel < self.in_channels
+            and self.out_channels == 1
+        ):
+            raise InputError(
+                "an enhancement UNet output needs the pre-contrast T1w among the input channels and one "
+                f"output (precontrast_channel={self.precontrast_channel}, {self.in_channels} inputs)"
+            )
+        if self.output != "direct" and not (
             self.residual_channel is not None and 0 <= self.residual_channel < self.in_channels
         ):
             raise InputError(
-                "a residual UNet output needs the low-dose T1c among the input channels "
+                f"a {self.output} UNet output needs the low-dose T1c among the input channels "
                 f"(residual_channel={self.residual_channel}, {self.in_channels} inputs)"
             )
 
@@ -86,7 +99,7 @@ class TrainConfig:
     grad_clip: float = 12.0  # max gradient norm (nnU-Net's 12); 0 = off (see train_step)
     divergence_guard: float = 3.0  # undo an epoch whose loss exceeds this x the best; 0 = off
     seed: int = 0
-    output: str = "direct"  # "direct" (the paper) | "residual" (see virtual_contrast.model.unet)
+    output: str = "direct"  # "direct" (the paper) | "residual" | "enhancement" (see model.unet)
     loss_region: str = "volume"  # "volume" | "brain"
     augment: bool = True
     tune_every: int = 1
@@ -148,10 +161,12 @@ class TrainConfig:
     @property
     def spec(self) -> UNetSpec:
         low = self.channels.index("lowT1c") if "lowT1c" in self.channels else None
+        pre = self.channels.index("T1w") if "T1w" in self.channels else None
         return UNetSpec(
             in_channels=len(self.channels),
             width=self.width,
             depth=self.depth,
             output=self.output,
-            residual_channel=low if self.output == "residual" else None,
+            residual_channel=low if self.output != "direct" else None,
+            precontrast_channel=pre if self.output == "enhancement" else None,
         )

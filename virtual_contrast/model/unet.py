@@ -17,6 +17,18 @@ a study on the demo cohort (9 training and 3 test subjects, down-sampled to 40×
 Adam lr 1e-3) the residual output reached the low-dose image's brain PSNR (29.7 dB against the reference)
 within 80 steps and 30.2 dB at 320 steps, while the paper's direct output was at 17.0 dB after 320 steps (17.3
 dB with lr 3e-3). Use it when the training budget is far below the paper's 300 epochs × 85 subjects.
+
+``output="enhancement"`` (not in the paper) has a two-channel head, a gain ``g`` and an offset ``b``, and
+outputs ``low + ENHANCEMENT_GAIN_SCALE · g · (low − pre) + b`` (``low`` the low-dose input, ``pre`` the
+pre-contrast T1), clamped to [0, 1] outside training. Gadolinium's T1 shortening grows about linearly with the
+dose over this range, so a full dose enhances about four times as much as a quarter dose: with the scale 3
+(= 4 − 1), ``g = 1`` is "scale the low-dose enhancement to full dose", and ``g`` carries what the tissue and
+the delay between the two series change. The enhancement's edges then come from the low-dose image itself
+instead of being redrawn by the decoder: the residual output blurred thin enhancing structures (veins, rims)
+by about a voxel, so enhancement leaked onto the neighbouring voxels and the enhancement ROC AUC fell below the
+low-dose image's. Chosen on the demo's training patients only (out-of-fold predictions of each fold's tuning
+patients, 12 patients, 3 folds, 250 epochs): against the residual output SSIM 99.30 → 99.42 %, PSNR 33.4 →
+34.1 dB, AUC 99.88 → 99.93 % (the low dose: 98.87 %, 29.3 dB, 99.96 %).
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ from virtual_contrast.model.config import UNetSpec
 INITIAL_OUTPUT = 0.1
 #: The low-dose input is clamped to [eps, 1 - eps] before its logit is taken (output="residual").
 RESIDUAL_EPS = 1e-3
+#: Full dose / quarter dose - 1: with output="enhancement", gain 1 scales the low-dose enhancement to full dose.
+ENHANCEMENT_GAIN_SCALE = 3.0
 
 
 def _conv3(cin: int, cout: int) -> nn.Conv3d:
@@ -114,16 +128,18 @@ class UNet3D(nn.Module):
             DecoderLevel(widths[level + 1], widths[level], negative_slope=slope)
             for level in range(spec.depth - 1)
         )
-        self.head = nn.Conv3d(widths[0], spec.out_channels, kernel_size=1)
+        # output="enhancement": the head gives a gain and an offset (both 0 at start: output = low-dose input).
+        head_channels = 2 if spec.output == "enhancement" else spec.out_channels
+        self.head = nn.Conv3d(widths[0], head_channels, kernel_size=1)
         # The head starts at zero weights and a constant output of INITIAL_OUTPUT. With PyTorch's default
         # initialisation the first Adam steps drive the many zero background voxels, through the unbounded
         # LeakyReLU features of an un-normalised network, to logits of -1e3 and beyond: the sigmoid saturates,
         # every gradient becomes exactly zero and the network outputs 0 for ever (seen with lr 1e-3 and 1e-4
         # on toy data). Starting from a constant output keeps the features small until the head has learnt
         # which of them matter.
-        # With the residual output, zero head means "output = low-dose input".
+        # With the residual and enhancement outputs, zero head means "output = low-dose input".
         nn.init.zeros_(self.head.weight)
-        bias = 0.0 if spec.output == "residual" else math.log(INITIAL_OUTPUT / (1 - INITIAL_OUTPUT))
+        bias = 0.0 if spec.output != "direct" else math.log(INITIAL_OUTPUT / (1 - INITIAL_OUTPUT))
         nn.init.constant_(self.head.bias, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +166,13 @@ class UNet3D(nn.Module):
         )
         with fp32:
             logits = self.head(x.float())
+        if self.spec.output == "enhancement":
+            c, p = self.spec.residual_channel, self.spec.precontrast_channel
+            low, pre = inputs[:, c : c + 1].float(), inputs[:, p : p + 1].float()
+            gain, offset = logits[:, 0:1], logits[:, 1:2]
+            out = low + ENHANCEMENT_GAIN_SCALE * gain * (low - pre) + offset
+            # No clamp while training: a clamped voxel would get no gradient to come back into range.
+            return out if self.training else out.clamp(0.0, 1.0)
         if self.spec.output == "residual":
             c = self.spec.residual_channel
             low = inputs[:, c : c + 1].float().clamp(RESIDUAL_EPS, 1 - RESIDUAL_EPS)
