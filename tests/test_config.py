@@ -171,7 +171,7 @@ def test_config_yaml_documents_every_key_with_the_schema_default():
 def test_load_config_merges_overlays_as_snakemake_does(tmp_path):
     tiny = load_config(REPO / "tests/tiny.yaml")
     assert (
-        tiny["model"]["width"] == 4 and tiny["model"]["output"] == "residual"
+        tiny["model"]["width"] == 4 and tiny["model"]["output"] == "enhancement"
     )  # untouched key kept
     assert tiny["grid"] == {"voxel_mm": 4.0, "crop_shape": [40, 48, 40]}
     paper = load_config(
