@@ -20,10 +20,10 @@ dB with lr 3e-3). Use it when the training budget is far below the paper's 300 e
 
 ``output="enhancement"`` (not in the paper) has a two-channel head, a gain ``g`` and an offset ``b``, and
 outputs ``low + ENHANCEMENT_GAIN_SCALE · g · (low − pre) + b`` (``low`` the low-dose input, ``pre`` the
-pre-contrast T1), clamped to [0, 1] outside training. Gadolinium's T1 shortening grows about linearly with the
-dose over this range, so a full dose enhances about four times as much as a quarter dose: with the scale 3
-(= 4 − 1), ``g = 1`` is "scale the low-dose enhancement to full dose", and ``g`` carries what the tissue and
-the delay between the two series change. The enhancement's edges then come from the low-dose image itself
+pre-contrast T1), clamped to [0, 1] outside training. Gadolinium's relaxation rate grows linearly with its
+concentration (R1 = R1₀ + r1·C), so to first order a full dose enhances four times as much as a quarter dose:
+with the scale 3 (= 4 − 1), ``g = 1`` is that first-order guess, and ``g`` learns what the signal's
+non-linearity, the tissue and the delay between the two series change. The enhancement's edges then come from the low-dose image itself
 instead of being redrawn by the decoder: the residual output blurred thin enhancing structures (veins, rims)
 by about a voxel, so enhancement leaked onto the neighbouring voxels and the enhancement ROC AUC fell below the
 low-dose image's. Chosen on the demo's training patients only (out-of-fold predictions of each fold's tuning
