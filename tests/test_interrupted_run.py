@@ -28,6 +28,10 @@ PREPROCESSING = {"atlas", "cohort", "adc", "register", "skull_strip", "crop", "n
 FOLD_OUTPUTS = ("model.pt", "train_log.tsv", "loss_curve.png")
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(work: Path, ready: Path, log: Path) -> int:
     """Run the workflow in its own process group and send it SIGINT (what Ctrl-C in a terminal sends to the
     foreground group: Snakemake and its running jobs) as soon as ``ready`` exists; the exit status."""
@@ -38,6 +42,9 @@ def _interrupt_when(work: Path, ready: Path, log: Path) -> int:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # A suite started in the background (`make test &`, nohup, some CI runners) inherits SIGINT ignored,
+            # and Python then never installs its Ctrl-C handler: give the workflow the terminal's default.
+            preexec_fn=_default_sigint,
         )
         try:
             deadline = time.monotonic() + 600
