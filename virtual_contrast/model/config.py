@@ -62,14 +62,14 @@ class UNetSpec:
             and self.out_channels == 1
         ):
             raise InputError(
-                "an enhancement UNet output needs the pre-contrast T1w among the input channels and one "
+                "the enhancement UNet output needs the pre-contrast T1w among the input channels and one "
                 f"output (precontrast_channel={self.precontrast_channel}, {self.in_channels} inputs)"
             )
         if self.output != "direct" and not (
             self.residual_channel is not None and 0 <= self.residual_channel < self.in_channels
         ):
             raise InputError(
-                f"a {self.output} UNet output needs the low-dose T1c among the input channels "
+                f"the {self.output} UNet output needs the low-dose T1c among the input channels "
                 f"(residual_channel={self.residual_channel}, {self.in_channels} inputs)"
             )
 
@@ -99,7 +99,7 @@ class TrainConfig:
     grad_clip: float = 12.0  # max gradient norm (nnU-Net's 12); 0 = off (see train_step)
     divergence_guard: float = 3.0  # undo an epoch whose loss exceeds this x the best; 0 = off
     seed: int = 0
-    output: str = "direct"  # "direct" (the paper) | "residual" | "enhancement" (see model.unet)
+    output: str = "direct"  # one of UNET_OUTPUTS; "direct" is the paper's (see model.unet)
     loss_region: str = "volume"  # "volume" | "brain"
     augment: bool = True
     tune_every: int = 1
