@@ -53,7 +53,7 @@ def test_unknown_or_missing_keys_are_named():
 
 def test_defaults_come_from_the_schema():
     defaults = schema_defaults()
-    assert defaults["preprocess"]["registration_gate"]["min_brain_dice"] == 0.8
+    assert defaults["preprocess"]["registration_gate"]["min_brain_dice"] == 0.9
     assert default_options().skull_strip.backend == defaults["preprocess"]["skull_strip_backend"]
 
 

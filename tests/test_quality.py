@@ -9,7 +9,7 @@ from scipy.spatial.transform import Rotation
 from virtual_contrast.preprocess import quality
 from virtual_contrast.preprocess.options import GateOptions, default_options
 
-GATE = GateOptions(scale_range=(0.67, 1.5), min_correlation=0.2, min_brain_dice=0.8)
+GATE = GateOptions(scale_range=(0.67, 1.5), min_correlation=0.2, min_brain_dice=0.9)
 
 
 def _affine(linear: np.ndarray) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_correlation_and_dice_limits():
     figures = {"scales": [1.0, 1.0, 1.0], "correlation": 0.1, "brain_dice": 0.5}
     failures = quality.gate_failures(figures, GATE)
     assert any("correlation with the template 0.10 is below 0.2" in f for f in failures)
-    assert any("Dice with the atlas brain mask 0.50 is below 0.8" in f for f in failures)
+    assert any("Dice with the atlas brain mask 0.50 is below 0.9" in f for f in failures)
     figures["correlation"] = float("nan")
     assert any("correlation" in f for f in quality.gate_failures(figures, GATE))
     assert (
@@ -59,6 +59,13 @@ def test_correlation_and_dice_limits():
         )
         == []
     )
+    # A cohort head registered 36 degrees off (2.5 mm): its correlation is that of a right real head, only
+    # its brain Dice tells (it passed the earlier minimum of 0.8).
+    off = {"scales": [1.29, 1.172, 0.999], "correlation": 0.4423, "brain_dice": 0.874}
+    assert [f for f in quality.gate_failures(off, GATE) if "Dice" in f] == quality.gate_failures(
+        off, GATE
+    )
+    assert len(quality.gate_failures(off, GATE)) == 1
 
 
 def test_correlation_is_over_the_atlas_brain_with_the_subject_masked():
