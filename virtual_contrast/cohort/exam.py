@@ -104,7 +104,7 @@ def make_exam(
     seed: int,
     atlas: Atlas | None = None,
     model: HeadModel | None = None,
-    native_voxel_mm: float = 2.5,
+    native_voxel_mm: float = 2.0,
     deformation_mm: float = 4.0,
     lesions_per_subject: tuple[int, int] = (1, 4),
     lesion_free_fraction: float = 0.3,

@@ -52,7 +52,7 @@ def make_cohort(
     n: int,
     seed: int,
     atlas: Atlas,
-    native_voxel_mm: float = 2.5,
+    native_voxel_mm: float = 2.0,
     extra_visits: int = 1,
     missing_sequence: int = 1,
     lesions_per_subject: tuple[int, int] = (1, 4),

@@ -49,9 +49,9 @@ OUTLINE_START_ROTATIONS_DEG = (
 )
 #: The rotated start with the lowest final metric replaces the unrotated one only when that metric is below
 #: this fraction of the unrotated one's: starts that reach the same pose end within a factor of 1.6 of each
-#: other (vc015 at 2.5 mm: 0.00041-0.00063). In the demo cohort (2.5 mm) three of 20 heads take a rotated
-#: start's pose (vc011; vc009 and vc018, whose final registrations barely move); at 2 mm one (vc009: 0.0011 ->
-#: 0.00049, correlation and brain Dice unchanged to 4 decimals).
+#: other (vc015 at 2.5 mm: 0.00041-0.00063). In the demo cohort (2 mm) one head of 20 takes a rotated
+#: start's pose (vc009: 0.0011 -> 0.00049, its final correlation and brain Dice unchanged to 4 decimals); at
+#: 2.5 mm three (vc011, and vc009 and vc018, whose final registrations barely move).
 OUTLINE_SWITCH_FRACTION = 0.5
 
 
