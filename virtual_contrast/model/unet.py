@@ -26,9 +26,10 @@ with the scale 3 (= 4 − 1), ``g = 1`` is that first-order guess, and ``g`` lea
 non-linearity, the tissue and the delay between the two series change. The enhancement's edges then come from
 the low-dose image itself instead of being redrawn by the decoder: the residual output blurred thin enhancing
 structures (veins, rims) by about a voxel, so enhancement leaked onto the neighbouring voxels and the
-enhancement ROC AUC fell further below the low-dose image's. Chosen on the demo's training patients only (out-of-fold predictions of each fold's tuning
-patients, 12 patients, 3 folds, 250 epochs): against the residual output SSIM 99.30 → 99.42 %, PSNR 33.4 →
-34.1 dB, AUC 99.88 → 99.93 % (the low dose: 98.87 %, 29.3 dB, 99.96 %).
+enhancement ROC AUC fell further below the low-dose image's. Chosen on the demo's training patients only
+(out-of-fold predictions of each fold's tuning patients, 12 patients, 3 folds, 250 epochs): against the
+residual output SSIM 99.30 → 99.42 %, PSNR 33.4 → 34.1 dB, AUC 99.88 → 99.93 % (the low dose: 98.87 %,
+29.3 dB, 99.96 %).
 """
 
 from __future__ import annotations

@@ -292,7 +292,6 @@ class SimpleITKBackend:
         are each optimised briefly (12 DOF) and the best final metric wins.
         """
         import SimpleITK as sitk
-        from scipy.spatial.transform import Rotation
 
         t0 = time.perf_counter()
         spacing = max(self.search_mm, 2.0 * float(voxel_sizes(reference.affine).min()))
@@ -319,8 +318,6 @@ class SimpleITKBackend:
             centre = _centre_of_mass_world(binary, fixed_img.affine)
         else:
             centre = _centre_of_mass_world(np.asanyarray(fixed_img.dataobj), fixed_img.affine)
-        to_centre, from_centre = np.eye(4), np.eye(4)
-        to_centre[:3, 3], from_centre[:3, 3] = centre, -centre
 
         def method():
             reg = self._method()
@@ -337,9 +334,7 @@ class SimpleITKBackend:
 
         candidates = []
         for angles in itertools.product(range(-30, 31, 10), (-10, 0, 10), (-10, 0, 10)):
-            rot = np.eye(4)
-            rot[:3, :3] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
-            matrix = initial @ to_centre @ rot @ from_centre
+            matrix = initial @ _rotation_about(angles, centre)
             candidates.append((evaluate(matrix), angles, matrix))
         candidates.sort(key=lambda c: c[0])
         starts = candidates[: self.search_keep]
@@ -516,10 +511,10 @@ def _rotation_about(angles_deg: tuple[float, float, float], centre_ras: np.ndarr
     """4×4 RAS matrix of the rotation by Euler angles (x, y, z; degrees) about ``centre_ras``."""
     from scipy.spatial.transform import Rotation
 
-    out = np.eye(4)
-    out[:3, :3] = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix()
-    out[:3, 3] = np.asarray(centre_ras, float) - out[:3, :3] @ np.asarray(centre_ras, float)
-    return out
+    rotation, to_centre, from_centre = np.eye(4), np.eye(4), np.eye(4)
+    rotation[:3, :3] = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix()
+    to_centre[:3, 3], from_centre[:3, 3] = centre_ras, -np.asarray(centre_ras, float)
+    return to_centre @ rotation @ from_centre
 
 
 def _centre_of_mass_world(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
