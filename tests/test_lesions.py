@@ -148,6 +148,31 @@ def test_on_a_4mm_grid_a_10mm_nodule_is_kept_and_a_vessel_rejected():
     )
 
 
+def test_a_nodule_touching_a_sinus_in_the_prior_stays_a_lesion_of_its_own():
+    """A 20 mm nodule (enhancement 0.35) touching a brighter sinus (0.8) through a bright bridge: without the
+    prior the two are one object, whose half-maximum core is the sinus alone, so the nodule has no candidate;
+    with the sinus in the prior, objects do not cross the prior's edge and the nodule is found (on the cohort
+    at 2.5 mm a 29 mm nodule was lost this way)."""
+    affine, world = grid(2.0)
+    pre, post, mask = brain(world, 2.0)
+    sinus = tube(world, (-8.0, 0.0, 0.0), (0, 1, 0), 6.0, 50.0, 2.0)
+    nodule = ball(world, (5.0, 0.0, 0.0), 20.0, 2.0)
+    post = post + np.maximum(0.8 * sinus, 0.35 * nodule).astype(np.float32) * mask
+    prior = tube(world, (-8.0, 0.0, 0.0), (0, 1, 0), 8.0, 54.0, 2.0) > 0.5
+
+    def near_nodule(table: pd.DataFrame) -> pd.DataFrame:
+        centre = table[["x_mm", "y_mm", "z_mm"]].to_numpy(float)
+        return table[np.linalg.norm(centre - [5.0, 0.0, 0.0], axis=1) < 4.0]
+
+    merged = read(post, pre, mask, affine).table
+    assert near_nodule(merged).empty, merged
+    found = L.find_candidates(post, pre, mask, affine, SETTINGS, prior=prior)
+    lesions = near_nodule(found.lesions(SETTINGS.threshold))
+    assert len(lesions) == 1, found.table
+    assert lesions.iloc[0]["long_axis_mm"] == pytest.approx(20.0, abs=3.0)
+    assert (found.table["status"] == "prior").any()
+
+
 def test_noise_specks_the_surface_and_the_prior_give_no_lesion():
     affine, world = grid(1.0)
     pre, post, mask = brain(world, 1.0, noise=0.03)

@@ -11,7 +11,11 @@
 2. **Objects.** Voxels above ``candidate_floor`` are split at their saddles: a watershed from every local
    maximum, then neighbouring basins are merged, highest saddle first, unless the saddle lies below
    ``edge_fraction`` of the lower basin's peak (so a lesion touching a brighter vessel through a faint bridge
-   stays a lesion of its own, and a vessel whose brightness dips along its course splits into segments).
+   stays a lesion of its own, and a vessel whose brightness dips along its course splits into segments), and
+   never across the physiological-enhancement prior's edge: a basin whose peak lies in the prior (a sinus,
+   the choroid plexus) is not merged with one whose peak lies outside it. Without that rule a nodule touching
+   a sinus through a bright bridge became part of the sinus's object, whose half-maximum core (below) then
+   left the nodule out: on the embedded cohort simulated at 2.5 mm, a 29 mm nodule had no candidate of its own.
    Each object is then its half-maximum core: the voxels above ``edge_fraction`` of its own peak that are
    connected to the peak, enclosed cavities filled (the necrotic core of a ring belongs to the lesion, as in
    RANO). The core puts the edge where a blurred step crosses its middle, i.e. at the true boundary, whatever
@@ -139,9 +143,23 @@ def _saddle_edges(basins: np.ndarray, enh: np.ndarray) -> pd.DataFrame:
     return pd.concat(parts).groupby(["a", "b"], as_index=False)["saddle"].max()
 
 
-def split_objects(enh: np.ndarray, *, floor: float, split_fraction: float) -> np.ndarray:
+def _peak_in_prior(basins: np.ndarray, enh: np.ndarray, prior: np.ndarray, n: int) -> np.ndarray:
+    """For each basin label 0..n: whether its brightest voxel lies in ``prior``."""
+    inside = np.flatnonzero(basins.ravel() > 0)
+    labels, values = basins.ravel()[inside], enh.ravel()[inside]
+    order = np.lexsort((values, labels))
+    last = np.r_[labels[order][1:] != labels[order][:-1], True]
+    in_prior = np.zeros(n + 1, bool)
+    in_prior[labels[order][last]] = np.asarray(prior).ravel()[inside[order][last]] > 0
+    return in_prior
+
+
+def split_objects(
+    enh: np.ndarray, *, floor: float, split_fraction: float, prior: np.ndarray | None = None
+) -> np.ndarray:
     """Label image of the objects above ``floor``, split where the saddle between two maxima lies below
-    ``split_fraction`` of the lower one (before the half-maximum trimming of :func:`object_cores`)."""
+    ``split_fraction`` of the lower one (before the half-maximum trimming of :func:`object_cores`), and
+    between maxima on either side of ``prior``'s edge (a physiological-enhancement mask, or None)."""
     above = enh > floor
     if not above.any():
         return np.zeros(enh.shape, np.int32)
@@ -150,6 +168,8 @@ def split_objects(enh: np.ndarray, *, floor: float, split_fraction: float) -> np
     basins = watershed(-enh, markers, mask=above, connectivity=3).astype(np.int32)
     peaks = np.zeros(n + 1)
     np.maximum.at(peaks, basins[above], enh[above])
+    # A merged object keeps the brighter root's peak, so its side of the prior's edge is its root's.
+    in_prior = _peak_in_prior(basins, enh, prior, n) if prior is not None else np.zeros(n + 1, bool)
     parent = np.arange(n + 1)
 
     def root(i: int) -> int:
@@ -162,6 +182,8 @@ def split_objects(enh: np.ndarray, *, floor: float, split_fraction: float) -> np
     for a, b, saddle in edges.itertuples(index=False, name=None):
         ra, rb = root(int(a)), root(int(b))
         if ra == rb or saddle < split_fraction * min(peaks[ra], peaks[rb]):
+            continue
+        if in_prior[ra] != in_prior[rb]:
             continue
         keep, drop = (ra, rb) if peaks[ra] >= peaks[rb] else (rb, ra)
         parent[drop] = keep

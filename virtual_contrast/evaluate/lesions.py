@@ -168,7 +168,7 @@ def find_candidates(
     affine = np.asarray(affine, float)
     enh = cand.calibrated_enhancement(post, pre, mask, affine, smoothing_mm=settings.smoothing_mm)
     objects = cand.split_objects(
-        enh, floor=settings.candidate_floor, split_fraction=settings.edge_fraction
+        enh, floor=settings.candidate_floor, split_fraction=settings.edge_fraction, prior=prior
     )
     cores = cand.object_cores(enh, objects, edge_fraction=settings.edge_fraction)
     voxel_volume = float(abs(np.linalg.det(affine[:3, :3])))
