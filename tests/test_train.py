@@ -26,7 +26,7 @@ from virtual_contrast.model.data import (
     find_subject_volumes,
     flip_batch,
 )
-from virtual_contrast.model.train import loss_fn, train_fold
+from virtual_contrast.model.train import loss_fn, loss_weights, train_fold
 from virtual_contrast.model.train_log import LOG_COLUMNS
 
 TINY = TrainConfig(
@@ -299,6 +299,35 @@ def test_brain_loss_ignores_background():
     mask = torch.tensor([1.0, 0.0, 0.0])
     assert float(loss_fn(pred, target, mask)) == 0.0
     assert float(loss_fn(pred, target, None)) == pytest.approx((0.25 + 0.81) / 3)
+
+
+def test_enhancement_weight_weighs_each_voxel_by_its_enhancement():
+    """weight = 1 + w * max(target - pre, 0); the loss is the weighted mean, plain L2 when w = 0."""
+    pre = torch.tensor([0.5, 0.5, 0.5, 0.0]).reshape(1, 1, 4)
+    x = torch.cat([torch.zeros_like(pre), pre], dim=1)  # channels (FLAIR, T1w): T1w is channel 1
+    target = torch.tensor([0.5, 0.9, 0.3, 0.0]).reshape(1, 1, 4)
+    assert loss_weights(x, target, 1, 0.0) is None
+    weight = loss_weights(x, target, 1, 10.0)
+    assert weight.flatten().tolist() == pytest.approx([1.0, 5.0, 1.0, 1.0])
+    pred = target + torch.tensor([0.1, 0.1, 0.1, 0.1]).reshape(1, 1, 4)
+    assert float(loss_fn(pred, target, None, weight)) == pytest.approx(0.01)
+    pred = target + torch.tensor([0.0, 0.2, 0.0, 0.0]).reshape(1, 1, 4)
+    assert float(loss_fn(pred, target, None, weight)) == pytest.approx(5 * 0.04 / 8)
+    assert float(loss_fn(pred, target, None)) == pytest.approx(0.04 / 4)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 4)
+    assert float(loss_fn(pred, target, mask, weight)) == pytest.approx(5 * 0.04 / 6)
+
+
+def test_enhancement_weighted_training_runs_and_needs_the_pre_contrast_t1(toy, tmp_path):
+    cfg = dataclasses.replace(
+        TINY, epochs=2, output="enhancement", channels=("T1w", "lowT1c"), enhancement_weight=10.0
+    )
+    model_path = train_fold(toy[:3], toy[3:5], tmp_path, cfg)
+    assert load_checkpoint(model_path)["config"]["enhancement_weight"] == 10.0
+    with pytest.raises(InputError, match="needs the T1w channel"):
+        dataclasses.replace(cfg, output="direct", channels=("FLAIR", "lowT1c"))
+    with pytest.raises(InputError, match="enhancement_weight must be >= 0"):
+        dataclasses.replace(cfg, enhancement_weight=-1.0)
 
 
 def test_find_subject_volumes(toy):

@@ -39,6 +39,7 @@ RESULT_FIELDS = (
     "divergence_guard",
     "seed",
     "loss_region",
+    "enhancement_weight",
     "augment",
     "tune_every",
 )

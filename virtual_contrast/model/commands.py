@@ -116,6 +116,11 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--loss-region", choices=["volume", "brain"])
     p.add_argument(
+        "--enhancement-weight",
+        type=float,
+        help="voxel weight of the loss: 1 + this x max(target - pre-contrast T1, 0); 0 = plain L2",
+    )
+    p.add_argument(
         "--output", choices=list(UNET_OUTPUTS), help="network output (paper: direct; see docs)"
     )
     p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
@@ -153,6 +158,7 @@ def train_values(args: argparse.Namespace) -> dict:
         "device",
         "amp",
         "loss_region",
+        "enhancement_weight",
         "output",
         "compile",
     ):

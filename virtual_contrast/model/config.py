@@ -101,6 +101,9 @@ class TrainConfig:
     seed: int = 0
     output: str = "direct"  # one of UNET_OUTPUTS; "direct" is the paper's (see model.unet)
     loss_region: str = "volume"  # "volume" | "brain"
+    # Voxel weight of the L2 loss: 1 + enhancement_weight x max(target - pre-contrast T1, 0); 0 = the paper's
+    # plain L2 (see model.train.loss_weights).
+    enhancement_weight: float = 0.0
     augment: bool = True
     tune_every: int = 1
     checkpoint_every: int = 5
@@ -123,6 +126,15 @@ class TrainConfig:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not self.enhancement_weight >= 0:
+            raise InputError(
+                f"enhancement_weight must be >= 0 (0 = plain L2), got {self.enhancement_weight}"
+            )
+        if self.enhancement_weight > 0 and "T1w" not in self.channels:
+            raise InputError(
+                "enhancement_weight > 0 weighs the loss by the enhancement over the pre-contrast T1, "
+                f"which needs the T1w channel (channels: {list(self.channels)})"
+            )
         if not self.grad_clip >= 0:
             raise InputError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if not self.divergence_guard >= 0:
