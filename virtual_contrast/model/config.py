@@ -130,7 +130,7 @@ class TrainConfig:
             raise InputError(
                 f"enhancement_weight must be >= 0 (0 = plain L2), got {self.enhancement_weight}"
             )
-        if self.enhancement_weight > 0 and "T1w" not in self.channels:
+        if self.enhancement_weight > 0 and self.precontrast_channel is None:
             raise InputError(
                 "enhancement_weight > 0 weighs the loss by the enhancement over the pre-contrast T1, "
                 f"which needs the T1w channel (channels: {list(self.channels)})"
@@ -171,9 +171,14 @@ class TrainConfig:
         return d
 
     @property
+    def precontrast_channel(self) -> int | None:
+        """Index of the pre-contrast T1 among the input channels (None without it)."""
+        return self.channels.index("T1w") if "T1w" in self.channels else None
+
+    @property
     def spec(self) -> UNetSpec:
         low = self.channels.index("lowT1c") if "lowT1c" in self.channels else None
-        pre = self.channels.index("T1w") if "T1w" in self.channels else None
+        pre = self.precontrast_channel
         return UNetSpec(
             in_channels=len(self.channels),
             width=self.width,

@@ -305,7 +305,7 @@ def train_fold(
             amp_dtype=amp_dtype,
             brain_loss=cfg.loss_region == "brain",
             channels_last=channels_last,
-            pre_channel=cfg.channels.index("T1w") if cfg.enhancement_weight else None,
+            pre_channel=cfg.precontrast_channel if cfg.enhancement_weight else None,
             enhancement_weight=cfg.enhancement_weight,
         )
         train_kw = dict(step_kw, grad_clip=cfg.grad_clip)
