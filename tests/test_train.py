@@ -26,8 +26,10 @@ from virtual_contrast.model.data import (
     find_subject_volumes,
     flip_batch,
 )
-from virtual_contrast.model.train import loss_fn, loss_weights, train_fold
+from virtual_contrast.model.ranking import enhancement_rank_loss
+from virtual_contrast.model.train import loss_fn, loss_weights, train_fold, train_step
 from virtual_contrast.model.train_log import LOG_COLUMNS
+from virtual_contrast.model.unet import UNet3D
 
 TINY = TrainConfig(
     width=4, depth=2, epochs=4, batch_size=2, checkpoint_every=2, threads=1, progress=False, seed=3
@@ -328,6 +330,45 @@ def test_enhancement_weighted_training_runs_and_needs_the_pre_contrast_t1(toy, t
         dataclasses.replace(cfg, output="direct", channels=("FLAIR", "lowT1c"))
     with pytest.raises(InputError, match="enhancement_weight must be >= 0"):
         dataclasses.replace(cfg, enhancement_weight=-1.0)
+
+
+def test_rank_weight_adds_the_ranking_loss_to_each_step():
+    """The step's loss is the L2 plus rank_weight x the ranking loss of the step's own prediction."""
+    cfg = dataclasses.replace(
+        TINY, output="enhancement", channels=("T1w", "lowT1c"), rank_weight=2.0
+    )
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.rand((1, 1, 8, 8, 8), generator=gen) * 0.5
+    low = pre + 0.1 * (torch.rand((1, 1, 8, 8, 8), generator=gen) > 0.9)
+    target = pre + 4 * (low - pre)
+    mask = torch.ones_like(pre)
+    batch = torch.cat([pre, low, target, mask], dim=1)
+    torch.manual_seed(0)
+    model = UNet3D(cfg.spec)
+    with torch.no_grad():  # a head that is not zero, so the prediction is not the low-dose input
+        model.head.weight.normal_(0.0, 0.1)
+    pred = model(batch[:, :2]).detach()
+    expected_l2 = float(loss_fn(pred, target, None))
+    expected_rank = float(enhancement_rank_loss(pred, target, pre, mask))
+    assert expected_rank > 0
+    kw = dict(n_inputs=2, amp_dtype=None, brain_loss=False, channels_last=False, pre_channel=0)
+    for weight in (0.0, 2.0):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train_step(model, opt, None, batch, rank_weight=weight, **kw)
+        assert float(loss) == pytest.approx(expected_l2 + weight * expected_rank, rel=1e-5)
+
+
+def test_rank_weighted_training_runs_and_needs_the_pre_contrast_t1(toy, tmp_path):
+    cfg = dataclasses.replace(
+        TINY, epochs=2, output="enhancement", channels=("T1w", "lowT1c"), rank_weight=1.0
+    )
+    model_path = train_fold(toy[:3], toy[3:5], tmp_path, cfg)
+    assert load_checkpoint(model_path)["config"]["rank_weight"] == 1.0
+    assert np.isfinite(_log(tmp_path)["train_loss"]).all()
+    with pytest.raises(InputError, match="rank_weight > 0 ranks the enhancement"):
+        dataclasses.replace(cfg, channels=("FLAIR", "lowT1c"))
+    with pytest.raises(InputError, match="rank_weight must be >= 0"):
+        dataclasses.replace(cfg, rank_weight=-1.0)
 
 
 def test_find_subject_volumes(toy):

@@ -40,6 +40,7 @@ RESULT_FIELDS = (
     "seed",
     "loss_region",
     "enhancement_weight",
+    "rank_weight",
     "augment",
     "tune_every",
 )

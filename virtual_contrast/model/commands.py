@@ -121,6 +121,11 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         help="voxel weight of the loss: 1 + this x max(target - pre-contrast T1, 0); 0 = plain L2",
     )
     p.add_argument(
+        "--rank-weight",
+        type=float,
+        help="weight of the enhancement ranking loss (enhancing voxels above the others); 0 = off",
+    )
+    p.add_argument(
         "--output", choices=list(UNET_OUTPUTS), help="network output (paper: direct; see docs)"
     )
     p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
@@ -159,6 +164,7 @@ def train_values(args: argparse.Namespace) -> dict:
         "amp",
         "loss_region",
         "enhancement_weight",
+        "rank_weight",
         "output",
         "compile",
     ):

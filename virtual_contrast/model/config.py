@@ -104,6 +104,8 @@ class TrainConfig:
     # Voxel weight of the L2 loss: 1 + enhancement_weight x max(target - pre-contrast T1, 0); 0 = the paper's
     # plain L2 (see model.train.loss_weights).
     enhancement_weight: float = 0.0
+    # Weight of the enhancement ranking loss added to each training step; 0 = off (see model.ranking).
+    rank_weight: float = 0.0
     augment: bool = True
     tune_every: int = 1
     checkpoint_every: int = 5
@@ -133,6 +135,13 @@ class TrainConfig:
         if self.enhancement_weight > 0 and self.precontrast_channel is None:
             raise InputError(
                 "enhancement_weight > 0 weighs the loss by the enhancement over the pre-contrast T1, "
+                f"which needs the T1w channel (channels: {list(self.channels)})"
+            )
+        if not self.rank_weight >= 0:
+            raise InputError(f"rank_weight must be >= 0 (0 = off), got {self.rank_weight}")
+        if self.rank_weight > 0 and self.precontrast_channel is None:
+            raise InputError(
+                "rank_weight > 0 ranks the enhancement over the pre-contrast T1, "
                 f"which needs the T1w channel (channels: {list(self.channels)})"
             )
         if not self.grad_clip >= 0:

@@ -21,6 +21,10 @@ weighted mean (:func:`loss_weights`): enhancing lesions and vessels are a few vo
 plain L2 a small network trained on a few patients drew them too faint. Weighting the errors where the tumour
 enhances is the remedy of Chen et al. 2021 (arXiv:2104.01592, a "local loss" for the tumour's imbalance
 with normal tissue); here the weight comes from the target's own enhancement, so it needs no segmentation.
+With ``rank_weight`` > 0 (not in the paper) each training step adds that many times the ranking loss of the
+enhancement map (:func:`~virtual_contrast.model.ranking.enhancement_rank_loss`: the voxels that enhance on the
+full dose above those that do not, the ranking the paper's ROC AUC scores). The tuning loss that selects the
+epoch stays the image's (weighted) L2.
 
 The options are a :class:`~virtual_contrast.model.config.TrainConfig`; the checkpoints are written and read by
 :mod:`virtual_contrast.model.checkpoint`, the log and the loss curve by :mod:`virtual_contrast.model.train_log`.
@@ -50,6 +54,7 @@ from virtual_contrast.model.checkpoint import (
 )
 from virtual_contrast.model.config import TrainConfig
 from virtual_contrast.model.data import SubjectVolumes, VolumeStore, cache_subject, epoch_plan
+from virtual_contrast.model.ranking import enhancement_rank_loss
 from virtual_contrast.model.schedule import DivergenceGuard, learning_rate_at, saturated_fraction
 from virtual_contrast.model.train_log import write_log, write_loss_curve, write_outputs
 from virtual_contrast.model.unet import UNet3D, check_grid, count_parameters
@@ -108,8 +113,12 @@ def train_step(
     grad_clip: float = 0.0,
     pre_channel: int | None = None,
     enhancement_weight: float = 0.0,
+    rank_weight: float = 0.0,
 ) -> torch.Tensor:
     """One optimisation step; returns the (detached, on-device) batch loss without synchronising.
+
+    The loss is the (weighted) L2 plus ``rank_weight`` times the enhancement ranking loss, which needs
+    ``pre_channel``.
 
     ``grad_clip`` > 0 rescales the gradients so that their global norm is at most that value before the step
     (gradient-norm clipping, as nnU-Net does at 12): one outlier batch then cannot throw the weights far
@@ -120,6 +129,9 @@ def train_step(
         pred = model(x)
     weight = loss_weights(x, y, pre_channel, enhancement_weight)
     loss = loss_fn(pred, y, m if brain_loss else None, weight)
+    if rank_weight and pre_channel is not None:
+        pre = x[:, pre_channel : pre_channel + 1]
+        loss = loss + rank_weight * enhancement_rank_loss(pred, y, pre, m)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -305,10 +317,12 @@ def train_fold(
             amp_dtype=amp_dtype,
             brain_loss=cfg.loss_region == "brain",
             channels_last=channels_last,
-            pre_channel=cfg.precontrast_channel if cfg.enhancement_weight else None,
+            pre_channel=(
+                cfg.precontrast_channel if cfg.enhancement_weight or cfg.rank_weight else None
+            ),
             enhancement_weight=cfg.enhancement_weight,
         )
-        train_kw = dict(step_kw, grad_clip=cfg.grad_clip)
+        train_kw = dict(step_kw, grad_clip=cfg.grad_clip, rank_weight=cfg.rank_weight)
         try:
             while state["epoch"] < stop_at:
                 epoch = state["epoch"]
