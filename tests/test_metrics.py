@@ -145,6 +145,27 @@ def test_table3_aggregate_is_a_paired_t_test() -> None:
     assert "paired t-tests" in md
 
 
+def test_table3_prints_the_decimals_that_tell_close_means_apart():
+    """Two AUCs of 99.953 and 99.963 % with spreads of 0.036 and 0.018 points print as 99.95 and 99.96, not as
+    100.0 and 100.0; spreads of a few tenths keep the paper's one decimal."""
+    rows = []
+    for i, (low, vir) in enumerate([(0.99920, 0.99945), (0.99950, 0.99965), (0.99990, 0.99980)]):
+        for modality, auc in (("low", low), ("vir", vir)):
+            rows.append(
+                {"subject": f"s{i}", "modality": modality, "auc": auc, "ssim": 0.99 - 0.002 * i}
+            )
+    for column in ("psnr", "youden_sensitivity", "youden_specificity"):
+        for row in rows:
+            row[column] = 0.5
+    md = M.table3_markdown(M.aggregate_voxel_metrics(pd.DataFrame(rows)))
+    assert "| AUC (%) | 99.95 (±0.04) | 99.96 (±0.02) |" in md
+    assert "| SSIM (%) | 98.8 (±0.2) | 98.8 (±0.2) |" in md
+    assert M.display_decimals([0.65, 1.1]) == 1
+    assert M.display_decimals([0.036, 0.018]) == 2
+    assert M.display_decimals([float("nan"), 0.0]) == 1
+    assert M.display_decimals([1e-6]) == 3
+
+
 def test_evaluate_subject_writes_metrics_and_roc(tmp_path) -> None:
     rng = np.random.default_rng(5)
     shape = (24, 24, 20)

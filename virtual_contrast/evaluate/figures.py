@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from virtual_contrast.evaluate.metrics import display_decimals  # noqa: E402
 from virtual_contrast.io import InputError, atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -78,15 +79,22 @@ def plot_mean_roc(
     else the area under the mean curve. The Youden point is the one of the mean ``youden_modality`` curve.
     """
     table = mean_roc(curves)
+    aucs = {}
+    if metrics is not None:
+        aucs = {m: 100 * metrics.loc[metrics["modality"] == m, "auc"] for m in modalities}
+        aucs = {m: a for m, a in aucs.items() if len(a)}
+    # The decimals that tell the modalities' AUCs apart (99.95 vs 99.96 %, not 100.0 and 100.0).
+    decimals = display_decimals([a.std(ddof=1) if len(a) > 1 else np.nan for a in aucs.values()])
     fig, ax = plt.subplots(figsize=(5, 5))
     for modality in modalities:
         sub = table[table["modality"] == modality].sort_values("fpr")
         if sub.empty:
             continue
         label = MODALITY_LABELS.get(modality, modality)
-        if metrics is not None and (metrics["modality"] == modality).any():
-            auc = metrics.loc[metrics["modality"] == modality, "auc"]
-            label += f" (AUC {100 * auc.mean():.1f} ± {100 * auc.std(ddof=1) if len(auc) > 1 else 0:.1f} %)"
+        if modality in aucs:
+            auc = aucs[modality]
+            sd = auc.std(ddof=1) if len(auc) > 1 else 0.0
+            label += f" (AUC {auc.mean():.{decimals}f} ± {sd:.{decimals}f} %)"
         else:
             label += f" (AUC of mean curve {100 * np.trapezoid(sub['tpr'], sub['fpr']):.1f} %)"
         color = MODALITY_COLORS.get(modality)
