@@ -51,9 +51,8 @@ def otsu_threshold(values: torch.Tensor, bins: int = OTSU_BINS) -> torch.Tensor:
     weight2 = counts.flip(0).cumsum(0).flip(0)
     mean1 = (counts * centres).cumsum(0) / weight1
     mean2 = ((counts * centres).flip(0).cumsum(0) / weight2.flip(0)).flip(0)
+    # The first bin holds the minimum and the last the maximum, so neither class is ever empty (no 0/0).
     between = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
-    # Empty leading bins give 0/0 = nan in mean1: they are never the maximum (skimage's argmax skips them too).
-    between = torch.nan_to_num(between, nan=-1.0)
     return centres[torch.argmax(between)].to(values.dtype)
 
 
