@@ -13,7 +13,7 @@ Wilcoxon-Mann-Whitney statistic that the AUC is (Yan et al., ICML 2003, "Optimiz
 an approximation to the Wilcoxon-Mann-Whitney statistic"): ``τ · softplus((s_n − s_p) / τ)`` averaged over pairs of
 an enhancing voxel ``p`` and a non-enhancing voxel ``n``, ``s`` the predicted enhancement. Pairs already far
 apart in the right order cost nothing, so only the hardest voxels are paired: the enhancing voxels that the
-prediction scores lowest (at most :data:`MAX_POSITIVES`; the demo's 4 mm volumes hold 300-650 of them, a 1 mm
+prediction scores lowest (at most :data:`MAX_POSITIVES`; the demo's 4 mm volumes hold 270-660 of them, a 1 mm
 volume 64 times as many) and, ``negatives_per_positive`` per enhancing voxel, the non-enhancing voxels it scores
 highest. That bounds a volume's pairs at 17 million (about 70 MB in fp32) on any grid.
 """
