@@ -128,22 +128,16 @@ class TrainConfig:
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if not self.enhancement_weight >= 0:
-            raise InputError(
-                f"enhancement_weight must be >= 0 (0 = plain L2), got {self.enhancement_weight}"
-            )
-        if self.enhancement_weight > 0 and self.precontrast_channel is None:
-            raise InputError(
-                "enhancement_weight > 0 weighs the loss by the enhancement over the pre-contrast T1, "
-                f"which needs the T1w channel (channels: {list(self.channels)})"
-            )
-        if not self.rank_weight >= 0:
-            raise InputError(f"rank_weight must be >= 0 (0 = off), got {self.rank_weight}")
-        if self.rank_weight > 0 and self.precontrast_channel is None:
-            raise InputError(
-                "rank_weight > 0 ranks the enhancement over the pre-contrast T1, "
-                f"which needs the T1w channel (channels: {list(self.channels)})"
-            )
+        # Both loss terms read the enhancement over the pre-contrast T1.
+        for name, role in (("enhancement_weight", "weighs the loss by"), ("rank_weight", "ranks")):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise InputError(f"{name} must be >= 0 (0 = off), got {value}")
+            if value > 0 and self.precontrast_channel is None:
+                raise InputError(
+                    f"{name} > 0 {role} the enhancement over the pre-contrast T1, "
+                    f"which needs the T1w channel (channels: {list(self.channels)})"
+                )
         if not self.grad_clip >= 0:
             raise InputError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if not self.divergence_guard >= 0:

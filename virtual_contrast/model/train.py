@@ -84,8 +84,10 @@ def loss_weights(
 ) -> torch.Tensor | None:
     """``1 + enhancement_weight * max(target - x[:, pre_channel], 0)``, the voxel weights of the loss (None
     when the weight is 0: the plain L2)."""
-    if not enhancement_weight or pre_channel is None:
+    if not enhancement_weight:
         return None
+    if pre_channel is None:
+        raise ValueError("enhancement_weight > 0 needs the pre-contrast T1's channel (pre_channel)")
     pre = x[:, pre_channel : pre_channel + 1].float()
     return 1.0 + enhancement_weight * (target.float() - pre).clamp_min(0.0)
 
@@ -129,7 +131,9 @@ def train_step(
         pred = model(x)
     weight = loss_weights(x, y, pre_channel, enhancement_weight)
     loss = loss_fn(pred, y, m if brain_loss else None, weight)
-    if rank_weight and pre_channel is not None:
+    if rank_weight:
+        if pre_channel is None:
+            raise ValueError("rank_weight > 0 needs the pre-contrast T1's channel (pre_channel)")
         pre = x[:, pre_channel : pre_channel + 1]
         loss = loss + rank_weight * enhancement_rank_loss(pred, y, pre, m)
     optimizer.zero_grad(set_to_none=True)
@@ -317,9 +321,7 @@ def train_fold(
             amp_dtype=amp_dtype,
             brain_loss=cfg.loss_region == "brain",
             channels_last=channels_last,
-            pre_channel=(
-                cfg.precontrast_channel if cfg.enhancement_weight or cfg.rank_weight else None
-            ),
+            pre_channel=cfg.precontrast_channel,
             enhancement_weight=cfg.enhancement_weight,
         )
         train_kw = dict(step_kw, grad_clip=cfg.grad_clip, rank_weight=cfg.rank_weight)
