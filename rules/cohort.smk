@@ -14,8 +14,10 @@ rule exclusions:
             caption="report/flowchart.rst",
             category="1. Cohort",
         ),
+        exams=layout.table("exams"),
     params:
         excluded=STUDY.selection.excluded.to_dict("records"),
+        exams=STUDY.source_ids().to_dict("records"),
         counts=flowchart_counts(STUDY.selection),
     log:
         layout.log("exclusions"),

@@ -13,6 +13,14 @@ from virtual_contrast.cli import report_error  # noqa: E402
 from virtual_contrast.config import train_options, validate_config  # noqa: E402
 from virtual_contrast.io import InputError  # noqa: E402
 from virtual_contrast.preprocess.options import PreprocessOptions  # noqa: E402
+from virtual_contrast.sequences import (  # noqa: E402
+    ALWAYS_NEEDED,
+    ANCHOR,
+    BY_CHANNEL,
+    LOW_DOSE,
+    TARGET,
+    exam_files,
+)
 from virtual_contrast.subjects import SUBJECT_ID_PATTERN, flowchart_counts  # noqa: E402
 from virtual_contrast.workflow import plan_study  # noqa: E402
 from virtual_contrast.dicom import sidecar  # noqa: E402
@@ -43,8 +51,9 @@ logger.info(
 # One typed options object for every pre-processing rule (each takes its part) and stored in model.pt.
 PREPROCESS_OPTIONS = PreprocessOptions.from_config(with_backends(config, BACKENDS)).to_dict()
 SUBJECTS = STUDY.subjects
-CHANNELS = ["T1w", "FLAIR", "ADC", "lowT1c", "refT1c"]
-# Network inputs (config model.channels, in order) and the training folds.
+# The channels pre-processed for every subject: the model's inputs, the pre-contrast T1, the low dose and the
+# target (virtual_contrast.sequences). Network inputs (config model.channels, in order) and the training folds.
+CHANNELS = list(STUDY.channels)
 INPUT_CHANNELS = list(config["model"]["channels"])
 FOLDS = list(range(config["split"]["folds"]))
 # The working grid of pre-processing and model; the cohort is simulated from the atlas at its own voxel size.
@@ -91,10 +100,11 @@ def get_final_outputs():
 
 
 def dicom_import_outputs():
-    """Outputs of import_dicom, with {subject} and {session} wildcards; each sequence, its sidecar, the report."""
+    """Outputs of import_dicom, with {subject} and {session} wildcards; each sequence the study needs, its
+    sidecar, the report."""
     files = layout.bids_exam_files(layout.DICOM_DIR, "{subject}", "{session}")
-    outputs = {key: str(path) for key, path in files.items()}
-    outputs.update({f"{key}_json": str(sidecar(files[key])) for key in ("t1", "flair", "low", "ref", "dwi")})
+    outputs = {key: str(files[key]) for key in exam_files(STUDY.raw_keys)}
+    outputs.update({f"{key}_json": str(sidecar(files[key])) for key in STUDY.raw_keys})
     outputs["report"] = str(layout.dicom_exam_record("{subject}", "{session}", "dicom.tsv"))
     return outputs
 
@@ -120,6 +130,14 @@ def get_reading_sources(wildcards):
     return {"manifests": [STUDY.dicom_manifests[s] for s in STUDY.test_subjects]}
 
 
+def get_reading_companions(wildcards):
+    """The images shown beside each case: the pre-contrast T1, and the FLAIR when the study has one."""
+    companions = {"t1": [normalized(s)[ANCHOR] for s in STUDY.test_subjects]}
+    if "FLAIR" in CHANNELS:
+        companions["flair"] = [normalized(s)["FLAIR"] for s in STUDY.test_subjects]
+    return companions
+
+
 def normalized(subject):
     """The normalised channels and brain mask of one subject (paths of rule normalize)."""
     out = rules.normalize.output
@@ -134,7 +152,7 @@ def get_training_volumes(wildcards):
 
 def training_volume_keys():
     """The files of one subject that training reads: the input channels, the target, the brain mask."""
-    return [*INPUT_CHANNELS, "refT1c", "mask"]
+    return [*INPUT_CHANNELS, TARGET, "mask"]
 
 
 def train_config():
@@ -150,7 +168,10 @@ def registration_transform(subject, channel):
 
 def get_detection_images(wildcards):
     """Post-contrast images to search for lesions: ref and low for every subject, vir for test subjects."""
-    images = {"ref": normalized(wildcards.subject)["refT1c"], "low": normalized(wildcards.subject)["lowT1c"]}
+    images = {
+        "ref": normalized(wildcards.subject)[TARGET],
+        "low": normalized(wildcards.subject)[LOW_DOSE],
+    }
     if wildcards.subject in STUDY.test_subjects:
         images["vir"] = rules.predict.output.atlas.format(subject=wildcards.subject)
     return images
@@ -168,7 +189,7 @@ def get_subject_truth(wildcards):
         return {}
     return {
         "truth": rules.cohort_truth.output.lesions,
-        "transform": registration_transform(wildcards.subject, "refT1c"),
+        "transform": registration_transform(wildcards.subject, TARGET),
     }
 
 
@@ -210,18 +231,33 @@ def get_dwi(wildcards):
     return {"dwi": raw["dwi"], "bval": raw["bval"]}
 
 
+def get_simulate_low_dose_inputs(wildcards):
+    """The acquired pre-contrast T1 and full-dose T1c that a simulated low dose is made from."""
+    raw = STUDY.raw_inputs(wildcards.subject)
+    return {"t1": raw[BY_CHANNEL[ANCHOR].key], "ref": raw[BY_CHANNEL[TARGET].key]}
+
+
+def register_alignment():
+    """Each channel registered to the pre-contrast T1: (the input of rule register to resample, the input
+    its rigid alignment is estimated on). The ADC is aligned through its DWI's mean b0, which has the
+    anatomy (virtual_contrast.sequences: ``align_on``)."""
+    return {
+        c: (c, BY_CHANNEL[c].align_on or c) for c in CHANNELS if BY_CHANNEL[c].registered_to == ANCHOR
+    }
+
+
 def get_register_inputs(wildcards):
     """Native sequences, and the image each is aligned with (the DWI's mean b0 stands in for the ADC)."""
     raw = STUDY.raw_inputs(wildcards.subject)
-    adc = rules.adc.output
-    return {
-        "T1w": raw["t1"],
-        "FLAIR": raw["flair"],
-        "lowT1c": raw["low"],
-        "refT1c": raw["ref"],
-        "ADC": adc.adc.format(subject=wildcards.subject),
-        "b0": adc.b0.format(subject=wildcards.subject),
-    }
+    inputs = {}
+    for channel in CHANNELS:
+        if channel == "ADC":  # computed from the DWI by rule adc, on the DWI's grid
+            adc = rules.adc.output
+            inputs["ADC"] = adc.adc.format(subject=wildcards.subject)
+            inputs["b0"] = adc.b0.format(subject=wildcards.subject)
+        else:
+            inputs[channel] = raw[BY_CHANNEL[channel].key]
+    return inputs
 
 
 def list_rejected_registrations(subjects):

@@ -10,6 +10,8 @@ rule import_dicom:
         **dicom_import_outputs(),
     params:
         series_map=config["dicom"]["series_map"],
+        # The series the study needs (virtual_contrast.sequences); an exam without one stops its import.
+        require=list(STUDY.raw_keys),
     log:
         layout.log("import_dicom", "{subject}", "{session}"),
     conda:

@@ -5,12 +5,12 @@
 
 rule metrics:
     input:
-        low=rules.normalize.output.lowT1c,
+        # The montage's other columns: the study's other channels (FLAIR, ADC, T2w as configured).
+        **{c: rules.normalize.output[c] for c in CHANNELS if c not in ALWAYS_NEEDED},
+        low=rules.normalize.output[LOW_DOSE],
         vir=rules.predict.output.atlas,
-        ref=rules.normalize.output.refT1c,
-        pre=rules.normalize.output.T1w,
-        flair=rules.normalize.output.FLAIR,
-        adc=rules.normalize.output.ADC,
+        ref=rules.normalize.output[TARGET],
+        pre=rules.normalize.output[ANCHOR],
         mask=rules.normalize.output.mask,
     output:
         **layout.metrics_files("{subject}"),
@@ -21,6 +21,8 @@ rule metrics:
             subcategory="Montages",
             labels={"subject": "{subject}"},
         ),
+    params:
+        other_channels=[c for c in CHANNELS if c not in ALWAYS_NEEDED],
     log:
         layout.log("metrics", "{subject}"),
     conda:
@@ -54,8 +56,8 @@ rule voxel_metrics:
 
 rule enhancement_prior:
     input:
-        ref=[normalized(s)["refT1c"] for s in STUDY.train_subjects],
-        pre=[normalized(s)["T1w"] for s in STUDY.train_subjects],
+        ref=[normalized(s)[TARGET] for s in STUDY.train_subjects],
+        pre=[normalized(s)[ANCHOR] for s in STUDY.train_subjects],
         mask=[normalized(s)["mask"] for s in STUDY.train_subjects],
     output:
         mask=layout.ENHANCEMENT_PRIOR,
@@ -75,10 +77,10 @@ rule enhancement_prior:
 # with real data, which has no truth).
 rule detector_froc:
     input:
-        ref=[normalized(s)["refT1c"] for s in STUDY.train_subjects],
-        pre=[normalized(s)["T1w"] for s in STUDY.train_subjects],
+        ref=[normalized(s)[TARGET] for s in STUDY.train_subjects],
+        pre=[normalized(s)[ANCHOR] for s in STUDY.train_subjects],
         mask=[normalized(s)["mask"] for s in STUDY.train_subjects],
-        transforms=[registration_transform(s, "refT1c") for s in STUDY.train_subjects],
+        transforms=[registration_transform(s, TARGET) for s in STUDY.train_subjects],
         truth=rules.cohort_truth.output.lesions,
     output:
         froc=report(
@@ -110,7 +112,7 @@ rule detect_lesions:
     input:
         unpack(get_detection_images),
         unpack(get_operating_point),
-        pre=rules.normalize.output.T1w,
+        pre=rules.normalize.output[ANCHOR],
         mask=rules.normalize.output.mask,
         prior=rules.enhancement_prior.output.mask,
     output:
@@ -128,7 +130,7 @@ rule detect_lesions:
 rule detector_validation:
     input:
         detections=expand(rules.detect_lesions.output.detections, subject=SUBJECTS),
-        transforms=[registration_transform(s, "refT1c") for s in SUBJECTS],
+        transforms=[registration_transform(s, TARGET) for s in SUBJECTS],
         truth=rules.cohort_truth.output.lesions,
     output:
         table=report(

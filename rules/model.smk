@@ -66,8 +66,8 @@ rule predict:
         channels=[rules.normalize.output[c] for c in INPUT_CHANNELS],
         mask=rules.normalize.output.mask,
         normalize=rules.normalize.output.provenance,
-        low_transform=lambda wc: registration_transform(wc.subject, "lowT1c"),
-        t1_transform=lambda wc: registration_transform(wc.subject, "T1w"),
+        low_transform=lambda wc: registration_transform(wc.subject, LOW_DOSE),
+        t1_transform=lambda wc: registration_transform(wc.subject, ANCHOR),
         native_mask=rules.skull_strip.output.mask,
         native=lambda wc: STUDY.raw_inputs(wc.subject)["low"],
     output:

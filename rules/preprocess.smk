@@ -40,6 +40,28 @@ rule adc:
         "../workflow_scripts/adc.py"
 
 
+# A standard-dose study (low_dose.simulate): the quarter dose made from the pre-contrast T1 and the full-dose
+# T1c, on the full-dose T1c's native grid, with noise of its own (virtual_contrast.preprocess.low_dose).
+rule simulate_low_dose:
+    input:
+        unpack(get_simulate_low_dose_inputs),
+    output:
+        **layout.simulate_low_dose_files("{subject}"),
+    params:
+        options=config["low_dose"],
+    threads: 2
+    group:
+        "subject"
+    log:
+        layout.log("simulate_low_dose", "{subject}"),
+    benchmark:
+        layout.benchmark("simulate_low_dose", "{subject}")
+    conda:
+        "../envs/registration.yaml"
+    script:
+        "../workflow_scripts/simulate_low_dose.py"
+
+
 rule skull_strip:
     input:
         t1=get_native_t1,
@@ -73,6 +95,7 @@ rule register:
     params:
         options=PREPROCESS_OPTIONS["register"],
         channels=CHANNELS,
+        alignment=register_alignment(),
         # Not an output: drawn only when the quality gate rejects the registration (the job then fails).
         rejected_figure=lambda wc: layout.rejected_registration(wc.subject),
     threads: 2

@@ -23,11 +23,10 @@ rule reader_stats:
 rule reading_lists:
     input:
         unpack(get_reading_sources),
+        unpack(get_reading_companions),
         vir=expand(rules.predict.output.atlas, subject=STUDY.test_subjects),
-        low=[normalized(s)["lowT1c"] for s in STUDY.test_subjects],
-        ref=[normalized(s)["refT1c"] for s in STUDY.test_subjects],
-        t1=[normalized(s)["T1w"] for s in STUDY.test_subjects],
-        flair=[normalized(s)["FLAIR"] for s in STUDY.test_subjects],
+        low=[normalized(s)[LOW_DOSE] for s in STUDY.test_subjects],
+        ref=[normalized(s)[TARGET] for s in STUDY.test_subjects],
     output:
         key=layout.reading_files()["key"],
         lists=directory(layout.reading_files()["lists"]),
@@ -68,7 +67,7 @@ rule demographics:
 rule reader_stats_truth:
     input:
         detections=expand(rules.detect_lesions.output.detections, subject=STUDY.test_subjects),
-        transforms=[registration_transform(s, "refT1c") for s in STUDY.test_subjects],
+        transforms=[registration_transform(s, TARGET) for s in STUDY.test_subjects],
         truth=rules.cohort_truth.output.lesions,
     output:
         **reader_stats_outputs(f"{layout.READER_STUDY}/reference-truth", "detection_truth", "table5_truth"),

@@ -141,7 +141,11 @@ def _series(description: str, number: int = 1, acquired: str = "", **fields) -> 
         ("T1 MPRAGE +C", {}, "t1c"),
         ("3D T1 BRAVO post gd", {}, "t1c"),
         ("sag 3D T1", {"ContrastBolusAgent": "Dotarem"}, "t1c"),
-        ("t2_tse_tra", {}, "ignore"),
+        ("t2_tse_tra", {}, "t2"),
+        ("Ax T2 FSE", {}, "t2"),
+        ("T2* GRE axial", {}, "ignore"),  # T2*-weighted (susceptibility), not a T2w
+        ("t2_star_tra", {}, "ignore"),
+        ("Ax PD/T2 FSE", {}, "ignore"),  # a proton-density + T2 dual echo
         ("swi_tra", {}, "ignore"),
     ],
 )

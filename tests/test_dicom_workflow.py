@@ -8,6 +8,7 @@ import yaml
 from dicom_exams import build_exam
 from workflow_helpers import job_counts, snakemake
 
+from virtual_contrast.config import validate_config
 from virtual_contrast.workflow import plan_study
 
 
@@ -45,7 +46,7 @@ def test_dry_run_plans_imports_exclusions_and_the_dicom_export_of_test_subjects(
         "split": {"test_fraction": 0.25, "seed": 2021},
         "dicom": {"series_map": ""},
     }
-    study = plan_study(config | {"dicom_dir": config["dicom_dir"]})
+    study = plan_study(validate_config(config | {"dicom_dir": config["dicom_dir"]}))
     assert counts["export_dicom"] == len(study.test_subjects) >= 1
     assert counts["predict"] == len(study.test_subjects)
     excluded = study.selection.excluded.set_index("subject")

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from virtual_contrast.cohort.plan import plan_cohort
+from virtual_contrast.config import validate_config
 from virtual_contrast.io import InputError
 from virtual_contrast.layout import BIDS_SEQUENCES, bids_exam_files
 from virtual_contrast.subjects import (
@@ -133,7 +134,7 @@ def test_split_values_are_case_insensitive_and_no_test_subject_reaches_training(
         # A hash split would hold out about none of them: the column must win for every row.
         "split": {"test_fraction": 0.01, "seed": 0},
     }
-    study = plan_study(config)
+    study = plan_study(validate_config(config))
     assert study.train_subjects == ["p01", "p02", "p03"]
     assert study.test_subjects == ["p04", "p05", "p06"]
     assert set(study.split_table()["split"]) == {"train", "test"}
@@ -204,7 +205,7 @@ def test_cohort_plan_is_deterministic_and_has_the_planned_exclusions():
         "cohort": {"n_subjects": 7, "seed": 7, "extra_visits": 2, "missing_sequence": 3},
         "split": {"test_fraction": 0.25, "seed": 1},
     }
-    study = plan_study(config)
+    study = plan_study(validate_config(config))
     assert len(study.subjects) == 7
     assert set(study.train_subjects) | set(study.test_subjects) == set(study.subjects)
     assert len(study.selection.excluded) == 5

@@ -110,6 +110,7 @@ def check_positive(value: float, *, what: str) -> float:
 CONFIG_PATHS = {
     ("subjects",): "subjects table",
     ("bids_dir",): "BIDS folder",
+    ("brats_dir",): "BraTS folder",
     ("dicom_dir",): "DICOM folder",
     ("dicom", "series_map"): "DICOM series map",
     ("atlas", "t1"): "atlas T1",
@@ -145,10 +146,10 @@ def check_config(config: Mapping[str, Any]) -> None:
         value = _lookup(config, keys)
         if value and not Path(value).exists():
             raise InputError(f"config {'.'.join(keys)}: {label} not found", path=value)
-    sources = [key for key in ("subjects", "bids_dir", "dicom_dir") if config.get(key)]
+    sources = [key for key in ("subjects", "bids_dir", "brats_dir", "dicom_dir") if config.get(key)]
     if len(sources) > 1:
         raise InputError(
-            f"config: set one of subjects (a table), bids_dir or dicom_dir (folders), not {' and '.join(sources)}: "
+            f"config: set one of subjects (a table), bids_dir, brats_dir or dicom_dir (folders), not {' and '.join(sources)}: "
             "which exams to use would be ambiguous"
         )
     reader = config["reader_study"]

@@ -29,6 +29,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from virtual_contrast.sequences import SEQUENCES as SEQUENCE_TABLE
+
 #: Every output of the workflow lies under this folder (relative to Snakemake's working directory).
 RESULTS = "results"
 #: The rules' log files.
@@ -119,6 +121,23 @@ def adc_files(subject: str, root: str | Path | None = None) -> dict[str, str]:
         "adc": subject_file(subject, "adc", space="dwi", suffix="ADC", root=root),
         "b0": subject_file(subject, "adc", space="dwi", desc="b0", suffix="dwi", root=root),
     }
+
+
+def simulate_low_dose_files(subject: str, root: str | Path | None = None) -> dict[str, str]:
+    """The simulated low-dose T1c on the full-dose T1c's native grid and its provenance (rule
+    simulate_low_dose)."""
+    step = "low_dose"
+    return {
+        "low": subject_file(
+            subject, step, space="native", ce="low", desc="simulated", suffix="T1w", root=root
+        ),
+        "provenance": subject_file(subject, step, suffix=step, extension=".json", root=root),
+    }
+
+
+def simulated_low_dose(subject: str) -> str:
+    """The simulated low-dose T1c of one subject (:func:`simulate_low_dose_files`)."""
+    return simulate_low_dose_files(subject)["low"]
 
 
 def skull_strip_files(subject: str, root: str | Path | None = None) -> dict[str, str]:
@@ -286,16 +305,20 @@ def atlas_files(voxel_mm: float | str) -> dict[str, str]:
 
 # --- exams in BIDS-like folders: the embedded cohort, imported DICOM, a user's data -----------------------
 
-#: Each sequence of an exam in a BIDS-like folder: (datatype folder, entities, suffix, extension).
-BIDS_SEQUENCES: dict[str, tuple[str, dict[str, str], str, str]] = {
-    "t1": ("anat", {}, "T1w", NIFTI),
-    "flair": ("anat", {}, "FLAIR", NIFTI),
-    "low": ("anat", {"ce": "low"}, "T1w", NIFTI),
-    "ref": ("anat", {"ce": "full"}, "T1w", NIFTI),
-    "dwi": ("dwi", {}, "dwi", NIFTI),
-    "bval": ("dwi", {}, "dwi", ".bval"),
-    "bvec": ("dwi", {}, "dwi", ".bvec"),
-}
+
+def _bids_sequences() -> dict[str, tuple[str, dict[str, str], str, str]]:
+    files = {}
+    for seq in SEQUENCE_TABLE:
+        entities = dict(seq.entities)
+        files[seq.key] = (seq.datatype, entities, seq.suffix, NIFTI)
+        for key in (*seq.companions, *seq.extra_files):
+            files[key] = (seq.datatype, entities, seq.suffix, f".{key}")
+    return files
+
+
+#: Each file of an exam in a BIDS-like folder, by raw key (virtual_contrast.sequences, companions such as
+#: the DWI's ``bval`` and ``bvec`` included): (datatype folder, entities, suffix, extension).
+BIDS_SEQUENCES: dict[str, tuple[str, dict[str, str], str, str]] = _bids_sequences()
 #: The embedded synthetic cohort (rule cohort) and its true lesions (rule cohort_truth).
 COHORT_DIR = f"{RESULTS}/cohort"
 COHORT_TRUTH = f"{COHORT_DIR}/lesions.tsv"

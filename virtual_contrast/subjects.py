@@ -1,8 +1,16 @@
 """The exams of a study: a subjects table or a BIDS-like folder, and the paper's exclusion rules.
 
 One row per *exam* (a subject's session). The paper keeps one exam per patient (the earliest; later visits are
-excluded) and excludes exams that lack any of DWI, FLAIR, T1, low-dose T1c and full-dose T1c. Every exclusion
-keeps its reason, for ``results/tables/exclusions.tsv`` and the flow chart (the paper's Figure 2).
+excluded) and excludes exams that lack any of its sequences (DWI, FLAIR, T1, low-dose T1c, full-dose T1c).
+Here an exam is excluded only for lacking a sequence the study needs: those of the configured input channels,
+the pre-contrast T1, the full-dose T1c and the low-dose T1c unless it is simulated
+(:func:`virtual_contrast.sequences.raw_columns`). Every exclusion keeps its reason, for
+``results/tables/exclusions.tsv`` and the flow chart (the paper's Figure 2).
+
+Exams come from a subjects table, a BIDS-like folder or a BraTS-style folder
+(``<folder>/<case>/<case>-t1n|t1c|t2w|t2f.nii.gz``, no DWI and no low dose); a BraTS case id that is not a
+valid subject id is mapped to one (:func:`brats_subject_id`), and the ``source_id`` column keeps the case's
+own id.
 
 A subjects table is checked row by row before anything else, and each problem stops the run naming the table,
 the line and the value: an invalid subject id, a ``split`` value other than ``train`` or ``test`` (case does not
@@ -16,31 +24,29 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from virtual_contrast.io import InputError
-from virtual_contrast.layout import BIDS_SEQUENCES, bids_patterns
+from virtual_contrast.layout import bids_patterns, parse_name
+from virtual_contrast.sequences import BY_KEY, COLUMN_LABELS, COLUMNS
+from virtual_contrast.sequences import SEQUENCES as SEQUENCE_TABLE
 
 #: Subject ids become file-name entities (``sub-{id}_...``): BIDS labels, letters and digits only, so no path
 #: separator, no ``..`` and no ``_`` that would break the entity parsing.
 SUBJECT_ID_PATTERN = r"[A-Za-z0-9]+"
 _SUBJECT_ID = re.compile(rf"^{SUBJECT_ID_PATTERN}$")
 
-#: Sequence columns of the subjects table, in the order of the paper's inputs.
-SEQUENCES = ("t1", "flair", "dwi", "bval", "low", "ref")
-SEQUENCE_LABELS = {
-    "t1": "T1w",
-    "flair": "FLAIR",
-    "dwi": "DWI",
-    "bval": "DWI b-values",
-    "low": "low-dose T1c",
-    "ref": "full-dose T1c",
-}
+#: Sequence columns of a subjects table (virtual_contrast.sequences: each sequence and its companions).
+SEQUENCES = COLUMNS
+SEQUENCE_LABELS = COLUMN_LABELS
 #: BIDS-like file patterns (relative to ``sub-X[/ses-Y]``), keyed by sequence column.
-BIDS_PATTERNS = bids_patterns(key for key in BIDS_SEQUENCES if key in SEQUENCES)
+BIDS_PATTERNS = bids_patterns(SEQUENCES)
+#: The columns the paper needs (every sequence of its protocol): the default of the readers below.
+PAPER_COLUMNS = ("t1", "flair", "dwi", "bval", "low", "ref")
 
 
 #: Values of the optional ``split`` column (compared case-insensitively, surrounding spaces ignored).
@@ -70,7 +76,10 @@ def check_subject_id(subject: str, *, source: str | Path | None = None) -> str:
 
 
 def discover_bids(root: Path | str) -> pd.DataFrame:
-    """One row per exam found under ``root`` (``sub-*/[ses-*/]anat|dwi``); missing sequences are empty."""
+    """One row per exam found under ``root`` (``sub-*/[ses-*/]anat|dwi``); missing sequences are empty.
+
+    A file is a sequence's when its suffix and entities are the sequence's (``*_ce-low_T1w`` is the low dose,
+    never the pre-contrast ``*_T1w``); of two candidates the first by name is taken."""
     root = Path(root)
     if not root.is_dir():
         raise InputError("BIDS folder not found", path=root)
@@ -83,7 +92,7 @@ def discover_bids(root: Path | str) -> pd.DataFrame:
         for ses_dir in sessions:
             row = {"subject": subject, "session": ses_dir.name[4:] if ses_dir != sub_dir else ""}
             for column, pattern in BIDS_PATTERNS.items():
-                found = sorted(ses_dir.glob(pattern))
+                found = sorted(p for p in ses_dir.glob(pattern) if _is_sequence(p.name, column))
                 row[column] = str(found[0]) if found else ""
             rows.append(row)
     if not rows:
@@ -91,9 +100,77 @@ def discover_bids(root: Path | str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def read_subjects_table(path: Path | str, *, check_files: bool = True) -> pd.DataFrame:
+def _is_sequence(name: str, column: str) -> bool:
+    """Whether a file name found by the column's glob has exactly the entities that tell sequences apart
+    (``ce``): ``sub-1_ce-low_T1w.nii.gz`` matches ``low`` and not ``t1``."""
+    seq = BY_KEY.get(column) or next(s for s in SEQUENCE_TABLE if column in s.companions)
+    wanted = dict(seq.entities).get("ce")
+    return parse_name(name).get("ce") == wanted
+
+
+#: A BraTS 2023 case id: ``BraTS-<cohort>-<patient>-<timepoint>``, e.g. ``BraTS-MET-00110-000``.
+_BRATS_2023_CASE = re.compile(r"^BraTS-([A-Za-z]+)-(\d+)-(\d+)$")
+
+
+def brats_subject_id(case: str) -> tuple[str, str]:
+    """(subject id, session) of a BraTS-style case id: the case's letters and digits (subject ids are BIDS
+    labels); a BraTS 2023 id's last number is its time point, which becomes the session, so that one exam
+    per patient is kept as for any study. ``BraTS-MET-00110-000`` -> (``BraTSMET00110``, ``000``)."""
+    m = _BRATS_2023_CASE.match(case)
+    if m:
+        return f"BraTS{m.group(1)}{m.group(2)}", m.group(3)
+    subject = re.sub(r"[^A-Za-z0-9]", "", case)
+    if not subject:
+        raise InputError("a BraTS case folder name has no letter or digit", path=case)
+    return subject, ""
+
+
+def discover_brats(root: Path | str) -> pd.DataFrame:
+    """One row per case folder of a BraTS-style folder: ``<root>/<case>/<case>-t1n|t1c|t2w|t2f.nii.gz``
+    (BraTS 2023) or ``<case>_t1|t1ce|t2|flair.nii.gz`` (BraTS 2021); the suffixes of each sequence are in
+    virtual_contrast.sequences. ``source_id`` keeps each case's own id; two cases that map to the same
+    subject id and session stop the discovery, naming both folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("BraTS folder (brats_dir) not found", path=root)
+    rows, seen = [], {}
+    for case_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        case = case_dir.name
+        subject, session = brats_subject_id(case)
+        if (subject, session) in seen:
+            raise InputError(
+                f"case folders {seen[(subject, session)].name!r} and {case!r} map to the same subject "
+                f"id {subject!r} (session {session!r}): rename one",
+                path=case_dir,
+            )
+        seen[(subject, session)] = case_dir
+        row = {"subject": subject, "session": session, "source_id": case}
+        files = sorted(p for p in case_dir.iterdir() if p.is_file())
+        for column in SEQUENCES:
+            seq = BY_KEY.get(column)
+            found = [
+                p
+                for p in files
+                for suffix in (seq.brats if seq else ())
+                if re.fullmatch(rf".*[-_]{re.escape(suffix)}\.nii(\.gz)?", p.name, re.IGNORECASE)
+            ]
+            row[column] = str(found[0]) if found else ""
+        rows.append(row)
+    if not rows:
+        raise InputError(
+            "no case folders found (expected <case>/<case>-t1n.nii.gz, -t1c, -t2w, -t2f)", path=root
+        )
+    return pd.DataFrame(rows)
+
+
+def read_subjects_table(
+    path: Path | str, *, required: Iterable[str] = PAPER_COLUMNS, check_files: bool = True
+) -> pd.DataFrame:
     """Read and check a subjects TSV; relative file paths are taken relative to the table's folder.
 
+    ``required`` are the sequence columns the study needs (:func:`virtual_contrast.sequences.raw_columns`):
+    a table without one of them is an error naming the column; the other sequence columns are optional and
+    read as empty when absent (a standard-dose study has no ``low``, a study without ADC no ``dwi``).
     The returned frame is indexed by the line number of each row in the file (the header is line 1), so that
     later messages can point at the line. ``split`` values come back in lower case. Raises an
     :class:`InputError` naming the table and the line for an invalid subject id, a ``split`` value other than
@@ -107,9 +184,13 @@ def read_subjects_table(path: Path | str, *, check_files: bool = True) -> pd.Dat
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise InputError(f"cannot be read as a tab-separated table: {exc}", path=path) from exc
     table.columns = [str(c).strip() for c in table.columns]
-    missing = [c for c in ("subject", *SEQUENCES) if c not in table.columns]
+    missing = [c for c in ("subject", *required) if c not in table.columns]
     if missing:
-        raise InputError(f"subjects table lacks column(s) {', '.join(missing)}", path=path)
+        needed = f"; the study needs {', '.join(required)}" if set(missing) - {"subject"} else ""
+        raise InputError(f"subjects table lacks column(s) {', '.join(missing)}{needed}", path=path)
+    for column in SEQUENCES:
+        if column not in table.columns:
+            table[column] = ""
     table.index = pd.RangeIndex(2, len(table) + 2, name="line")
     if "session" not in table.columns:
         table["session"] = ""
@@ -200,17 +281,30 @@ def _check_listed_files(table: pd.DataFrame, source: Path) -> None:
         )
 
 
-def select_exams(exams: pd.DataFrame, *, check_files: bool = True) -> Selection:
+def select_exams(
+    exams: pd.DataFrame,
+    *,
+    required: Iterable[str] = PAPER_COLUMNS,
+    check_files: bool = True,
+    hints: dict[str, str] | None = None,
+) -> Selection:
     """Apply the paper's exclusions: missing sequences first, then one exam per patient (the earliest).
 
+    An exam is excluded for lacking one of the ``required`` columns (the sequences the study needs);
+    ``hints`` adds a remedy to the reason of a missing column (e.g. how to simulate a low dose).
     ``check_files`` also treats a listed but absent file as missing (off for the embedded cohort, whose files
     are made by the workflow). Sessions sort as strings, so use sortable labels (``01``, ``02`` or dates).
     """
     exams = exams.copy()
+    required = tuple(required)
+    hints = hints or {}
     for subject in exams["subject"]:
         check_subject_id(subject)
     if "session" not in exams.columns:
         exams["session"] = ""
+    for column in SEQUENCES:
+        if column not in exams.columns:
+            exams[column] = ""
     exams = check_split_column(exams)
     check_unique_exams(exams)
     n_exams, n_patients = len(exams), exams["subject"].nunique()
@@ -218,8 +312,8 @@ def select_exams(exams: pd.DataFrame, *, check_files: bool = True) -> Selection:
 
     def missing_of(row) -> list[str]:
         return [
-            SEQUENCE_LABELS[c]
-            for c in SEQUENCES
+            SEQUENCE_LABELS[c] + (f" ({hints[c]})" if c in hints else "")
+            for c in required
             if not row[c] or (check_files and not Path(row[c]).exists())
         ]
 

@@ -10,11 +10,15 @@ log = setup(snakemake)
 exam, series, _ = read_manifest(snakemake.input.manifest)
 result = import_series(
     series,
-    {key: Path(snakemake.output[key]) for key in (*ROLES, "bval", "bvec")},
+    {
+        key: Path(snakemake.output[key])
+        for key in (*ROLES, "bval", "bvec")
+        if key in snakemake.output.keys()
+    },
     Path(snakemake.output.report),
     series_map=load_series_map(snakemake.params.series_map),
     subject=snakemake.wildcards.subject,
     exam=exam,
-    require=ROLES,
+    require=tuple(snakemake.params.require),
 )
 log.info("%s imported with %s (%s)", exam, result.dcm2niix.path, result.dcm2niix.version)

@@ -19,9 +19,10 @@ images = {
     for modality in ("vir", "low", "ref")
     for patient, path in zip(patients, snakemake.input[modality], strict=True)
 }
+companion_series = [series for series in ("t1", "flair") if series in snakemake.input.keys()]
 companions = {
     (patient, series): path
-    for series in ("t1", "flair")
+    for series in companion_series
     for patient, path in zip(patients, snakemake.input[series], strict=True)
 }
 written = []
@@ -31,7 +32,9 @@ if snakemake.params.image_format in ("nifti", "both"):
         snakemake.output.lists,
         image_pattern=lambda patient, modality: images[(patient, modality)],
         pre_pattern=lambda patient, _: companions[(patient, "t1")],
-        flair_pattern=lambda patient, _: companions[(patient, "flair")],
+        flair_pattern=(lambda patient, _: companions[(patient, "flair")])
+        if "flair" in companion_series
+        else None,
     )
 if snakemake.params.image_format in ("dicom", "both"):
     sources = dict(

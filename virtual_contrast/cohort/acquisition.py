@@ -107,7 +107,12 @@ def make_exam_state(anat: Anatomy, subject: str, session: str, seed: int) -> Exa
             )
             for les in lesions
         )  # sizes stay within 2-30 mm
-    gains = {k: float(rng.uniform(0.8, 1.25)) * TARGET_WM[k] / reference_wm(k) for k in TARGET_WM}
+    # The T2 came after the other sequences: its gain has a stream of its own, so that adding it changed
+    # no draw of the pose, gains and timeline that every existing exam was made with.
+    families = [k for k in TARGET_WM if k != "t2"]
+    gains = {k: float(rng.uniform(0.8, 1.25)) * TARGET_WM[k] / reference_wm(k) for k in families}
+    t2_rng = subject_rng(seed, subject, 5, index, 1)
+    gains["t2"] = float(t2_rng.uniform(0.8, 1.25)) * TARGET_WM["t2"] / reference_wm("t2")
     return Exam(
         rotation=rotation,
         translation=translation,
@@ -285,7 +290,7 @@ def simulate(
 ) -> dict[str, np.ndarray]:
     """Noise-free signals of one pose of the head on one grid (the T1 grid), slab by slab.
 
-    Returns ``t1`` (the T1 with the series' concentrations); with ``other_sequences`` also flair, b0 and b1000
+    Returns ``t1`` (the T1 with the series' concentrations); with ``other_sequences`` also flair, t2, b0 and b1000
     (acquired before the injection, in the same pose), and dseg, brain, lesions when ``truth``. The FLAIR and
     DWI grids are coarser: they are resampled from these (see :func:`resample_signal`), which is the partial-volume
     average a thicker voxel makes, at a fraction of the cost of simulating them on their own.
@@ -295,7 +300,7 @@ def simulate(
     table["t1"][COMPARTMENTS.index("tumour")] = (
         0.0  # depends on each point's concentration: added below
     )
-    names = ["t1", *(("flair", "b0", "b1000") if other_sequences else ())]
+    names = ["t1", *(("flair", "t2", "b0", "b1000") if other_sequences else ())]
     out = {name: np.zeros(shape, np.float32) for name in names}
     if truth:
         out.update(dseg=np.zeros(shape, np.uint8), brain=np.zeros(shape, np.uint8))

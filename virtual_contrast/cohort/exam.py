@@ -46,6 +46,7 @@ from virtual_contrast.cohort.physics import (
     NOISE,
     R1_RELAXIVITY,
     T1W,
+    T2W,
     flair_ti,
     reference_wm,
 )
@@ -89,6 +90,9 @@ def _sidecar(kind: str, extra: dict | None = None) -> dict:
             InversionTime=round(flair_ti(), 4),
             MRAcquisitionType="2D",
         )
+    elif kind == "t2":
+        base.update(RepetitionTime=T2W["tr"], EchoTime=T2W["te"], MRAcquisitionType="2D")
+        base["ScanningSequence"] = "SE"
     else:
         base.update(RepetitionTime=DWI["tr"], EchoTime=DWI["te"], MRAcquisitionType="2D")
     base.update(extra or {})
@@ -112,7 +116,7 @@ def make_exam(
 ) -> pd.DataFrame:
     """Simulate one exam and write the sequences named in ``paths``; return (and write) its true lesions.
 
-    ``paths`` maps sequence keys (``t1``, ``flair``, ``low``, ``ref``, ``dwi``, ``bval``, ``bvec``) to files;
+    ``paths`` maps sequence keys (``t1``, ``t2``, ``flair``, ``low``, ``ref``, ``dwi``, ``bval``, ``bvec``) to files;
     a key left out is not acquired (an incomplete exam). ``lesions_path`` receives the lesion table (see the
     module docstring for the columns; ``session`` is written as given). ``truth_dir`` receives the truth maps
     on the T1 grid. Give ``model`` (from :func:`head_model`) to reuse the atlas preparation across exams.
@@ -203,6 +207,17 @@ def make_exam(
         sigma = NOISE["flair"] * reference_wm("flair") * exam.gains["flair"]
         data = acquire(flair, bias_for(affine, shape, rng), exam.gains["flair"], sigma, rng)
         _write_nifti(data, affine, paths["flair"], _sidecar("flair"))
+
+    if "t2" in paths:  # a 2D axial spin echo of its own pose, before the injection (stream 7)
+        rng = rng_for(7)
+        moved = moved_pose(exam, rng)
+        tilt = Rotation.from_euler("y", rng.uniform(-8, 8), degrees=True).as_matrix()
+        zooms = np.array([v, v, FLAIR_SLICE_FACTOR * v])
+        affine, shape = fit_grid(head_world, tilt, zooms, 6.0 + v, rng.uniform(-4, 4, 3))
+        t2 = resample_signal(sig["t2"], t1_affine, exam, affine, shape, moved)
+        sigma = NOISE["t2"] * reference_wm("t2") * exam.gains["t2"]
+        data = acquire(t2, bias_for(affine, shape, rng), exam.gains["t2"], sigma, rng)
+        _write_nifti(data, affine, paths["t2"], _sidecar("t2"))
 
     if "dwi" in paths:
         rng = rng_for(3)

@@ -77,6 +77,10 @@ UPTAKE: dict[str, float] = {
 # --- Sequences (3 T protocol) ---------------------------------------------------------------------------------
 T1W = {"tr": 0.008, "te": 0.003, "flip_deg": 12.0}  # 3D spoiled gradient echo
 FLAIR = {"tr": 9.0, "te": 0.120}  # 2D inversion recovery; TI nulls CSF (see flair_ti)
+T2W = {
+    "tr": 5.0,
+    "te": 0.100,
+}  # 2D turbo spin echo, before the injection (as in BraTS-style protocols)
 DWI = {"tr": 5.0, "te": 0.080}  # spin-echo EPI, fat suppressed
 #: b-values (s/mm2), b = 0 volumes interleaved as scanners do (readers must use the .bval, not the order).
 DWI_BVALS = (0, 1000, 1000, 1000, 0, 1000, 1000, 1000)
@@ -85,10 +89,10 @@ DWI_DIRECTIONS = np.array(
 ) / np.sqrt([[1], [1], [1], [2], [2], [2]])
 #: Noise standard deviation relative to the WM signal of each sequence (SNR of WM 40, 30, 25 on b0), per
 #: native voxel; each series draws its own.
-NOISE = {"t1": 0.025, "flair": 0.033, "dwi": 0.04}
+NOISE = {"t1": 0.025, "flair": 0.033, "dwi": 0.04, "t2": 0.03}
 #: Nominal WM signal in scanner units (int16 storage), times a per-exam gain of 0.8-1.25.
-TARGET_WM = {"t1": 600.0, "flair": 400.0, "dwi": 300.0}
-FLAIR_SLICE_FACTOR = 2.0  # FLAIR slice thickness / T1 voxel size
+TARGET_WM = {"t1": 600.0, "flair": 400.0, "dwi": 300.0, "t2": 500.0}
+FLAIR_SLICE_FACTOR = 2.0  # FLAIR (and T2) slice thickness / T1 voxel size
 DWI_VOXEL_FACTOR = 2.0  # DWI voxel / T1 voxel
 
 
@@ -113,6 +117,11 @@ def flair_signal(
     return pd * np.abs(1 - 2 * np.exp(-ti * r1) + np.exp(-tr * r1)) * np.exp(-te * r2)
 
 
+def t2_signal(pd, r1, r2, *, tr: float = T2W["tr"], te: float = T2W["te"]):
+    """Spin echo: PD (1 - exp(-TR R1)) exp(-TE R2)."""
+    return pd * (1 - np.exp(-tr * r1)) * np.exp(-te * r2)
+
+
 def dwi_signal(pd, r1, r2, adc, b, *, tr: float = DWI["tr"], te: float = DWI["te"]):
     """Spin-echo EPI: PD (1 - exp(-TR R1)) exp(-TE R2) exp(-b ADC)."""
     return pd * (1 - np.exp(-tr * r1)) * np.exp(-te * r2) * np.exp(-b * adc)
@@ -120,7 +129,7 @@ def dwi_signal(pd, r1, r2, adc, b, *, tr: float = DWI["tr"], te: float = DWI["te
 
 def compartment_signals(plasma_mm: float) -> dict[str, np.ndarray]:
     """Signal of one unit of each compartment (except the per-lesion tumour uptake), per output."""
-    out = {k: [] for k in ("t1", "flair", "b0", "b1000")}
+    out = {k: [] for k in ("t1", "flair", "t2", "b0", "b1000")}
     for name in COMPARTMENTS:
         t = TISSUES[name]
         c = UPTAKE[name] * plasma_mm
@@ -128,6 +137,7 @@ def compartment_signals(plasma_mm: float) -> dict[str, np.ndarray]:
             spgr_signal(t.pd, 1 / t.t1 + R1_RELAXIVITY * c, 1 / t.t2 + R2_RELAXIVITY * c, **T1W)
         )
         out["flair"].append(flair_signal(t.pd, 1 / t.t1, 1 / t.t2))
+        out["t2"].append(t2_signal(t.pd, 1 / t.t1, 1 / t.t2))
         out["b0"].append(t.dwi_scale * dwi_signal(t.pd, 1 / t.t1, 1 / t.t2, t.adc, 0.0))
         out["b1000"].append(t.dwi_scale * dwi_signal(t.pd, 1 / t.t1, 1 / t.t2, t.adc, 1000.0))
     return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
@@ -140,4 +150,6 @@ def reference_wm(kind: str) -> float:
         return float(spgr_signal(wm.pd, 1 / wm.t1, 1 / wm.t2, **T1W))
     if kind == "flair":
         return float(flair_signal(wm.pd, 1 / wm.t1, 1 / wm.t2))
+    if kind == "t2":
+        return float(t2_signal(wm.pd, 1 / wm.t1, 1 / wm.t2))
     return float(dwi_signal(wm.pd, 1 / wm.t1, 1 / wm.t2, wm.adc, 0.0))

@@ -16,6 +16,7 @@ import numpy as np
 
 from virtual_contrast import layout
 from virtual_contrast.io import InputError
+from virtual_contrast.sequences import exam_files
 
 INDICATIONS = ("metastases", "glioma", "other")  # "other": no enhancing lesion (33 % in the paper)
 FIRST_DATE, LAST_DATE = dt.date(2019, 11, 1), dt.date(2020, 2, 29)  # the paper's acquisition window
@@ -33,7 +34,7 @@ class CohortExam:
 
     def files(self, root: Path | str = layout.COHORT_DIR) -> dict[str, Path]:
         """Path of each sequence file of this exam (those in ``missing`` are not written)."""
-        absent = set(self.missing) | ({"bval", "bvec"} if "dwi" in self.missing else set())
+        absent = set(exam_files(self.missing))
         files = layout.bids_exam_files(root, self.subject, self.session)
         return {key: path for key, path in files.items() if key not in absent}
 

@@ -10,7 +10,7 @@ Layout written by :func:`make_cohort` (BIDS-like)::
                          full-dose T1c; the other series' head positions differ by about 1 mm), long_axis_mm short_axis_mm (largest axial cross-section of the lesion
                          through its centre, as a RANO reader measures it), diameter_mm (equivalent sphere),
                          kind (nodule|ring), atlas_x_mm atlas_y_mm atlas_z_mm (centre in atlas space)
-    sub-vc001/ses-01/anat/sub-vc001_ses-01_{T1w,FLAIR,ce-low_T1w,ce-full_T1w}.nii.gz (+ .json sidecars)
+    sub-vc001/ses-01/anat/sub-vc001_ses-01_{T1w,T2w,FLAIR,ce-low_T1w,ce-full_T1w}.nii.gz (+ .json sidecars)
     sub-vc001/ses-01/dwi/sub-vc001_ses-01_dwi.{nii.gz,bval,bvec}    (ses-02 the same: a later visit)
     sub-vc001/sub-vc001_sessions.tsv    session_id, acquisition_date (patients with several visits only)
     sub-vc002/anat/sub-vc002_T1w.nii.gz ...   (patients with one exam: no session level)
@@ -42,6 +42,7 @@ from virtual_contrast.cohort.exam import (
 )
 from virtual_contrast.cohort.plan import participant, plan_cohort, session_date
 from virtual_contrast.io import InputError, write_json, write_table
+from virtual_contrast.sequences import exam_files
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def make_cohort(
     for exam in tqdm(plan, desc="cohort exams", unit="exam", disable=not progress):
         subject = exam.subject
         session = exam.session if visits[subject] > 1 else ""
-        absent = set(exam.missing) | ({"bval", "bvec"} if "dwi" in exam.missing else set())
+        absent = set(exam_files(exam.missing))
         paths = {
             key: path
             for key, path in layout.bids_exam_files(out_dir, subject, session).items()

@@ -153,8 +153,10 @@ def import_series(
     exam: Path | str | None = None,
     require: tuple[str, ...] = (),
 ) -> ImportResult:
-    """Classify ``series``, convert the used ones and move them onto ``targets`` (keys of the workflow's
-    ``BIDS_FILES``: t1, flair, low, ref, dwi, bval, bvec; the JSON sidecar goes beside each image).
+    """Classify ``series``, convert the used ones and move them onto ``targets`` (raw keys of
+    virtual_contrast.sequences: t1, t2, flair, dwi, low, ref, and the DWI's bval, bvec; the JSON sidecar goes
+    beside each image). A series whose role has no target (a sequence the study does not use) is reported
+    but not converted.
 
     Refuses (before converting anything) an exam with two candidates for one role, several studies, or a
     missing role listed in ``require``. Writes the report of every series to ``report_path``.
@@ -178,7 +180,7 @@ def import_series(
     with tempfile.TemporaryDirectory(prefix=".import-", dir=report_path.parent) as scratch:
         staged: dict[str, tuple[Path, Path]] = {}  # key -> (converted file, target)
         for role in ROLES:
-            if role not in roles:
+            if role not in roles or role not in targets:
                 continue
             got = convert_series(roles[role], Path(scratch), role, tool, subject=subject)
             staged[role] = (got["nii.gz"], targets[role])
@@ -220,7 +222,7 @@ def _report(result: Classification, targets: dict[str, Path]) -> pd.DataFrame:
                 "series_description": s.description,
                 "status": d.status,
                 "role": "/".join(ROLE_LABELS[r] for r in d.role.split("/")) if d.role else "",
-                "file": targets[d.role].name if d.status == "used" else "",
+                "file": targets[d.role].name if d.status == "used" and d.role in targets else "",
                 "reason": d.reason,
                 "n_files": len(s.files),
                 "acquired": s.acquired,

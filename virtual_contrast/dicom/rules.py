@@ -1,4 +1,4 @@
-"""Which series of an exam is the T1, FLAIR, DWI, low-dose T1c and full-dose T1c.
+"""Which series of an exam is the T1, T2, FLAIR, DWI, low-dose T1c and full-dose T1c.
 
 A site's **series map** (YAML) is applied first; series it does not match go through the **built-in rules**:
 
@@ -6,10 +6,11 @@ A site's **series map** (YAML) is applied first; series it does not match go thr
    FA, MPR, projection, phase), localizers and calibration scans (series description);
 2. DWI: ImageType ``DIFFUSION``, two or more b-values in the headers, or a diffusion description;
 3. FLAIR: a FLAIR / dark-fluid / TIRM description (a "T1 FLAIR" is a T1);
-4. T1: a T1 description (t1, MPRAGE, SPGR, BRAVO, TFL, TFE, VIBE, FL2D/FL3D); post-contrast when the header
+4. T2: a T2 description that is not a FLAIR, a T2* or susceptibility series, or a proton density;
+5. T1: a T1 description (t1, MPRAGE, SPGR, BRAVO, TFL, TFE, VIBE, FL2D/FL3D); post-contrast when the header
    names a contrast agent or the description says so (post, gd, gado, contrast, ce, +c), pre-contrast
    otherwise;
-5. anything else: ignored ("no rule matched").
+6. anything else: ignored ("no rule matched").
 
 Post-contrast T1 series become the low-dose or the full-dose T1c by, in this order: a dose word in the
 description (low, quarter, reduced, 0.025 / full, standard); being the only candidate left for the only role
@@ -25,7 +26,7 @@ patterns compared without case, ``re:`` for a regular expression, numbers compar
 as ImageType matches when any of its items, or all of them joined with ``\\``, match)::
 
     series:
-      - role: low            # t1 | flair | dwi | low | ref | ignore
+      - role: low            # t1 | t2 | flair | dwi | low | ref | ignore
         criteria: {SeriesDescription: "*T1*quarter*"}
       - role: ignore
         criteria: {SeriesNumber: 14}
@@ -44,16 +45,12 @@ import yaml
 
 from virtual_contrast.dicom.scan import FIELDS, IMAGE_SOP_CLASSES, Series
 from virtual_contrast.io import InputError
+from virtual_contrast.sequences import SEQUENCES as SEQUENCE_TABLE
 
-#: The roles an exam's series can take: the subjects table's sequence columns (bval comes with the DWI).
-ROLES = ("t1", "flair", "dwi", "low", "ref")
-ROLE_LABELS = {
-    "t1": "T1w",
-    "flair": "FLAIR",
-    "dwi": "DWI",
-    "low": "low-dose T1c",
-    "ref": "full-dose T1c",
-}
+#: The roles an exam's series can take: the raw keys of virtual_contrast.sequences (the subjects table's
+#: sequence columns; the b-values come with the DWI).
+ROLES = tuple(s.key for s in SEQUENCE_TABLE)
+ROLE_LABELS = {s.key: s.label for s in SEQUENCE_TABLE}
 ORDER_MODES = ("same_protocol", "always", "never")
 
 _DERIVED_TYPES = {
@@ -76,6 +73,8 @@ _DWI = re.compile(r"\bdwi|\bdiff|\bdti\b|tensor|\bdw\b|resolve\b")
 _FLAIR = re.compile(r"flair|dark ?fluid|\btirm\b")
 _T1 = re.compile(r"\bt1|mprage|mp ?rage|spgr|bravo|\btfl|\btfe\b|vibe|\bfl[23]d")
 _T2 = re.compile(r"\bt2|\bpd\b|\bswi\b")
+#: Not a T2-weighted image although the description says T2: T2* and susceptibility, proton density.
+_NOT_T2W = re.compile(r"t2 ?star|\bswi\b|\bswan\b|\bgre\b|hemo|\bpd\b|\bde\b")
 _POST = re.compile(
     r"\bpost|\bgd\b|gado|contrast|\bce\b|\+ ?c\b|\bc ?\+|\+ ?gd|\benh|\bmdc\b|kontrast|\bkm\b"
 )
@@ -196,10 +195,13 @@ def load_series_map(path: Path | str | None) -> SeriesMap:
     return SeriesMap(tuple(rules), order, str(path))
 
 
+_TEXT_FIELDS = ("SeriesDescription", "ProtocolName", "SequenceName")
+
+
 def _text(series: Series) -> str:
     """Description, protocol and sequence name, lower case, punctuation (but '+') turned into spaces."""
     f = series.fields
-    raw = " ".join(str(f.get(k, "")) for k in ("SeriesDescription", "ProtocolName", "SequenceName"))
+    raw = " ".join(str(f.get(k, "")) for k in _TEXT_FIELDS)
     return re.sub(r"[^a-z0-9+./%]+", " ", raw.lower().replace("_", " "))
 
 
@@ -235,7 +237,10 @@ def builtin_kind(series: Series) -> tuple[str, str]:
         if _POST.search(text) and not _PRE.search(text):
             return "t1c", "T1 with a post-contrast description"
         return "t1", "T1 without contrast"
-    return "ignore", "no rule matched (not one of T1, FLAIR, DWI)"
+    star = re.search(r"t2\s*\*", " ".join(str(f.get(k, "")) for k in _TEXT_FIELDS).lower())
+    if _T2.search(text) and not (_NOT_T2W.search(text) or star):
+        return "t2", "T2 description"
+    return "ignore", "no rule matched (not one of T1, T2, FLAIR, DWI)"
 
 
 def _same_protocol(a: Series, b: Series) -> bool:
@@ -348,7 +353,7 @@ def classify(series: list[Series], series_map: SeriesMap | None = None) -> Class
                 decisions[
                     s.uid
                 ].reason += f"; the series map chose {chosen} for {ROLE_LABELS[role]}"
-    for role in ("dwi", "flair"):
+    for role in ("dwi", "flair", "t2"):
         if not mapped.get(role):
             settle(role, found.get(role, []), "no rule separates them")
     open_post = [r for r in ("low", "ref") if not mapped.get(r)]

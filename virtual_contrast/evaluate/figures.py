@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 #: Column order and titles of the Figure-4 montage.
 MONTAGE_COLUMNS = (
     ("t1", "T1"),
+    ("t2w", "T2"),
     ("flair", "FLAIR"),
     ("adc", "ADC"),
     ("low", "low-T1c"),
@@ -147,7 +148,7 @@ def plot_montage(
 ) -> Path:
     """Figure 4 for one subject: one axial slice of T1, FLAIR, ADC, low, vir and ref side by side.
 
-    ``images`` maps keys of :data:`MONTAGE_COLUMNS` (t1, flair, adc, low, vir, ref) to 3D arrays on one grid;
+    ``images`` maps keys of :data:`MONTAGE_COLUMNS` (t1, t2w, flair, adc, low, vir, ref) to 3D arrays on one grid;
     missing keys are left out. Intensities are shown on [0, 1] (normalised images); ADC on its own 1st-99th
     percentile window. The slice defaults to :func:`select_axial_slice` (needs t1 and ref).
     """

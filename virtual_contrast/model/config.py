@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from virtual_contrast.io import InputError
+from virtual_contrast.sequences import ANCHOR, INPUT_CHANNELS, LOW_DOSE
 
-#: Input channels of the paper, in the order used by default (ADC, T2-FLAIR, T1, low-dose T1c).
+#: Input channels of the paper, in the order used by default (ADC, T2-FLAIR, T1, low-dose T1c). Every
+#: channel a model may take as input is in virtual_contrast.sequences (INPUT_CHANNELS, re-exported here).
 DEFAULT_CHANNELS: tuple[str, ...] = ("ADC", "FLAIR", "T1w", "lowT1c")
-#: Every channel name a model may take as input.
-INPUT_CHANNELS: tuple[str, ...] = ("ADC", "FLAIR", "T1w", "lowT1c")
 #: How the network's head becomes the output (see virtual_contrast.model.unet): the paper's sigmoid, a
 #: correction of the low-dose image's logit, or a gain of the low-dose enhancement plus an offset.
 UNET_OUTPUTS = ("direct", "residual", "enhancement")
@@ -176,11 +176,11 @@ class TrainConfig:
     @property
     def precontrast_channel(self) -> int | None:
         """Index of the pre-contrast T1 among the input channels (None without it)."""
-        return self.channels.index("T1w") if "T1w" in self.channels else None
+        return self.channels.index(ANCHOR) if ANCHOR in self.channels else None
 
     @property
     def spec(self) -> UNetSpec:
-        low = self.channels.index("lowT1c") if "lowT1c" in self.channels else None
+        low = self.channels.index(LOW_DOSE) if LOW_DOSE in self.channels else None
         pre = self.precontrast_channel
         return UNetSpec(
             in_channels=len(self.channels),
