@@ -141,7 +141,10 @@ NOT_THE_CONFIG = {
     ("predict", "skull_strip_backend"): "default: as recorded in the models, not the config",
     ("predict", "hdbet_weights"): "default: as recorded in the models, not the config",
     ("import-markups", "reads"): "a file the command writes, not reads",
-    ("export-dicom", "model"): "the fold models named in the series' description, not low_dose.model",
+    (
+        "export-dicom",
+        "model",
+    ): "the fold models named in the series' description, not low_dose.model",
 }
 
 

@@ -18,7 +18,9 @@ table = evaluate_subject(
 log.info("\n%s", table.to_string())
 # Montage columns: the pre-contrast T1, the study's other channels (keyed in lower case), low, vir, ref.
 images = {k: load_array(inp[k], subject=subject)[0] for k in ("low", "vir", "ref")}
-images |= {c.lower(): load_array(inp[c], subject=subject)[0] for c in snakemake.params.other_channels}
+images |= {
+    c.lower(): load_array(inp[c], subject=subject)[0] for c in snakemake.params.other_channels
+}
 images["t1"] = load_array(inp.pre, subject=subject)[0]
 plot_montage(
     images,
