@@ -220,7 +220,9 @@ def test_config_validation():
     with pytest.raises(InputError, match="unknown training option"):
         TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(InputError, match="invalid model channels"):
-        TrainConfig(channels=("T1w", "T2w"))
+        TrainConfig(channels=("T1w", "PDw"))
+    with pytest.raises(InputError, match="invalid model channels"):
+        TrainConfig(channels=("T1w", "refT1c"))  # the target is never an input
     with pytest.raises(InputError, match="batch_size must be >= 1"):
         TrainConfig(batch_size=0)
 

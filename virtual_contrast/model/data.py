@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from virtual_contrast import layout
+from virtual_contrast import layout, sequences
 from virtual_contrast.io import InputError, atomic_path, load_image
 from virtual_contrast.model import runtime
 from virtual_contrast.model.config import DEFAULT_CHANNELS, check_channels
 
 log = logging.getLogger(__name__)
 
-#: The training target, the full-dose T1c.
-TARGET = "refT1c"
+#: The training target, the full-dose T1c (virtual_contrast.sequences).
+TARGET = sequences.TARGET
 CACHE_DTYPE = np.float16
 _CACHE_VERSION = 1
 
