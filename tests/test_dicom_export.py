@@ -184,7 +184,7 @@ def test_the_model_digest_is_the_same_for_the_same_weights_saved_twice(tmp_path)
     digest of the weights and options does not; another weight changes it."""
     import torch
 
-    from virtual_contrast.dicom.export import describe_models
+    from virtual_contrast.dicom.derivation import describe_models
     from virtual_contrast.model.checkpoint import model_checkpoint, save_checkpoint
     from virtual_contrast.model.config import TrainConfig
     from virtual_contrast.model.digest import model_digest

@@ -21,6 +21,9 @@ from virtual_contrast.io import InputError
 
 #: File name endings of NIfTI images, the format every step writes.
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Voxel sizes accepted in an exam (mm, each axis; DICOM pixel spacings too): brain MRI has voxels of about 0.1
+#: to 10 mm; a size outside this range is a broken header (a pixel spacing of 0, -1 or 1e6), not an acquisition.
+VOXEL_MM_RANGE = (0.05, 20.0)
 
 
 def check_percentiles(low: float, high: float, *, what: str = "percentiles") -> tuple[float, float]:

@@ -351,18 +351,3 @@ def export_series(
             written.append(Path(out) / name)
     log.info("%d slices of %s written to %s over %s", len(written), image, out, ref.series.label())
     return written
-
-
-def describe_models(models: list[Path | str], *, tta: bool) -> str:
-    """Software, version and the fold models behind a prediction, each by the short SHA-256 of its weights
-    and recorded options (:func:`~virtual_contrast.model.digest.model_digest`), which the same model saved
-    again keeps."""
-    from virtual_contrast.model.digest import model_digest
-
-    digests = [model_digest(path)[:12] for path in models]
-    passes = "8 mirror configurations each" if tta else "one pass each"
-    return (
-        f"virtual-contrast {__version__}: vir-T1c predicted by a 3D UNet from pre-contrast T1, FLAIR, ADC and "
-        f"low-dose T1c; mean of {len(digests)} fold models ({passes}), weights and options sha256 "
-        f"{', '.join(digests)}"
-    )

@@ -32,8 +32,8 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from virtual_contrast.checks import VOXEL_MM_RANGE
 from virtual_contrast.io import InputError
-from virtual_contrast.preprocess.inputs import VOXEL_MM_RANGE
 
 log = logging.getLogger(__name__)
 

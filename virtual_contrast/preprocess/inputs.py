@@ -21,15 +21,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from virtual_contrast.checks import VOXEL_MM_RANGE
 from virtual_contrast.io import InputError, load_image
 from virtual_contrast.subjects import SEQUENCE_LABELS
 
 #: Least fraction of the smaller field of view that must lie inside the other's (a clinical slab covers
 #: less of the head than a 3D T1, but not less than this).
 MIN_OVERLAP = 0.25
-#: Voxel sizes accepted (mm, each axis): brain MRI has voxels of about 0.1 to 10 mm; a size outside this range
-#: is a broken header (e.g. a pixel spacing of 1e6 or 0), not an acquisition.
-VOXEL_MM_RANGE = (0.05, 20.0)
 
 
 def check_voxel_sizes(
