@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from virtual_contrast import cli
-from virtual_contrast.checks import check_config, check_study
+from virtual_contrast.checks import STUDY_CHECKS, check_config, check_study, requested_checks
 from virtual_contrast.io import (
     InputError,
     atomic_path,
@@ -307,7 +307,7 @@ def test_reads_without_lesions_and_table_with_bids_are_refused(tmp_path):
 
 
 def test_the_study_needs_a_training_subject_per_fold_and_a_test_subject():
-    check_study(_config(), n_train=2, n_test=1, source="x")
+    check_study(_config(), n_train=2, n_test=2, source="x")
     with pytest.raises(InputError) as err:
         check_study(_config(split={"folds": 5}), n_train=3, n_test=1, source="subjects table s.tsv")
     assert str(err.value) == (
@@ -316,6 +316,34 @@ def test_the_study_needs_a_training_subject_per_fold_and_a_test_subject():
     )
     with pytest.raises(InputError, match=r"no test subject \(x\)"):
         check_study(_config(), n_train=4, n_test=0, source="x")
+
+
+def test_each_check_of_the_study_belongs_to_the_targets_that_need_it():
+    """--until exclusions or qc needs nothing of the study; the reading lists need two test patients, which
+    used to fail only after every fold had trained."""
+    assert requested_checks(["all"], ["exclusions"]) == frozenset()
+    assert requested_checks(["all"], ["qc", "registration_quality"]) == frozenset()
+    assert requested_checks(["exclusions"]) == frozenset()
+    assert requested_checks(["all"]) == frozenset(STUDY_CHECKS)
+    assert requested_checks(["voxel_metrics"]) == {"folds", "test"}
+    assert requested_checks(["all"], ["voxel_metrics"]) == {"folds", "test"}
+    assert "reading" in requested_checks(["reading_lists"])
+    excluded = [(f"sub-{i:02d}", "missing FLAIR") for i in range(7)]
+    check_study(_config(), n_train=0, n_test=0, source="x", checks=frozenset(), excluded=excluded)
+    with pytest.raises(InputError) as err:
+        check_study(_config(), n_train=0, n_test=0, source="BIDS folder b", excluded=excluded)
+    message = str(err.value)
+    assert message.startswith("no exam is included (BIDS folder b; 7 exam(s) excluded: ")
+    assert "sub-00: missing FLAIR" in message and "and 2 more" in message and "\n" not in message
+    check_study(
+        _config(), n_train=3, n_test=1, source="x", checks=requested_checks(["voxel_metrics"])
+    )
+    with pytest.raises(
+        InputError, match="reading lists need at least 2 test patients, there are 1"
+    ):
+        check_study(_config(), n_train=3, n_test=1, source="x")
+    with pytest.raises(InputError, match="threshold on the training subjects: it needs at least 2"):
+        check_study(_config(), n_train=1, n_test=2, source="x", checks={"detector"}, embedded=True)
 
 
 # --- rule scripts: one line on stderr, the traceback in the job's log, SIGTERM cleans up -------------------------
