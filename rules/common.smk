@@ -13,9 +13,27 @@ from virtual_contrast.cli import report_error  # noqa: E402
 from virtual_contrast.config import train_options, validate_config  # noqa: E402
 from virtual_contrast.io import InputError  # noqa: E402
 from virtual_contrast.preprocess.options import PreprocessOptions  # noqa: E402
+from virtual_contrast.runlock import clear_stale_lock, forget_run, record_run  # noqa: E402
 from virtual_contrast.subjects import SUBJECT_ID_PATTERN, flowchart_counts  # noqa: E402
 from virtual_contrast.workflow import plan_study  # noqa: E402
 from virtual_contrast.dicom import sidecar  # noqa: E402
+
+
+# A run killed with kill -9 leaves Snakemake's lock: removed when nothing of that run is alive on this machine
+# (virtual_contrast.runlock), so that the same command finishes it. Each run records itself once it holds the
+# lock and forgets itself when it ends (onerror: rules/qc.smk).
+if workflow.is_main_process:
+    _cleared = clear_stale_lock(".snakemake")
+    if _cleared:
+        logger.warning(_cleared)
+
+
+onstart:
+    record_run(".snakemake")
+
+
+onsuccess:
+    forget_run(".snakemake")
 
 
 # The schema (virtual_contrast/schemas/config.schema.yaml) fills in every default, then what it cannot say

@@ -60,4 +60,5 @@ rule registration_quality:
 
 onerror:
     # With --keep-going the other subjects carry on; at the end, list every registration the gate rejected.
+    forget_run(".snakemake")
     list_rejected_registrations(SUBJECTS)

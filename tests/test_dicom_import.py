@@ -58,7 +58,7 @@ def test_every_role_is_filed_under_the_bids_names_with_sidecars_and_a_report(imp
     assert (low["series_number"], ref["series_number"]) == ("7", "8")
     assert "first of two" in low["reason"] and "second of two" in ref["reason"]
     assert set(report["status"]) == {"used"}
-    assert not list(out.rglob(".import-*"))  # no scratch left
+    assert not list(out.rglob(".import*"))  # no scratch left
 
 
 def test_siemens_dwi_imports_as_4d_with_b0_and_b1000_that_the_adc_step_accepts(imported, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from workflow_helpers import REPO
 
 from virtual_contrast import cli
 from virtual_contrast.checks import STUDY_CHECKS, check_config, check_study, requested_checks
@@ -220,6 +221,49 @@ def test_staged_folder_moves_everything_at_the_end_or_nothing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.txt", "other.txt", "work"]
 
 
+KILLED_WRITER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from virtual_contrast.io import atomic_path, staged_folder
+
+with staged_folder({out!r}) as stage, atomic_path(stage / "big.nii.gz") as tmp:
+    with atomic_path(Path({out!r}) / "table.tsv"):
+        print("writing", flush=True)
+        time.sleep(600)
+"""
+
+
+def test_a_writer_killed_with_sigkill_leaves_nothing_once_the_same_outputs_are_written_again(
+    tmp_path,
+):
+    """kill -9 leaves the writer's hidden temporary files (0 bytes when it had not written yet); the next
+    writer of the same outputs removes them (the killed process is gone), and its own."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER.format(repo=str(REPO), out=str(out))],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 2 and all(name.startswith(".") for name in left), left
+    assert any(name.startswith(".table.") and name.endswith(".tsv") for name in left)
+    assert (out / next(n for n in left if n.startswith(".table."))).stat().st_size == 0
+    # The same command again: the same outputs written, the killed writer's temporaries gone.
+    with staged_folder(out) as stage:
+        save_image(np.zeros((2, 2, 2)), np.eye(4), stage / "big.nii.gz")
+    write_table(pd.DataFrame({"a": [1]}), out / "table.tsv")
+    assert sorted(p.name for p in out.iterdir()) == ["big.nii.gz", "table.tsv"]
+    # A live writer's temporary file is left alone.
+    with atomic_path(out / "table.tsv") as mine:
+        write_table(pd.DataFrame({"a": [2]}), out / "other.tsv")
+        assert mine.exists()
+
+
 @pytest.mark.parametrize("name", ["../escape", "a/../../escape", "/etc", "", "..", "a/.."])
 def test_names_from_data_cannot_leave_the_output_folder(tmp_path, name):
     with pytest.raises(InputError, match="output folder"):
@@ -366,7 +410,6 @@ with atomic_path({out!r}) as tmp:
 
 @pytest.mark.parametrize("how", ["error", "sigterm"])
 def test_a_rule_script_that_stops_leaves_one_line_a_log_and_no_temporary_file(tmp_path, how):
-    from workflow_helpers import REPO
 
     log, out = tmp_path / "demo.log", tmp_path / "out" / "x.nii.gz"
     script = tmp_path / "job.py"

@@ -29,7 +29,7 @@ import pandas as pd
 from virtual_contrast.dicom import sidecar
 from virtual_contrast.dicom.rules import ROLE_LABELS, ROLES, Classification, SeriesMap, classify
 from virtual_contrast.dicom.scan import Series, other_patients, scan_folder
-from virtual_contrast.io import InputError, write_table
+from virtual_contrast.io import InputError, scratch_folder, write_table
 from virtual_contrast.preprocess.inputs import check_voxel_sizes
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def import_series(
     tool = find_dcm2niix()
     report_path.parent.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    with tempfile.TemporaryDirectory(prefix=".import-", dir=report_path.parent) as scratch:
+    with scratch_folder(report_path.parent, ".import") as scratch:
         staged: dict[str, tuple[Path, Path]] = {}  # key -> (converted file, target)
         for role in ROLES:
             if role not in roles:

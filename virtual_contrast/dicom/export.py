@@ -24,7 +24,6 @@ import datetime
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from virtual_contrast import __version__
 from virtual_contrast.dicom.reference import Reference, from_groups, read_reference
 from virtual_contrast.dicom.scan import Series
-from virtual_contrast.io import InputError, load_image
+from virtual_contrast.io import InputError, load_image, scratch_name
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ def new_folder(out: Path | str) -> Iterator[Path]:
     if out.exists() and any(out.iterdir()):
         raise InputError("output folder exists and is not empty", path=out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    scratch = scratch_name(out.parent, f".{out.name}", directory=True)
     try:
         yield scratch
         os.replace(scratch, out)
