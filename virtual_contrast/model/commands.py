@@ -392,6 +392,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     channels = list(load_checkpoint(models[0])["channels"])
     flips = "all8" if args.tta else "none"
     raw_mode = args.dwi is not None or args.bval is not None
+    if args.override_gate and not raw_mode:
+        raise InputError(
+            "--override-gate applies to a raw exam (--dwi and --bval): the registration quality gate "
+            "runs when predict pre-processes the exam"
+        )
     if raw_mode:
         if args.adc or args.channels_dir:
             raise InputError(
