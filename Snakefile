@@ -30,3 +30,7 @@ rule all:
     input:
         get_final_outputs(),
     default_target: True
+
+
+# What the requested targets need of the study (enough training and test subjects), checked before any job.
+check_requested_targets()

@@ -132,7 +132,7 @@ def real_exam(workdir: Path) -> None:
         {"T1": reg["T1w"], **{ch: reg[ch] for ch in channels[1:]}},
         {"T1": workdir / "T1w_xfm.txt", **{ch: workdir / f"{ch}_xfm.txt" for ch in channels[1:]}},
         workdir / "reg_mask.nii.gz",
-        options.register,
+        options.register.backend,
         subject="TCGA",
     )
     seconds["register"], cpu["register"] = time.perf_counter() - t, time.process_time() - c

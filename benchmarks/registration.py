@@ -20,7 +20,6 @@ wall time on a shared machine says little by itself.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -212,7 +211,7 @@ def main() -> int:
                 {c: out / f"{c}.nii.gz" for c in ["T1", *channels]},
                 {c: out / f"{c}_xfm.txt" for c in ["T1", *channels]},
                 out / "mask.nii.gz",
-                dataclasses.replace(default_options().register, backend=name),
+                name,
                 subject="TCGA",
             )
             seconds, cpu = time.perf_counter() - t, time.process_time() - c

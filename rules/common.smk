@@ -8,11 +8,12 @@ sys.path.insert(0, workflow.basedir)
 
 from virtual_contrast import layout  # noqa: E402
 from virtual_contrast.backends import resolve_backends, with_backends  # noqa: E402
-from virtual_contrast.checks import check_config, check_study  # noqa: E402
+from virtual_contrast.checks import check_config, check_study, requested_checks  # noqa: E402
 from virtual_contrast.cli import report_error  # noqa: E402
 from virtual_contrast.config import train_options, validate_config  # noqa: E402
 from virtual_contrast.io import InputError  # noqa: E402
 from virtual_contrast.preprocess.options import PreprocessOptions  # noqa: E402
+from virtual_contrast.runlock import clear_stale_lock, forget_run, record_run  # noqa: E402
 from virtual_contrast.sequences import (  # noqa: E402
     ALWAYS_NEEDED,
     ANCHOR,
@@ -26,6 +27,23 @@ from virtual_contrast.workflow import plan_study  # noqa: E402
 from virtual_contrast.dicom import sidecar  # noqa: E402
 
 
+# A run killed with kill -9 leaves Snakemake's lock: removed when nothing of that run is alive on this machine
+# (virtual_contrast.runlock), so that the same command finishes it. Each run records itself once it holds the
+# lock and forgets itself when it ends (onerror: rules/qc.smk).
+if workflow.is_main_process:
+    _cleared = clear_stale_lock(".snakemake")
+    if _cleared:
+        logger.warning(_cleared)
+
+
+onstart:
+    record_run(".snakemake")
+
+
+onsuccess:
+    forget_run(".snakemake")
+
+
 # The schema (virtual_contrast/schemas/config.schema.yaml) fills in every default, then what it cannot say
 # (related values, files, the study itself) is checked before any job, even in a dry run: a mistake stops the
 # run with one line naming the key, table row or file, and exit status 2.
@@ -33,21 +51,12 @@ try:
     validate_config(config)
     check_config(config)
     STUDY = plan_study(config)
-    check_study(
-        config,
-        n_train=len(STUDY.train_subjects),
-        n_test=len(STUDY.test_subjects),
-        source=STUDY.source,
-    )
+    # The study's own checks (enough training and test subjects) depend on the targets: check_requested_targets.
     # `auto` backends resolved once, here, for every job of the run: nodes with and without FSL cannot
     # register one study with two tools. Each job gets the resolved name; provenance.json records the choice.
     BACKENDS = resolve_backends(config)
 except InputError as exc:
     sys.exit(report_error("virtual-contrast workflow", exc))
-logger.info(
-    "backends of this run: "
-    + "; ".join(f"{step} {b['backend']} ({b['reason']})" for step, b in BACKENDS.items())
-)
 # One typed options object for every pre-processing rule (each takes its part) and stored in model.pt.
 PREPROCESS_OPTIONS = PreprocessOptions.from_config(with_backends(config, BACKENDS)).to_dict()
 SUBJECTS = STUDY.subjects
@@ -66,6 +75,76 @@ wildcard_constraints:
     fold=r"\d+",
     session=r"\d+",
     res=r"[0-9]+(\.[0-9]+)?",
+
+
+def check_requested_targets():
+    """Stop before the first job, in one line, when the study cannot complete the requested targets (the checks
+    of virtual_contrast.checks.RULE_NEEDS); called by the Snakefile once all rules are defined.
+    Then log the plan: the backends, and why every exam is excluded when none is included."""
+    excluded = [
+        (f"sub-{row.subject}" + (f" ses-{row.session}" if getattr(row, "session", "") else ""), row.reason)
+        for row in STUDY.selection.excluded.itertuples()
+    ]
+    if workflow.is_main_process:  # (a job re-parsing the workflow: the main process checked)
+        settings = requested_dag_settings()
+        if settings is None:  # not a run (--lint, --list-rules): every check, as for the default target
+            checks = requested_checks([workflow.default_target])
+        else:
+            checks = requested_checks(
+                rules_of(settings.targets) or [workflow.default_target], rules_of(settings.until)
+            )
+        try:
+            check_study(
+                config,
+                n_train=len(STUDY.train_subjects),
+                n_test=len(STUDY.test_subjects),
+                source=STUDY.source,
+                checks=checks,
+                embedded=STUDY.embedded,
+                excluded=excluded,
+            )
+        except InputError as exc:
+            sys.exit(report_error("virtual-contrast workflow", exc))
+    logger.info(
+        "backends of this run: "
+        + "; ".join(f"{step} {b['backend']} ({b['reason']})" for step, b in BACKENDS.items())
+    )
+    if excluded and not SUBJECTS:
+        logger.info(
+            f"every exam is excluded ({layout.table('exclusions')}): "
+            + "; ".join(f"{exam}: {reason}" for exam, reason in excluded)
+        )
+
+
+def rules_of(targets):
+    """Rule names of Snakemake targets (rule names, or files mapped to the rules that make them)."""
+    names = {rule.name for rule in workflow.rules}
+    found = []
+    for target in targets:
+        if target in names:
+            found.append(target)
+        else:
+            found += [rule.name for rule in workflow.rules if rule.is_producer(target)]
+    return found
+
+
+def requested_dag_settings():
+    """The targets, --until and --omit-from of this run (Snakemake's DAGSettings), or None outside a run.
+
+    Snakemake 9 parses the Snakefile inside DAGApi.__post_init__ (snakemake/api.py: it reads
+    `self.workflow_api._workflow`, which includes the Snakefile) and only then hands the workflow its
+    DAGSettings, so `workflow.dag_settings` is still None here; the settings are read from that frame."""
+    if workflow.dag_settings is not None:
+        return workflow.dag_settings
+    from snakemake.api import DAGApi
+
+    frame = sys._getframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, DAGApi):
+            return candidate.dag_settings
+        frame = frame.f_back
+    return None
 
 
 def get_raw(wildcards):

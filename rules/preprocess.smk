@@ -1,7 +1,7 @@
 # Pre-processing (paper, "Pre-processing"): the ICBM 2009a atlas on the working grid; per subject, ADC from
 # DWI; brain extraction on the native T1 -> brain-to-brain 12-DOF registration to the atlas (other sequences
-# rigidly to the T1), one spline resampling onto its grid, the brain mask carried along, a quality gate -> crop
-# -> percentile normalisation.
+# rigidly to the T1), one spline resampling onto its grid, the brain mask carried along -> the quality gate (its
+# own step: changing its limits re-registers nothing) -> crop -> percentile normalisation.
 
 
 rule atlas:
@@ -93,11 +93,10 @@ rule register:
         **layout.register_files("{subject}", CHANNELS),
         transforms=[layout.transform_file("{subject}", c) for c in CHANNELS],
     params:
-        options=PREPROCESS_OPTIONS["register"],
+        # The backend only: the gate's limits are rule registration_gate's, so changing them re-registers nothing.
+        backend=PREPROCESS_OPTIONS["register"]["backend"],
         channels=CHANNELS,
         alignment=register_alignment(),
-        # Not an output: drawn only when the quality gate rejects the registration (the job then fails).
-        rejected_figure=lambda wc: layout.rejected_registration(wc.subject),
     threads: 2
     resources:
         mem_mb=4000,
@@ -113,9 +112,34 @@ rule register:
         "../workflow_scripts/register.py"
 
 
+rule registration_gate:
+    input:
+        register=rules.register.output.provenance,
+        t1=rules.register.output.T1w,
+        mask=rules.register.output.mask,
+        atlas_brain_mask=ATLAS["brain_mask"],
+    output:
+        verdict=layout.registration_gate_file("{subject}"),
+    params:
+        gate=PREPROCESS_OPTIONS["register"]["gate"],
+        # Not an output: drawn only when the gate rejects the registration (the job then fails).
+        rejected_figure=lambda wc: layout.rejected_registration(wc.subject),
+    group:
+        "subject"
+    log:
+        layout.log("registration_gate", "{subject}"),
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../workflow_scripts/registration_gate.py"
+
+
 rule crop:
     input:
         **{c: rules.register.output[c] for c in CHANNELS},
+        # Order only (ancient: its date is not compared): a verdict rewritten with new limits that the subject
+        # still passes reruns nothing downstream; a rejection stops the subject here.
+        gate=ancient(rules.registration_gate.output.verdict),
         mask=rules.register.output.mask,
         atlas_brain_mask=ATLAS["brain_mask"],
     output:

@@ -11,6 +11,7 @@ rule qc:
         normalized=[rules.normalize.output[c] for c in CHANNELS],
         atlas=list(ATLAS.values()),
         register=rules.register.output.provenance,
+        gate=rules.registration_gate.output.verdict,
         skull_strip=rules.skull_strip.output.provenance,
     output:
         figure=report(
@@ -35,6 +36,8 @@ rule qc:
         "../workflow_scripts/qc.py"
 
 
+# Every subject's figures with the verdict of the configured gate, rejected subjects included: it reads the
+# registrations, not the gate's jobs (which fail for a rejected subject).
 rule registration_quality:
     input:
         expand(rules.register.output.provenance, subject=SUBJECTS),
@@ -46,6 +49,7 @@ rule registration_quality:
         ),
     params:
         subjects=SUBJECTS,
+        gate=PREPROCESS_OPTIONS["register"]["gate"],
     log:
         layout.log("registration_quality"),
     conda:
@@ -56,4 +60,5 @@ rule registration_quality:
 
 onerror:
     # With --keep-going the other subjects carry on; at the end, list every registration the gate rejected.
+    forget_run(".snakemake")
     list_rejected_registrations(SUBJECTS)

@@ -55,16 +55,37 @@ def copy_series(
     return series_uid
 
 
+def relabel(folder: Path, **attributes) -> None:
+    """Set header ``attributes`` in every DICOM file under ``folder`` (in place)."""
+    for path in sorted(folder.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for key, value in attributes.items():
+            setattr(ds, key, value)
+        ds.save_as(path)
+
+
+def patient_attributes(patient: str) -> dict[str, str]:
+    """Header attributes of another patient's exam: its ids, name, birth date and a study of its own."""
+    return {
+        "PatientID": f"id{patient}",
+        "PatientName": f"Test^{patient}",
+        "PatientBirthDate": "19800101",
+        "StudyInstanceUID": generate_uid(),
+    }
+
+
 def build_exam(
     dicom_qa: Path,
     out: Path,
     *,
     post: tuple[str, str] = ("t1_fl2d_sag_post", "t1_fl2d_sag_post"),
     flair=True,
+    patient: str | None = None,
 ) -> Path:
     """A complete exam: T1 (as acquired), FLAIR, DWI (as acquired), two post-contrast T1 series acquired 10
     and 15 minutes after the T1 with descriptions ``post`` (the same protocol by default, so acquisition order
-    tells the doses apart), the first with a contrast agent in its header."""
+    tells the doses apart), the first with a contrast agent in its header. With ``patient``, every file is
+    relabelled as that patient's own study (:func:`patient_attributes`)."""
     t1 = dicom_qa / T1_SERIES
     out.mkdir(parents=True)
     copy_series(t1, out / "3_t1", n_files=T1_SLICES)
@@ -88,4 +109,6 @@ def build_exam(
         ContrastBolusAgent="Gd",
     )
     copy_series(t1, out / "8_post", description=post[1], number=8, minutes=15, n_files=T1_SLICES)
+    if patient is not None:
+        relabel(out, **patient_attributes(patient))
     return out

@@ -78,6 +78,10 @@ COUNTERPARTS = {
         "preprocess.registration_gate.min_brain_dice",
         lambda c: c["preprocess"]["registration_gate"]["min_brain_dice"],
     ),
+    ("register", "gate_min_brain_coverage"): (
+        "preprocess.registration_gate.min_brain_coverage",
+        lambda c: c["preprocess"]["registration_gate"]["min_brain_coverage"],
+    ),
     ("split", "k"): ("split.folds", lambda c: c["split"]["folds"]),
     ("split", "seed"): ("split.seed", lambda c: c["split"]["seed"]),
     ("predict", "device"): ("predict.device", lambda c: c["predict"]["device"]),

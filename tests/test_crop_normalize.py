@@ -187,3 +187,20 @@ def test_cli_crop_and_normalize(tmp_path: Path, monkeypatch, capsys):
     assert "percentiles 2, 99" in capsys.readouterr().out
     n = np.asarray(nib.load(str(tmp_path / "n.nii.gz")).dataobj)
     assert n.min() == 0.0 and n.max() == 1.0 and (n[mask == 0] == 0).all()
+
+
+def test_normalize_with_an_empty_mask_names_the_mask(tmp_path: Path, capsys):
+    """It named the image: "file 'img.nii.gz': the brain mask is empty"."""
+    image = save_image(
+        np.random.default_rng(0).random((8, 8, 8)), np.eye(4), tmp_path / "img.nii.gz"
+    )
+    mask = save_image(np.zeros((8, 8, 8)), np.eye(4), tmp_path / "mask.nii.gz", dtype=np.uint8)
+    out = tmp_path / "norm.nii.gz"
+    argv = ["normalize", "--image", str(image), "--mask", str(mask), "--out", str(out)]
+    assert cli.main([*argv, "--subject", "n01"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"virtual-contrast normalize: error: subject 'n01', file '{mask}': the brain mask is empty "
+        "(no voxel above 0.5)"
+    )
+    assert not out.exists()

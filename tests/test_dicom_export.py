@@ -133,18 +133,91 @@ def test_a_normalised_image_is_rescaled_and_comes_back_within_half_a_step(shared
     assert np.abs(back.get_fdata() - nib.load(image).get_fdata()).max() <= step / 2 + 1e-6
 
 
-def test_an_image_off_the_reference_grid_keeps_its_own_geometry(shared_data, tmp_path):
+@pytest.mark.parametrize("grid", ["cropped", "shifted", "atlas"])
+def test_an_image_off_the_reference_grid_is_refused_and_nothing_written(
+    shared_data, tmp_path, capsys, grid
+):
+    """It used to be written into the reference patient's study and frame of reference with exit 0 and a log
+    warning: a cropped image, another patient's (the same grid 3 mm off), an atlas-space one."""
+    from virtual_contrast.cli import main as cli_main
+
     reference = shared_data / "dicom_dcm_qa" / "siemens_e11_t1_sag"
     acquired = _convert(reference, tmp_path / "acquired")
-    crop = acquired.slicer[20:200, 30:220, 2:12]
-    image = save_image(crop.get_fdata().astype(np.float32), crop.affine, tmp_path / "crop.nii.gz")
-    export_series(image, reference, tmp_path / "crop_dcm")
-    # Written in the image's own voxel order, which dcm2niix may flip on the way back: compare in world space.
-    back = nib.as_closest_canonical(_convert(tmp_path / "crop_dcm", tmp_path / "back"))
-    crop = nib.as_closest_canonical(nib.load(image))
-    assert back.shape == crop.shape
-    assert np.abs(back.affine - crop.affine).max() < 0.01
-    assert np.abs(back.get_fdata() - crop.get_fdata()).max() <= 0.5 + 1e-3
+    data = acquired.get_fdata().astype(np.float32)
+    if grid == "cropped":
+        crop = acquired.slicer[20:200, 30:220, 2:12]
+        data, affine = crop.get_fdata().astype(np.float32), crop.affine
+    elif grid == "shifted":
+        affine = acquired.affine.copy()
+        affine[:3, 3] += [0.0, 3.0, 0.0]
+    else:
+        data, affine = np.ones((40, 48, 40), np.float32), np.diag([4.0, 4.0, 4.0, 1.0])
+    image = save_image(data, affine, tmp_path / "vir.nii.gz")
+    out = tmp_path / "vir_dcm"
+    rc = cli_main(
+        ["export-dicom", "--image", str(image), "--like", str(reference), "--out", str(out)]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert str(image) in err and "not on the grid of the reference series" in err
+    assert "0.01 voxel" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_image_within_the_tolerance_of_the_grid_is_placed_on_it(shared_data, tmp_path):
+    reference = shared_data / "dicom_dcm_qa" / "siemens_e11_t1_sag"
+    acquired = _convert(reference, tmp_path / "acquired")
+    affine = acquired.affine.copy()
+    affine[:3, 3] += [0.0, 0.004, 0.0]  # 0.004 mm: within 0.01 voxel of 1 mm
+    image = save_image(acquired.get_fdata().astype(np.float32), affine, tmp_path / "vir.nii.gz")
+    written = export_series(image, reference, tmp_path / "vir_dcm")
+    ref_positions = sorted(
+        float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[0])
+        for p in reference.glob("*.dcm")
+    )
+    positions = sorted(float(pydicom.dcmread(p).ImagePositionPatient[0]) for p in written)
+    assert np.allclose(positions, ref_positions, atol=0.01)
+
+
+def test_the_model_digest_is_the_same_for_the_same_weights_saved_twice(tmp_path):
+    """The file's bytes differ (torch.save names the archive's folder after the random temporary file), the
+    digest of the weights and options does not; another weight changes it."""
+    import torch
+
+    from virtual_contrast.dicom.derivation import describe_models
+    from virtual_contrast.model.checkpoint import model_checkpoint, save_checkpoint
+    from virtual_contrast.model.config import TrainConfig
+    from virtual_contrast.model.digest import model_digest
+    from virtual_contrast.model.unet import UNet3D
+
+    cfg = TrainConfig.from_dict({"width": 2, "depth": 2})
+    torch.manual_seed(0)
+    model = UNet3D(cfg.spec)
+    ckpt = model_checkpoint(
+        model, cfg, (8, 8, 8), affine=np.eye(4), epoch=1, train_loss=0.1, tune_loss=0.2,
+        train_ids=["a"], tune_ids=["b"], preprocess={"voxel_mm": 4.0},
+    )  # fmt: skip
+    first, second = tmp_path / "a" / "model.pt", tmp_path / "b" / "model.pt"
+    save_checkpoint(ckpt, first)
+    save_checkpoint(ckpt, second)
+    assert first.read_bytes() != second.read_bytes()
+    assert model_digest(first) == model_digest(second)
+    assert describe_models([first], tta=True) == describe_models([second], tta=True)
+    assert model_digest(first)[:12] in describe_models([first], tta=True)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    changed = tmp_path / "c" / "model.pt"
+    save_checkpoint(model_checkpoint(
+        model, cfg, (8, 8, 8), affine=np.eye(4), epoch=1, train_loss=0.1, tune_loss=0.2,
+        train_ids=["a"], tune_ids=["b"], preprocess={"voxel_mm": 4.0},
+    ), changed)  # fmt: skip
+    assert model_digest(changed) != model_digest(first)
+    other_options = tmp_path / "d" / "model.pt"
+    save_checkpoint({**ckpt, "preprocess": {"voxel_mm": 1.0}}, other_options)
+    assert model_digest(other_options) != model_digest(first)
+    same_weights_other_run = tmp_path / "e" / "model.pt"
+    save_checkpoint({**ckpt, "epoch": 7, "tune_loss": 0.05}, same_weights_other_run)
+    assert model_digest(same_weights_other_run) == model_digest(first)
 
 
 def test_export_refuses_a_folder_with_several_series_without_a_uid_and_a_filled_output(

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
-from dicom_exams import build_exam
+from dicom_exams import build_exam, copy_series, relabel
 
 from virtual_contrast.cli import main as cli_main
-from virtual_contrast.dicom.convert import import_exam
+from virtual_contrast.dicom.convert import find_dcm2niix, import_exam
 from virtual_contrast.dicom.rules import builtin_kind, classify, load_series_map
 from virtual_contrast.dicom.scan import Series, scan_folder
 from virtual_contrast.io import InputError
 from virtual_contrast.layout import bids_exam_files
 from virtual_contrast.preprocess.adc import adc_from_files
+from virtual_contrast.preprocess.inputs import check_exam
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,7 @@ def test_every_role_is_filed_under_the_bids_names_with_sidecars_and_a_report(imp
     assert (low["series_number"], ref["series_number"]) == ("7", "8")
     assert "first of two" in low["reason"] and "second of two" in ref["reason"]
     assert set(report["status"]) == {"used"}
-    assert not list(out.rglob(".import-*"))  # no scratch left
+    assert not list(out.rglob(".import*"))  # no scratch left
 
 
 def test_siemens_dwi_imports_as_4d_with_b0_and_b1000_that_the_adc_step_accepts(imported, tmp_path):
@@ -203,3 +210,150 @@ def test_a_bad_series_map_is_refused_naming_the_file_and_the_problem(tmp_path, t
 def test_a_folder_with_two_studies_is_refused(dicom_qa, tmp_path):
     with pytest.raises(InputError, match=r"\d studies"):
         import_exam(dicom_qa, bids_exam_files(tmp_path, "x"), tmp_path / "r.tsv", subject="x")
+
+
+# --- refusals: each one line naming the subject or file, exit status 2, nothing written (issue 26) -----------
+
+
+def _import(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = cli_main(["import-dicom", *args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err.strip()
+
+
+def _one_line_refusal(rc: int, err: str, out, *names: str) -> str:
+    """The refusal as the CLI prints it: status 2, one line naming ``names``, nothing written to ``out``."""
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    for name in names:
+        assert name in err, (name, err)
+    assert not out.exists() or not any(out.rglob("*.nii.gz")), "an image was written"
+    return err
+
+
+def test_a_relative_dicom_path_imports_from_any_working_directory(
+    exam, tmp_path, monkeypatch, capsys
+):
+    """The README's `--dicom exam/`: the scratch links dcm2niix reads were relative, so they dangled."""
+    monkeypatch.chdir(exam.parent)
+    rc, out, err = _import(["--dicom", exam.name, "--out", "bids", "--subject", "r01"], capsys)
+    assert rc == 0, err
+    assert (exam.parent / "bids/sub-r01/anat/sub-r01_ce-low_T1w.nii.gz").exists()
+    deeper = tmp_path / "a" / "b"
+    deeper.mkdir(parents=True)
+    monkeypatch.chdir(deeper)
+    relative = os.path.relpath(exam, deeper)
+    assert relative.startswith("..")
+    rc, _, err = _import(["--dicom", relative, "--out", "bids", "--subject", "r02"], capsys)
+    assert rc == 0, err
+    assert (deeper / "bids/sub-r02/dwi/sub-r02_dwi.nii.gz").exists()
+
+
+def test_a_series_of_another_patient_is_refused_naming_both_patients(dicom_qa, tmp_path, capsys):
+    exam = build_exam(dicom_qa, tmp_path / "p03")
+    # Another patient's FLAIR in the same study (same StudyInstanceUID).
+    relabel(
+        exam / "6_flair",
+        PatientID="other7",
+        PatientName="Other^Patient",
+        PatientBirthDate="19990909",
+    )
+    out = tmp_path / "bids"
+    rc, _, err = _import(["--dicom", str(exam), "--out", str(out), "--subject", "p03"], capsys)
+    _one_line_refusal(rc, err, out, "'p03'", "'other7'", "'crlab'", "'t2_tirm_sag_dark-fluid'")
+    assert "another patient" in err
+
+
+def test_a_slice_of_another_patient_inside_a_series_is_refused_naming_the_file(
+    dicom_qa, tmp_path, capsys
+):
+    exam = build_exam(dicom_qa, tmp_path / "p04")
+    slice_ = sorted((exam / "8_post").glob("*.dcm"))[2]
+    relabel_file = pydicom.dcmread(slice_)
+    relabel_file.PatientID = "other8"
+    relabel_file.save_as(slice_)
+    out = tmp_path / "bids"
+    rc, _, err = _import(["--dicom", str(exam), "--out", str(out), "--subject", "p04"], capsys)
+    _one_line_refusal(rc, err, out, slice_.name, "'other8'")
+
+
+def _last_slice(series: Path) -> Path:
+    return max(
+        series.glob("*.dcm"),
+        key=lambda p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber),
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda blob: blob[:2000], "damaged DICOM file"),  # header cut short
+        (lambda blob: blob[:400] + b"\xff" * 300 + blob[700:], "damaged DICOM file"),  # garbled
+        (lambda blob: blob[: len(blob) - 40_000], "before the end of its pixel data"),
+    ],
+    ids=["truncated-header", "garbled-header", "truncated-pixels"],
+)
+def test_a_damaged_slice_is_refused_naming_the_file_not_dropped(
+    dicom_qa, tmp_path, capsys, damage, message
+):
+    """It used to be skipped as 'not DICOM': the T1 came out with 4 of its 5 slices, exit status 0."""
+    exam = build_exam(dicom_qa, tmp_path / "p05")
+    last = _last_slice(exam / "3_t1")
+    last.write_bytes(damage(last.read_bytes()))
+    out = tmp_path / "bids"
+    rc, _, err = _import(["--dicom", str(exam), "--out", str(out), "--subject", "p05"], capsys)
+    _one_line_refusal(rc, err, out, last.name, message)
+
+
+@pytest.mark.parametrize("spacing", ["0", "-1", "1e6"])
+def test_an_absurd_pixel_spacing_is_refused_naming_the_file(dicom_qa, tmp_path, capsys, spacing):
+    exam = build_exam(dicom_qa, tmp_path / "p06")
+    relabel(exam / "6_flair", PixelSpacing=[spacing, spacing])
+    out = tmp_path / "bids"
+    rc, _, err = _import(["--dicom", str(exam), "--out", str(out), "--subject", "p06"], capsys)
+    _one_line_refusal(rc, err, out, "6_flair", "PixelSpacing", "between 0.05 and 20 mm")
+
+
+def test_the_exam_check_bounds_voxel_sizes(dicom_qa, tmp_path):
+    """dcm2niix turns PixelSpacing 1e6 into 1e6 mm voxels, which the exam check used to pass."""
+    series = tmp_path / "t1"
+    copy_series(dicom_qa / "siemens_e11_t1_sag", series, n_files=5)
+    relabel(series, PixelSpacing=["1e6", "1e6"])
+    converted = tmp_path / "nifti"
+    converted.mkdir()
+    tool = find_dcm2niix()
+    subprocess.run([tool.path, "-z", "y", "-f", "t1", "-o", str(converted), str(series)], check=True,
+                   capture_output=True)  # fmt: skip
+    t1 = converted / "t1.nii.gz"
+    assert np.allclose(nib.load(t1).header.get_zooms()[:2], 1e6)
+    with pytest.raises(InputError, match=r"between 0.05 and 20 mm") as err:
+        check_exam({"t1": t1}, subject="v01")
+    assert "'v01'" in str(err.value) and str(t1) in str(err.value)
+
+
+@pytest.mark.parametrize("link", ["loop", "dangling"])
+def test_a_symbolic_link_loop_or_dangling_link_is_one_line(exam, tmp_path, capsys, link):
+    folder = tmp_path / "p07"
+    shutil.copytree(exam, folder)
+    if link == "loop":
+        (folder / "3_t1" / "again").symlink_to(folder)
+    else:
+        (folder / "3_t1" / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    out = tmp_path / "bids"
+    rc, _, err = _import(["--dicom", str(folder), "--out", str(out), "--subject", "p07"], capsys)
+    _one_line_refusal(rc, err, out, "'p07'", "again" if link == "loop" else "gone.dcm")
+    assert len(err) < 400, err
+    assert ("loop" if link == "loop" else "does not exist") in err
+
+
+def test_a_session_given_with_its_prefix_is_told_what_a_session_label_is(exam, tmp_path, capsys):
+    out = tmp_path / "bids"
+    rc, _, err = _import(
+        ["--dicom", str(exam), "--out", str(out), "--subject", "p08", "--session", "ses-01"], capsys
+    )
+    _one_line_refusal(rc, err, out, "--session 'ses-01'", "session label", "'01'")
+    assert "subject id" not in err
+    rc, _, err = _import(
+        ["--dicom", str(exam), "--out", str(out), "--subject", "p08", "--session", "a_b"], capsys
+    )
+    _one_line_refusal(rc, err, out, "--session 'a_b'", "letters and digits")

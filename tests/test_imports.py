@@ -65,6 +65,8 @@ FORBIDDEN = [
 #: Modules that must not reach torch: the workflow builds and checks them at parse time.
 TORCH_FREE = (
     "virtual_contrast.model.config",
+    # The DICOM export names the models by it, in an environment without torch (envs/dicom.yaml).
+    "virtual_contrast.model.digest",
     "virtual_contrast.checks",
     "virtual_contrast.workflow",
 )

@@ -219,3 +219,11 @@ def test_predict_command_errors(trained, tmp_path, capsys):
                    "--out", str(tmp_path)])  # fmt: skip
     assert rc == 2
     assert "model not found" in capsys.readouterr().err
+
+
+def test_override_gate_is_for_a_raw_exam_only(trained, tmp_path, capsys):
+    models, subjects = trained
+    rc = cli_main(["predict", "--models", str(models[0]), "--channels-dir",
+                   str(subjects[4].target.parent), "--override-gate", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2 and "--override-gate applies to a raw exam" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -84,3 +84,52 @@ def test_a_rejected_registration_leaves_its_figure_and_no_work_folder(raw_exam, 
         "sub-p02_desc-rejected_registration.json",
         "sub-p02_desc-rejected_registration.png",
     ]
+
+
+def _models_with_gate(raw_exam, folder: Path, **gate) -> Path:
+    """Copies of the tiny run's models with other stored gate limits."""
+    for path in sorted(raw_exam["models"].rglob("model.pt")):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["preprocess"]["register"]["gate"].update(gate)
+        (folder / path.parent.name).mkdir(parents=True)
+        torch.save(ckpt, folder / path.parent.name / "model.pt")
+    return folder
+
+
+def test_a_slab_that_misses_most_of_the_brain_is_rejected_by_the_coverage_gate(
+    raw_exam, tmp_path, capsys
+):
+    """A low-dose T1c covering a third of the head: the gate the models store (min_brain_coverage 0.9)
+    rejects the exam, naming the sequence and its coverage."""
+    img = nib.load(raw_exam["low"])
+    n = img.shape[2]
+    slab = img.slicer[:, :, n // 3 : n // 3 + max(2, n // 3)]
+    save_image(np.asanyarray(slab.dataobj), slab.affine, raw_exam["low"])
+    out = tmp_path / "out"
+    assert _predict(raw_exam, out, "--subject", "p03") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "subject 'p03'" in err, err
+    assert "the lowT1c's field of view holds" in err and "below 90 % (min_brain_coverage)" in err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sub-p03_desc-rejected_registration.json",
+        "sub-p03_desc-rejected_registration.png",
+    ]
+
+
+def test_override_gate_predicts_a_rejected_exam_and_says_so(raw_exam, tmp_path, capsys):
+    import json
+
+    raw_exam["models"] = _models_with_gate(raw_exam, tmp_path / "models", scale_range=[1.6, 2.0])
+    out = tmp_path / "out"
+    assert _predict(raw_exam, out, "--subject", "p04", "--override-gate") == 0
+    printed = capsys.readouterr().out
+    figure = out / "sub-p04_desc-rejected_registration.png"
+    assert "REJECTED" in printed and "--override-gate" in printed and str(figure) in printed
+    assert figure.exists() and (out / "sub-p04_space-ICBM09a_desc-virtual_T1c.nii.gz").exists()
+    work = out / "sub-p04_work"
+    gate = json.loads((work / "sub-p04_provenance.json").read_text())["register"]["gate"]
+    assert gate["overridden"] and not gate["passed"] and "outside [1.6, 2]" in gate["failures"][0]
+    assert (
+        "registration_gate"
+        in json.loads((work / "overrides.json").read_text())["command_line_overrides"]
+    )

@@ -9,7 +9,9 @@ from scipy.spatial.transform import Rotation
 from virtual_contrast.preprocess import quality
 from virtual_contrast.preprocess.options import GateOptions, default_options
 
-GATE = GateOptions(scale_range=(0.67, 1.5), min_correlation=0.2, min_brain_dice=0.9)
+GATE = GateOptions(
+    scale_range=(0.67, 1.5), min_correlation=0.2, min_brain_dice=0.9, min_brain_coverage=0.9
+)
 
 
 def _affine(linear: np.ndarray) -> np.ndarray:
@@ -86,12 +88,8 @@ def test_the_study_tables_read_the_figures_and_the_rejections(tmp_path):
 
     figures = {**quality.affine_figures(np.eye(4)), "correlation": 0.5, "brain_dice": 0.95}
     figures["brain_volume_ratio"] = 1.0
-    provenance = {
-        "backend": "simpleitk",
-        "quality": figures,
-        "gate": quality.gate_verdict(figures, GATE),
-    }
-    row = quality.quality_row("vc001", provenance)
+    provenance = {"backend": "simpleitk", "quality": figures}
+    row = quality.quality_row("vc001", provenance, GATE)
     assert (
         row["passed"]
         and row["scales"] == "1.000 1.000 1.000"
@@ -103,3 +101,68 @@ def test_the_study_tables_read_the_figures_and_the_rejections(tmp_path):
     rows = quality.rejected_registrations({"vc001": tmp_path / "none.json", "vc002": evidence})
     assert [r["subject"] for r in rows] == ["vc002"]
     assert rows[0]["failures"].startswith("scale 0.60") and rows[0]["figure"].endswith(".png")
+
+
+def _figures(**changes) -> dict:
+    figures = {**quality.affine_figures(np.eye(4)), "correlation": 0.5, "brain_dice": 0.96}
+    figures.update(brain_volume_ratio=1.0, atlas_brain_in_field_of_view=1.0)
+    figures["brain_coverage"] = {"T1": 1.0, "FLAIR": 0.98, "ADC": 0.95, "lowT1c": 1.0}
+    figures.update(changes)
+    return figures
+
+
+def test_a_slab_that_covers_a_third_of_the_brain_fails_the_coverage_gate_for_that_sequence():
+    """A 2D T1 slab covering 37 % of the brain: Dice 0.96 within its field of view passed the gate."""
+    slab = _figures(brain_coverage={"T1": 0.367, "FLAIR": 1.0, "ADC": 0.95, "lowT1c": 0.367})
+    failures = quality.gate_failures(slab, GATE)
+    assert failures == [
+        "the T1's field of view holds 37 % of the atlas brain, below 90 % (min_brain_coverage)",
+        "the lowT1c's field of view holds 37 % of the atlas brain, below 90 % (min_brain_coverage)",
+    ]
+    assert quality.gate_failures(_figures(), GATE) == []
+    # Figures of one registration (virtual-contrast register) hold the T1's coverage alone.
+    single = _figures(atlas_brain_in_field_of_view=0.5)
+    del single["brain_coverage"]
+    assert "the T1's field of view holds 50 %" in quality.gate_failures(single, GATE)[0]
+
+
+def test_the_study_table_lists_every_subject_with_the_verdict_of_the_gate_given(tmp_path):
+    """The verdict comes from the gate passed in (the configured one), not from the registration's job."""
+    provenances = {
+        "vc001": {"backend": "simpleitk", "quality": _figures()},
+        "vc002": {"backend": "simpleitk", "quality": _figures(brain_dice=0.83)},
+    }
+    rows = [quality.quality_row(s, p, GATE) for s, p in provenances.items()]
+    assert [r["passed"] for r in rows] == [True, False]
+    assert "Dice with the atlas brain mask 0.83 is below 0.9" in rows[1]["failures"]
+    assert rows[0]["least_brain_coverage"] == 0.95 and "ADC 0.950" in rows[0]["brain_coverage"]
+    looser = GateOptions(scale_range=(0.67, 1.5), min_correlation=0.2, min_brain_dice=0.8,
+                         min_brain_coverage=0.9)  # fmt: skip
+    assert quality.quality_row("vc002", provenances["vc002"], looser)["passed"]
+
+
+def test_gate_subject_draws_a_rejection_raises_and_an_override_goes_on_saying_so(tmp_path, caplog):
+    from virtual_contrast.io import save_image
+
+    brain = np.zeros((20, 24, 20), np.float32)
+    brain[4:16, 5:19, 4:16] = 1
+    paths = {
+        "t1_atlas": save_image(brain * 100, np.eye(4), tmp_path / "t1.nii.gz"),
+        "mask_atlas": save_image(brain, np.eye(4), tmp_path / "mask.nii.gz"),
+        "atlas_brain_mask": save_image(brain, np.eye(4), tmp_path / "atlas_mask.nii.gz"),
+    }
+    figure = tmp_path / "out" / "sub-x1_desc-rejected_registration.png"
+    slab = _figures(brain_coverage={"T1": 0.37, "FLAIR": 1.0})
+    with pytest.raises(quality.RegistrationRejectedError) as err:
+        quality.gate_subject(slab, GATE, subject="x1", rejected_figure=figure, **paths)
+    message = str(err.value)
+    assert message.startswith("subject 'x1'") and "37 % of the atlas brain" in message
+    assert f"look at {figure}" in message and "\n" not in message
+    assert figure.exists() and figure.with_suffix(".json").exists()
+    verdict = quality.gate_subject(
+        slab, GATE, subject="x1", rejected_figure=figure, override=True, **paths
+    )
+    assert not verdict["passed"] and verdict["overridden"] and figure.exists()
+    assert "REJECTED" in caplog.text and "override" in caplog.text
+    verdict = quality.gate_subject(_figures(), GATE, subject="x1", rejected_figure=figure, **paths)
+    assert verdict["passed"] and not figure.exists() and not figure.with_suffix(".json").exists()

@@ -16,12 +16,12 @@ from scipy.spatial.transform import Rotation
 
 from virtual_contrast import cli
 from virtual_contrast.io import InputError, load_image, save_image
+from virtual_contrast.preprocess import quality
 from virtual_contrast.preprocess import register as reg
 from virtual_contrast.preprocess import transforms as tf
 from virtual_contrast.preprocess.options import (
     BackendUnavailableError,
     GateOptions,
-    RegisterOptions,
     default_options,
 )
 from virtual_contrast.preprocess.quality import RegistrationRejectedError, dice
@@ -432,9 +432,15 @@ def _dice_at_1mm(native_mask: Path, transform: np.ndarray, atlas1_masks) -> tupl
     return dice(carried, atlas.brain_mask), dice(carried, official)
 
 
-def _options(**gate) -> RegisterOptions:
-    limits = {"scale_range": (0.67, 1.5), "min_correlation": 0.2, "min_brain_dice": 0.8, **gate}
-    return RegisterOptions(backend="simpleitk", gate=GateOptions(**limits))
+def _gate(**limits) -> GateOptions:
+    limits = {
+        "scale_range": (0.67, 1.5),
+        "min_correlation": 0.2,
+        "min_brain_dice": 0.8,
+        "min_brain_coverage": 0.9,
+        **limits,
+    }
+    return GateOptions(**limits)
 
 
 @pytest.mark.shared_data
@@ -454,9 +460,8 @@ def test_raw_tcga_head_with_skull_registers_brain_to_brain(
         out_images,
         out_xfm,
         tmp_path / "mask.nii.gz",
-        default_options().register,
+        default_options().register.backend,
         subject="TCGAFG6692",
-        rejected_figure=tmp_path / "rejected.png",
     )
     a_t1 = tf.load_transform(out_xfm["T1"])
     workflow_mask, official = _dice_at_1mm(tcga_brain_mask, a_t1, atlas1_masks)
@@ -466,8 +471,11 @@ def test_raw_tcga_head_with_skull_registers_brain_to_brain(
     )  # measured 0.954, 0.953
     # The carried mask written on the atlas grid agrees with the atlas brain mask there too.
     assert provenance["quality"]["brain_dice"] >= 0.9
-    assert provenance["gate"]["passed"] and not (tmp_path / "rejected.png").exists()
+    assert quality.gate_verdict(provenance["quality"], default_options().register.gate)["passed"]
     assert 0.3 < provenance["quality"]["correlation"] < 1  # measured 0.61 at 3 mm
+    # Each sequence's share of the atlas brain in its field of view (the T1c: same slab as the T1).
+    coverage = provenance["quality"]["brain_coverage"]
+    assert set(coverage) == {"T1", "T1c"} and min(coverage.values()) > 0.9, coverage
     # Outputs on the atlas grid, the composed transform is rigid(T1c) @ affine(T1).
     t1c = load_image(out_images["T1c"])
     assert t1c.shape == atlas3.shape and np.allclose(t1c.affine, atlas3.affine)
@@ -547,30 +555,42 @@ def test_outline_match_escapes_the_local_minimum_of_a_cohort_head(
         assert outline["metric"] > 0.01 and brain_dice < 0.9, (outline, brain_dice)
 
 
-def test_gate_rejection_fails_the_subject_naming_it_and_leaves_only_the_figure(atlas4, tmp_path):
-    """A registration outside the gate's limits: an error naming the subject, the figure to look at and the
-    failing figure; the rejected registration is drawn with its figures beside it, nothing else written."""
+def test_the_gate_applies_apart_from_the_registration_and_its_rejection_names_the_subject(
+    atlas4, tmp_path
+):
+    """register_subject writes the registration and its figures whatever the limits; gate_subject rejects
+    it with an error naming the subject, the figure to look at and the failing figure, drawing the
+    registration with its figures beside it; within the limits the stale figure goes away."""
     t1, mask = _synthetic_subject(atlas4, tmp_path)
-    outs = {"T1": tmp_path / "out" / "t1.nii.gz"}, {"T1": tmp_path / "out" / "t1_xfm.txt"}
-    rejected = tmp_path / "out" / "rejected.png"
+    out = tmp_path / "out"
+    outs = {"T1": out / "t1.nii.gz"}, {"T1": out / "t1_xfm.txt"}
+    provenance = reg.register_subject(
+        t1, mask, {}, atlas4, *outs, out / "mask.nii.gz", "simpleitk", subject="vc042"
+    )
+    assert "gate" not in provenance and provenance["quality"]["brain_dice"] > 0.9
+    assert provenance["quality"]["brain_coverage"]["T1"] > 0.99
+    assert sorted(p.name for p in out.iterdir()) == ["mask.nii.gz", "t1.nii.gz", "t1_xfm.txt"]
+    rejected = out / "rejected.png"
+    images = {
+        "t1_atlas": out / "t1.nii.gz",
+        "mask_atlas": out / "mask.nii.gz",
+        "atlas_brain_mask": save_image(atlas4.brain_mask, atlas4.affine, tmp_path / "a.nii.gz"),
+    }
     with pytest.raises(RegistrationRejectedError) as err:
-        reg.register_subject(
-            t1, mask, {}, atlas4, *outs, tmp_path / "out" / "mask.nii.gz",
-            _options(scale_range=(1.3, 1.5)), subject="vc042", rejected_figure=rejected,
+        quality.gate_subject(
+            provenance["quality"], _gate(scale_range=(1.3, 1.5)), subject="vc042",
+            rejected_figure=rejected, path=t1, **images,
         )  # fmt: skip
     message = str(err.value)
     assert message.startswith("subject 'vc042'") and "rejected by the quality gate" in message
     assert "outside [1.3, 1.5]" in message and f"look at {rejected}" in message
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rejected.json", "rejected.png"]
-    # The same subject within the default limits passes, and the stale figure goes away.
-    provenance = reg.register_subject(
-        t1, mask, {}, atlas4, *outs, tmp_path / "out" / "mask.nii.gz", _options(),
-        subject="vc042", rejected_figure=rejected,
-    )  # fmt: skip
-    assert provenance["gate"]["passed"] and provenance["quality"]["brain_dice"] > 0.9
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "mask.nii.gz", "t1.nii.gz", "t1_xfm.txt"
-    ]  # fmt: skip
+    assert rejected.exists() and rejected.with_suffix(".json").exists()
+    verdict = quality.gate_subject(
+        provenance["quality"], _gate(), subject="vc042", rejected_figure=rejected, **images
+    )
+    assert (
+        verdict["passed"] and not rejected.exists() and not rejected.with_suffix(".json").exists()
+    )
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from workflow_helpers import REPO
 
 from virtual_contrast import cli
-from virtual_contrast.checks import check_config, check_study
+from virtual_contrast.checks import STUDY_CHECKS, check_config, check_study, requested_checks
 from virtual_contrast.io import (
     InputError,
     atomic_path,
@@ -220,6 +221,49 @@ def test_staged_folder_moves_everything_at_the_end_or_nothing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.txt", "other.txt", "work"]
 
 
+KILLED_WRITER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from virtual_contrast.io import atomic_path, staged_folder
+
+with staged_folder({out!r}) as stage, atomic_path(stage / "big.nii.gz") as tmp:
+    with atomic_path(Path({out!r}) / "table.tsv"):
+        print("writing", flush=True)
+        time.sleep(600)
+"""
+
+
+def test_a_writer_killed_with_sigkill_leaves_nothing_once_the_same_outputs_are_written_again(
+    tmp_path,
+):
+    """kill -9 leaves the writer's hidden temporary files (0 bytes when it had not written yet); the next
+    writer of the same outputs removes them (the killed process is gone), and its own."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER.format(repo=str(REPO), out=str(out))],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 2 and all(name.startswith(".") for name in left), left
+    assert any(name.startswith(".table.") and name.endswith(".tsv") for name in left)
+    assert (out / next(n for n in left if n.startswith(".table."))).stat().st_size == 0
+    # The same command again: the same outputs written, the killed writer's temporaries gone.
+    with staged_folder(out) as stage:
+        save_image(np.zeros((2, 2, 2)), np.eye(4), stage / "big.nii.gz")
+    write_table(pd.DataFrame({"a": [1]}), out / "table.tsv")
+    assert sorted(p.name for p in out.iterdir()) == ["big.nii.gz", "table.tsv"]
+    # A live writer's temporary file is left alone.
+    with atomic_path(out / "table.tsv") as mine:
+        write_table(pd.DataFrame({"a": [2]}), out / "other.tsv")
+        assert mine.exists()
+
+
 @pytest.mark.parametrize("name", ["../escape", "a/../../escape", "/etc", "", "..", "a/.."])
 def test_names_from_data_cannot_leave_the_output_folder(tmp_path, name):
     with pytest.raises(InputError, match="output folder"):
@@ -307,7 +351,7 @@ def test_reads_without_lesions_and_table_with_bids_are_refused(tmp_path):
 
 
 def test_the_study_needs_a_training_subject_per_fold_and_a_test_subject():
-    check_study(_config(), n_train=2, n_test=1, source="x")
+    check_study(_config(), n_train=2, n_test=2, source="x")
     with pytest.raises(InputError) as err:
         check_study(_config(split={"folds": 5}), n_train=3, n_test=1, source="subjects table s.tsv")
     assert str(err.value) == (
@@ -316,6 +360,34 @@ def test_the_study_needs_a_training_subject_per_fold_and_a_test_subject():
     )
     with pytest.raises(InputError, match=r"no test subject \(x\)"):
         check_study(_config(), n_train=4, n_test=0, source="x")
+
+
+def test_each_check_of_the_study_belongs_to_the_targets_that_need_it():
+    """--until exclusions or qc needs nothing of the study; the reading lists need two test patients, which
+    used to fail only after every fold had trained."""
+    assert requested_checks(["all"], ["exclusions"]) == frozenset()
+    assert requested_checks(["all"], ["qc", "registration_quality"]) == frozenset()
+    assert requested_checks(["exclusions"]) == frozenset()
+    assert requested_checks(["all"]) == frozenset(STUDY_CHECKS)
+    assert requested_checks(["voxel_metrics"]) == {"folds", "test"}
+    assert requested_checks(["all"], ["voxel_metrics"]) == {"folds", "test"}
+    assert "reading" in requested_checks(["reading_lists"])
+    excluded = [(f"sub-{i:02d}", "missing FLAIR") for i in range(7)]
+    check_study(_config(), n_train=0, n_test=0, source="x", checks=frozenset(), excluded=excluded)
+    with pytest.raises(InputError) as err:
+        check_study(_config(), n_train=0, n_test=0, source="BIDS folder b", excluded=excluded)
+    message = str(err.value)
+    assert message.startswith("no exam is included (BIDS folder b; 7 exam(s) excluded: ")
+    assert "sub-00: missing FLAIR" in message and "and 2 more" in message and "\n" not in message
+    check_study(
+        _config(), n_train=3, n_test=1, source="x", checks=requested_checks(["voxel_metrics"])
+    )
+    with pytest.raises(
+        InputError, match="reading lists need at least 2 test patients, there are 1"
+    ):
+        check_study(_config(), n_train=3, n_test=1, source="x")
+    with pytest.raises(InputError, match="threshold on the training subjects: it needs at least 2"):
+        check_study(_config(), n_train=1, n_test=2, source="x", checks={"detector"}, embedded=True)
 
 
 # --- rule scripts: one line on stderr, the traceback in the job's log, SIGTERM cleans up -------------------------
@@ -338,7 +410,6 @@ with atomic_path({out!r}) as tmp:
 
 @pytest.mark.parametrize("how", ["error", "sigterm"])
 def test_a_rule_script_that_stops_leaves_one_line_a_log_and_no_temporary_file(tmp_path, how):
-    from workflow_helpers import REPO
 
     log, out = tmp_path / "demo.log", tmp_path / "out" / "x.nii.gz"
     script = tmp_path / "job.py"

@@ -187,3 +187,102 @@ def test_auto_backends_are_resolved_once_when_the_run_is_planned(tmp_path, monke
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{path}")
     proc = snakemake(tmp_path, "-n")
     assert f"backends of this run: registration fsl (auto: flirt found at {bin_dir}" in proc.stdout
+
+
+def _exam_files(folder, subject, *, flair=True) -> dict[str, str]:
+    """Empty files standing for one exam (a dry run only checks that they exist)."""
+    names = {"t1": "t1.nii.gz", "dwi": "dwi.nii.gz", "bval": "dwi.bval", "low": "low.nii.gz",
+             "ref": "ref.nii.gz", **({"flair": "flair.nii.gz"} if flair else {})}  # fmt: skip
+    (folder / subject).mkdir(parents=True)
+    for name in names.values():
+        (folder / subject / name).touch()
+    return {key: f"{subject}/{name}" for key, name in names.items()}
+
+
+def _subjects_table(tmp_path, splits: dict[str, str], *, flair=True):
+    rows = [
+        {
+            "subject": s,
+            "split": split,
+            "flair": "",
+            **_exam_files(tmp_path / "data", s, flair=flair),
+        }
+        for s, split in splits.items()
+    ]
+    table = tmp_path / "data" / "subjects.tsv"
+    pd.DataFrame(rows).fillna("").to_csv(table, sep="\t", index=False)
+    overlay = tmp_path / "subjects.yaml"
+    overlay.write_text(yaml.safe_dump({"subjects": str(table)}))
+    work = tmp_path / "work"
+    work.mkdir()
+    return work, overlay
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("virtual-contrast workflow: error: "), lines
+    assert "Traceback" not in proc.stdout + proc.stderr and "Job stats" not in proc.stdout
+    return lines[0]
+
+
+def test_until_exclusions_or_qc_works_on_a_study_whose_exams_are_all_excluded(tmp_path):
+    """It stopped on "split.folds = 2 but there are only 0 training subject(s)", never showing why."""
+    work, overlay = _subjects_table(
+        tmp_path, {"e01": "train", "e02": "train", "e03": "test"}, flair=False
+    )
+    line = _one_error_line(
+        snakemake(work, "-n", overlays=("tests/tiny.yaml", overlay), check=False)
+    )
+    assert "no exam is included" in line and "3 exam(s) excluded: sub-e01: missing FLAIR" in line
+    proc = snakemake(work, "-n", "--until", "qc", overlays=("tests/tiny.yaml", overlay))
+    printed = proc.stdout + proc.stderr
+    assert "every exam is excluded" in printed and "sub-e03: missing FLAIR" in printed
+    snakemake(work, "--cores", "1", "--until", "exclusions", overlays=("tests/tiny.yaml", overlay))
+    table = pd.read_csv(work / "results/tables/exclusions.tsv", sep="\t", dtype=str)
+    assert sorted(table["subject"]) == ["e01", "e02", "e03"]
+    assert table["reason"].str.contains("FLAIR").all()
+
+
+def test_a_study_that_cannot_complete_its_targets_stops_before_the_first_job(tmp_path):
+    """One test patient: the reading lists need two. Every fold used to train for minutes first."""
+    splits = {"f01": "train", "f02": "train", "f03": "train", "f04": "test"}
+    work, overlay = _subjects_table(tmp_path, splits)
+    line = _one_error_line(
+        snakemake(work, "-n", overlays=("tests/tiny.yaml", overlay), check=False)
+    )
+    assert "reading lists need at least 2 test patients, there are 1" in line
+    # What does not need a second test patient runs, as rule names or as files.
+    proc = snakemake(work, "-n", "--until", "voxel_metrics", overlays=("tests/tiny.yaml", overlay))
+    assert job_counts(proc.stdout)["train"] == 2
+    proc = snakemake(work, "-n", "results/tables/folds.tsv", overlays=("tests/tiny.yaml", overlay))
+    assert job_counts(proc.stdout) == {"split": 1}
+    # Three folds need three training subjects: asking for the split is enough to stop.
+    folds = tmp_path / "folds.yaml"
+    folds.write_text("split: {folds: 4}\n")
+    line = _one_error_line(
+        snakemake(
+            work,
+            "-n",
+            "results/tables/folds.tsv",
+            overlays=("tests/tiny.yaml", overlay, folds),
+            check=False,
+        )  # fmt: skip
+    )
+    assert "split.folds = 4 but there are only 3 training subject(s)" in line
+
+
+def test_the_checks_each_rule_needs_grow_along_the_rule_graph(tmp_path):
+    """virtual_contrast.checks.RULE_NEEDS lists, for each rule, its own checks and those of every rule it
+    depends on: along every edge of Snakemake's rule graph, a rule needs at least what its inputs' rules
+    need, and the default target everything."""
+    from virtual_contrast.checks import RULE_NEEDS, STUDY_CHECKS
+
+    proc = snakemake(tmp_path, "--rulegraph")
+    labels = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", proc.stdout, re.M))
+    edges = re.findall(r"^\s*(\d+) -> (\d+)$", proc.stdout, re.M)
+    assert len(labels) > 20 and len(edges) > 40
+    for upstream, downstream in edges:
+        up, down = labels[upstream], labels[downstream]
+        assert RULE_NEEDS.get(up, set()) <= RULE_NEEDS.get(down, set()), (up, down)
+    assert RULE_NEEDS["all"] == frozenset(STUDY_CHECKS)

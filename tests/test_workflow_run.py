@@ -46,7 +46,9 @@ def test_every_subject_is_preprocessed_with_its_qc_and_provenance(tiny_run):
         assert provenance["preprocess_options"]["skull_strip"]["backend"] == "deepbet"
         assert (base / f"sub-{subject}_qc.png").stat().st_size > 10_000
         log = (tiny_run / "logs" / "register" / f"sub-{subject}.log").read_text()
-        assert "simpleitk" in log and "registration quality passed" in log
+        assert "simpleitk" in log and "brain_coverage" in log
+        gate = (tiny_run / "logs" / "registration_gate" / f"sub-{subject}.log").read_text()
+        assert "registration quality gate passed" in gate
         assert "deepbet" in (tiny_run / "logs" / "skull_strip" / f"sub-{subject}.log").read_text()
 
 
@@ -280,11 +282,16 @@ def test_the_gpu_log_parser_sees_overlapping_jobs():
     assert _max_concurrent_gpu_jobs(log) == (2, 2)
 
 
-def test_a_registration_the_gate_rejects_fails_its_subject_and_the_run_lists_it(tiny_run, tmp_path):
-    """Gate limits that the largest brains exceed: those subjects' register jobs fail naming them, the others
-    carry on with --keep-going, and the failed run ends by listing the rejected subjects."""
+def test_the_gate_is_its_own_step_its_table_lists_every_subject_and_new_limits_register_nothing(
+    tiny_run, tmp_path
+):
+    """Gate limits that the largest brains exceed: those subjects' registration_gate jobs fail naming them,
+    the others carry on with --keep-going, the study table lists every subject with its verdict, the failed
+    run ends by listing the rejected subjects, and no registration is redone (the limits are not the
+    register rule's); a coverage limit above every subject's rejects each at the gate too."""
     work = _copy_run(tiny_run, tmp_path / "run")
     quality = pd.read_csv(work / "results/tables/registration_quality.tsv", sep="\t")
+    subjects = list(quality["subject"])
     largest = quality.set_index("subject")["scales"].map(lambda s: max(map(float, s.split())))
     ordered = largest.sort_values()
     gaps = ordered.diff().iloc[1:]
@@ -294,23 +301,56 @@ def test_a_registration_the_gate_rejects_fails_its_subject_and_the_run_lists_it(
     rejected, passed = sorted(ordered.index[cut:]), sorted(ordered.index[:cut])
     overlay = tmp_path / "gate.yaml"
     overlay.write_text(f"preprocess:\n  registration_gate:\n    scale_range: [0.5, {high:.4f}]\n")
-    targets = [f"results/sub-{s}/register/sub-{s}_register.json" for s in quality["subject"]]
+    registrations = {s: work / f"results/sub-{s}/register/sub-{s}_register.json" for s in subjects}
+    registered = {s: path.stat().st_mtime_ns for s, path in registrations.items()}
+    gates = [f"results/sub-{s}/register/sub-{s}_gate.json" for s in subjects]
     proc = snakemake(
-        work, "--cores", "2", "--keep-going", *targets,
+        work, "--cores", "2", "--keep-going", *gates, "results/tables/registration_quality.tsv",
         overlays=("tests/tiny.yaml", overlay), check=False,
     )  # fmt: skip
     assert proc.returncode != 0
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts == {"registration_gate": len(subjects), "registration_quality": 1}, counts
+    assert {s: p.stat().st_mtime_ns for s, p in registrations.items()} == registered
+    table = pd.read_csv(work / "results/tables/registration_quality.tsv", sep="\t")
+    verdicts = dict(zip(table["subject"], table["passed"], strict=True))
+    assert verdicts == {s: s in passed for s in subjects}
+    assert all(f"[0.5, {high:.4f}]" in f for f in table[~table["passed"]]["failures"])
     for subject in passed:  # rerun with the new limits (a changed param), and passed
-        register = json.loads((work / targets[list(quality["subject"]).index(subject)]).read_text())
-        assert register["gate"]["passed"] and register["gate"]["limits"]["scale_range"][1] == round(
-            high, 4
-        )
-    table = pd.read_csv(work / "results/tables/registration_rejected.tsv", sep="\t")
-    assert sorted(table["subject"]) == rejected
+        verdict = json.loads((work / gates[subjects.index(subject)]).read_text())
+        assert verdict["passed"] and verdict["limits"]["scale_range"][1] == round(high, 4)
+    listed = pd.read_csv(work / "results/tables/registration_rejected.tsv", sep="\t")
+    assert sorted(listed["subject"]) == rejected
     for subject in rejected:
         folder = work / "results" / f"sub-{subject}" / "register"
-        log = (work / "logs" / "register" / f"sub-{subject}.log").read_text()
+        log = (work / "logs" / "registration_gate" / f"sub-{subject}.log").read_text()
         assert f"subject '{subject}'" in log and "rejected by the quality gate" in log
         assert (folder / f"sub-{subject}_desc-rejected_registration.png").exists()
-        assert not (folder / f"sub-{subject}_register.json").exists()
+        assert not (folder / f"sub-{subject}_gate.json").exists()
+        assert registrations[subject].exists()
         assert f"sub-{subject}: scale" in proc.stderr
+    # Back to the configured limits: the gates and what the rejection held back run again, no registration.
+    proc = snakemake(work, "-n", "--cores", "2")
+    counts = job_counts(proc.stdout)
+    assert "register" not in counts and counts["registration_gate"] == len(subjects), counts
+    # Coverage: every sequence of every tiny subject holds the atlas brain; a slab of a third of one subject's
+    # low-dose T1c does not, and the default limit rejects it at the gate (the slab's own Dice would pass).
+    coverage = table["brain_coverage"].map(
+        lambda s: dict(zip(s.split()[::2], map(float, s.split()[1::2]), strict=True))
+    )
+    assert all(set(c) == {"T1", "FLAIR", "ADC", "lowT1c", "refT1c"} for c in coverage)
+    assert float(table["least_brain_coverage"].min()) > 0.9  # the default limit passes them
+    subject = passed[0]
+    low = work / tiny_study().raw_inputs(subject)["low"]
+    img = nib.load(low)
+    n = img.shape[2]
+    slab = img.slicer[:, :, n // 3 : n // 3 + max(2, n // 3)]
+    nib.save(nib.Nifti1Image(np.asanyarray(slab.dataobj), slab.affine), low)
+    proc = snakemake(
+        work, "--cores", "2", "--keep-going", gates[subjects.index(subject)], check=False
+    )
+    assert proc.returncode != 0
+    assert job_counts(proc.stdout + proc.stderr).get("register") == 1
+    assert f"sub-{subject}: the lowT1c's field of view holds" in proc.stderr, proc.stderr[-3000:]
+    covered = json.loads(registrations[subject].read_text())["quality"]["brain_coverage"]
+    assert covered["lowT1c"] < 0.9 and covered["T1"] > 0.9, covered  # measured 0.64

@@ -5,7 +5,13 @@ relates two values or needs the data, is checked here: ordered percentile pairs,
 process at the configured depth, as many training subjects as folds, configured files that exist, file names
 of the right kind. The workflow calls :func:`check_config` and :func:`check_study` at parse time (a dry run
 stops on them), and each command-line subcommand calls the same functions on its arguments before it reads
-or writes anything. Every problem is an :class:`~virtual_contrast.io.InputError` with one line saying which
+or writes anything.
+
+The study's checks belong to the rules that need them (:data:`RULE_NEEDS`): the workflow asks
+:func:`requested_checks` which ones the requested targets need (``snakemake results/...``, ``--until``), so
+that ``--until exclusions`` or ``--until qc`` runs on any study, even one whose every exam is excluded, while
+a study that cannot complete what was asked (one test patient when the reading lists are requested) stops
+before the first job. Every problem is an :class:`~virtual_contrast.io.InputError` with one line saying which
 value is wrong and why.
 
 No heavy imports here (no torch, no image libraries): the workflow imports this module while it parses.
@@ -21,6 +27,9 @@ from virtual_contrast.io import InputError
 
 #: File name endings of NIfTI images, the format every step writes.
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Voxel sizes accepted in an exam (mm, each axis; DICOM pixel spacings too): brain MRI has voxels of about 0.1
+#: to 10 mm; a size outside this range is a broken header (a pixel spacing of 0, -1 or 1e6), not an acquisition.
+VOXEL_MM_RANGE = (0.05, 20.0)
 
 
 def check_percentiles(low: float, high: float, *, what: str = "percentiles") -> tuple[float, float]:
@@ -160,22 +169,100 @@ def check_config(config: Mapping[str, Any]) -> None:
         )
 
 
-def check_study(config: Mapping[str, Any], *, n_train: int, n_test: int, source: str) -> None:
-    """Checks of the study as planned from the config: enough training subjects for the folds, a test set.
+# --- the study, as far as the requested targets need it ---------------------------------------------------
 
-    ``source`` says where the subjects come from (the table, the BIDS folder or the embedded cohort), for the
-    message.
+#: The study's checks: ``folds`` (as many training subjects as folds: split, training and all that uses the
+#: models), ``test`` (a test subject: the evaluation's aggregates), ``reading`` (two test patients: the
+#: blinded reading lists), ``detector`` (training subjects for the automated reader's enhancement prior and,
+#: with the embedded cohort, its FROC-tuned threshold).
+STUDY_CHECKS = ("folds", "test", "reading", "detector")
+#: The checks each rule of the workflow needs: its own and those of every rule it depends on (a test keeps
+#: this monotone along Snakemake's rule graph). Rules not listed need none.
+RULE_NEEDS: dict[str, frozenset[str]] = {
+    "split": frozenset({"folds"}),
+    "train": frozenset({"folds"}),
+    "predict": frozenset({"folds"}),
+    "metrics": frozenset({"folds"}),
+    "export_dicom": frozenset({"folds"}),
+    "voxel_metrics": frozenset({"folds", "test"}),
+    "enhancement_prior": frozenset({"detector"}),
+    "detector_froc": frozenset({"detector"}),
+    "detect_lesions": frozenset({"folds", "detector"}),
+    "detection_overlay": frozenset({"folds", "detector"}),
+    "detector_validation": frozenset({"folds", "detector"}),
+    "reader_stats": frozenset({"folds", "detector", "test"}),
+    "reader_stats_truth": frozenset({"folds", "detector", "test"}),
+    "reading_lists": frozenset({"folds", "test", "reading"}),
+    "all": frozenset(STUDY_CHECKS),
+}
+
+
+def requested_checks(targets: Sequence[str], until: Sequence[str] = ()) -> frozenset[str]:
+    """The study checks that a run of the rules ``targets`` needs, restricted by ``--until`` to the rules
+    ``until`` (both as rule names; the workflow maps file targets to the rules that make them). ``--omit-from``
+    is not taken into account: every check of the targets stays."""
+    needs = frozenset().union(*(RULE_NEEDS.get(rule, frozenset()) for rule in targets))
+    if until:
+        needs &= frozenset().union(*(RULE_NEEDS.get(rule, frozenset()) for rule in until))
+    return needs
+
+
+def check_study(
+    config: Mapping[str, Any],
+    *,
+    n_train: int,
+    n_test: int,
+    source: str,
+    checks: Sequence[str] | frozenset[str] = STUDY_CHECKS,
+    embedded: bool = False,
+    excluded: Sequence[tuple[str, str]] = (),
+) -> None:
+    """Checks of the study as planned from the config (those of ``checks``, see :data:`STUDY_CHECKS`):
+    enough training subjects for the folds and the automated reader, a test set, two test patients for the
+    reading lists.
+
+    ``source`` says where the subjects come from (the table, the BIDS folder or the embedded cohort), and
+    ``excluded`` ((exam, reason) of each excluded exam) why there are so few, for the message.
     """
-    folds = config["split"]["folds"]
-    try:
-        check_folds(folds, n_train, what="config split.folds")
-    except InputError as exc:
-        raise InputError(f"{exc} ({source})") from None
-    if n_test < 1:
+    unknown = sorted(set(checks) - set(STUDY_CHECKS))
+    if unknown:
+        raise ValueError(f"unknown study checks {unknown}")
+    why = f"{source}{exclusion_summary(excluded)}"
+    if checks and n_train + n_test == 0:
         raise InputError(
-            f"no test subject ({source}): the evaluation needs at least one; mark some as test in the "
+            f"no exam is included ({why}): nothing to train or evaluate; `--until exclusions` writes the "
+            "exclusions table"
+        )
+    if "folds" in checks:
+        try:
+            check_folds(config["split"]["folds"], n_train, what="config split.folds")
+        except InputError as exc:
+            raise InputError(f"{exc} ({why})") from None
+    if "test" in checks and n_test < 1:
+        raise InputError(
+            f"no test subject ({why}): the evaluation needs at least one; mark some as test in the "
             "split column or raise split.test_fraction"
         )
+    if "reading" in checks and n_test < 2:
+        raise InputError(
+            f"the reading lists need at least 2 test patients, there are {n_test} ({why}): add test "
+            "subjects, or ask only for what does not need them (e.g. --until voxel_metrics)"
+        )
+    least = 2 if embedded else 1
+    if "detector" in checks and n_train < least:
+        raise InputError(
+            f"the automated reader learns its enhancement prior{' and threshold' if embedded else ''} on "
+            f"the training subjects: it needs at least {least}, there are {n_train} ({why})"
+        )
+
+
+def exclusion_summary(excluded: Sequence[tuple[str, str]], *, shown: int = 5) -> str:
+    """``; N exams excluded: <exam>: <reason>, ...`` (the first ``shown``), or "" when none is excluded."""
+    if not excluded:
+        return ""
+    items = [f"{exam}: {reason}" for exam, reason in excluded[:shown]]
+    more = f", and {len(excluded) - shown} more" if len(excluded) > shown else ""
+    return f"; {len(excluded)} exam(s) excluded: " + ", ".join(items) + more
 
 
 def _lookup(config: Mapping[str, Any], keys: Sequence[str]) -> Any:

@@ -85,10 +85,16 @@ def gate_text(figures: dict, verdict: dict | None) -> str:
         text += (
             f", correlation {figures['correlation']:.2f}, brain Dice {figures['brain_dice']:.2f}"
         )
+    coverage = figures.get("brain_coverage") or {}
+    if coverage:
+        least = min(coverage, key=coverage.get)
+        text += f", least brain coverage {coverage[least]:.2f} ({least})"
     if verdict is None:
         return text
     if verdict["passed"]:
         return f"quality gate passed: {text}"
+    if verdict.get("overridden"):
+        return f"REJECTED by the quality gate (overridden): {text}"
     return f"REJECTED by the quality gate: {text}"
 
 

@@ -6,16 +6,24 @@ interrupted job never leaves a half-written output that looks complete. Outputs 
 gives any new file (0644 under the usual umask 022). A command with several outputs writes them in a
 :func:`staged_folder` and moves them into place at the end; :func:`path_inside` keeps names built from data
 (subject ids, reader names) inside the output folder.
+
+A writer killed with ``kill -9`` (or by a power cut) cannot remove its temporary file: each temporary name
+carries the host and process id of its writer (``.<name>.<host>-<pid>.<random><suffix>``), and the next
+writer of the same output removes those of this machine whose process is gone
+(:func:`remove_stale_temporaries`), so running the same command again leaves none behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,7 +122,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the full suffix (.nii.gz) so that writers that dispatch on it still work.
     suffix = "".join(path.suffixes)
-    tmp_path = _create_unique(path.parent, f".{path.name.split('.')[0]}.", suffix)
+    tmp_path = scratch_name(path.parent, f".{path.name.split('.')[0]}", suffix)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -123,10 +131,73 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a process of another user counts; a zombie, which has
+    ended but has not been collected by its parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        return state != "Z"
+    except OSError:
+        if Path("/proc/self/stat").exists():
+            return False  # Linux, and no such process
+    except IndexError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path | str, base: str, suffix: str = "") -> list[Path]:
+    """Remove the temporary files and folders named ``<base>.<host>-<pid>.<random><suffix>`` in ``folder``
+    that a writer on this machine left when it was killed (its process is gone); return them."""
+    folder = Path(folder)
+    pattern = re.compile(
+        rf"{re.escape(base)}\.(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)\.[0-9a-f]{{8}}{re.escape(suffix)}"
+    )
+    removed = []
+    for candidate in folder.glob(f"{glob.escape(base)}.*{glob.escape(suffix)}"):
+        match = pattern.fullmatch(candidate.name)
+        if not match or match["host"] != _host_tag() or process_alive(int(match["pid"])):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
+
+
+def scratch_name(folder: Path, base: str, suffix: str = "", *, directory: bool = False) -> Path:
+    """A new empty file (or folder) ``<base>.<host>-<pid>.<random><suffix>`` in ``folder``, after removing
+    those that killed writers left there (:func:`remove_stale_temporaries`)."""
+    remove_stale_temporaries(folder, base, suffix)
+    return _create_unique(
+        folder, f"{base}.{_host_tag()}-{os.getpid()}.", suffix, directory=directory
+    )
+
+
+@contextlib.contextmanager
+def scratch_folder(folder: Path | str, base: str) -> Iterator[Path]:
+    """A new hidden folder in ``folder`` (see :func:`scratch_name`), removed with its content at the end."""
+    path = scratch_name(Path(folder), base, directory=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _create_unique(folder: Path, prefix: str, suffix: str, *, directory: bool = False) -> Path:
     """Create an empty file (or folder) with a new random name in ``folder``; the umask applies to its mode."""
     for _ in range(100):
-        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"  # 8 hex digits
         try:
             if directory:
                 candidate.mkdir(mode=0o777)
@@ -151,7 +222,7 @@ def staged_folder(out_dir: Path | str) -> Iterator[Path]:
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = _create_unique(out_dir, ".staging-", "", directory=True)
+    stage = scratch_name(out_dir, ".staging", directory=True)
     try:
         yield stage
         _merge_folder(stage, out_dir)

@@ -181,6 +181,11 @@ def register_files(
     return files
 
 
+def registration_gate_file(subject: str, root: str | Path | None = None) -> str:
+    """The registration quality gate's verdict on one subject (rule registration_gate)."""
+    return subject_file(subject, "register", suffix="gate", extension=".json", root=root)
+
+
 def rejected_registration(
     subject: str, extension: str = ".png", root: str | Path | None = None
 ) -> str:

@@ -75,6 +75,21 @@ def check_subject_id(subject: str, *, source: str | Path | None = None) -> str:
     return subject
 
 
+def check_session_label(label: str, *, source: str = "--session") -> str:
+    """Return ``label`` if it is a valid session label (letters and digits), else raise an
+    :class:`InputError` saying what a session label is."""
+    label = str(label)
+    if _SUBJECT_ID.match(label):
+        return label
+    what = (
+        "a session label is what follows 'ses-' in the folder name (sub-<id>/ses-<label>/): "
+        "letters and digits, e.g. 01"
+    )
+    if label.lower().startswith("ses-") and _SUBJECT_ID.match(label[4:]):
+        raise InputError(f"{source} {label!r}: {what}; give {label[4:]!r} without 'ses-'")
+    raise InputError(f"{source} {label!r} is not a session label: {what}")
+
+
 def discover_bids(root: Path | str) -> pd.DataFrame:
     """One row per exam found under ``root`` (``sub-*/[ses-*/]anat|dwi``); missing sequences are empty.
 

@@ -1,6 +1,7 @@
 from _common import setup
 
-from virtual_contrast.dicom.export import describe_models, export_series
+from virtual_contrast.dicom.derivation import describe_models
+from virtual_contrast.dicom.export import export_series
 from virtual_contrast.dicom.study import read_manifest
 
 log = setup(snakemake)

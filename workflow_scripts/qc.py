@@ -11,6 +11,7 @@ log = setup(snakemake)
 subject = snakemake.wildcards.subject
 inp = snakemake.input
 register = json.loads(Path(inp.register).read_text())
+register["gate"] = json.loads(Path(inp.gate).read_text())
 skull_strip = json.loads(Path(inp.skull_strip).read_text())
 provenance = {
     "subject": subject,

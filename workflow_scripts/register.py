@@ -5,7 +5,6 @@ from _common import setup
 from virtual_contrast.atlas import load_atlas
 from virtual_contrast.io import write_json
 from virtual_contrast.preprocess.inputs import check_exam
-from virtual_contrast.preprocess.options import register_options
 from virtual_contrast.preprocess.register import register_subject
 from virtual_contrast.sequences import ANCHOR, key_of
 
@@ -26,9 +25,8 @@ provenance = register_subject(
     out_images={"T1": Path(out[ANCHOR]), **{name: Path(out[name]) for name in others}},
     out_transforms={"T1": Path(transforms[ANCHOR]), **{n: Path(transforms[n]) for n in others}},
     out_mask=Path(out.mask),
-    options=register_options(params.options),
+    backend=params.backend,
     subject=subject,
-    rejected_figure=Path(params.rejected_figure),
 )
 write_json({**provenance, "checks": checks}, out.provenance)
 log.info("registered with %s", provenance["backend"])

@@ -6,7 +6,8 @@
 * :mod:`~virtual_contrast.dicom.convert`: ``dcm2niix`` on the chosen series, filed under BIDS-like names.
 * :mod:`~virtual_contrast.dicom.study`: the workflow's ``dicom_dir`` (one folder per exam), planned at parse time.
 * :mod:`~virtual_contrast.dicom.export`: a NIfTI volume as a DICOM series placed over a reference series
-  (:mod:`~virtual_contrast.dicom.reference`: that series' header and slice grid).
+  (:mod:`~virtual_contrast.dicom.reference`: that series' header and slice grid;
+  :mod:`~virtual_contrast.dicom.derivation`: the software and models it names).
 * :mod:`~virtual_contrast.dicom.deid`: de-identified series for blinded reading (basic confidentiality profile).
 """
 

@@ -10,11 +10,11 @@ def _import_dicom(args: argparse.Namespace) -> int:
     from virtual_contrast.dicom.convert import import_exam
     from virtual_contrast.dicom.rules import ROLE_LABELS, load_series_map
     from virtual_contrast.layout import bids_exam_files, exam_record
-    from virtual_contrast.subjects import check_subject_id
+    from virtual_contrast.subjects import check_session_label, check_subject_id
 
     subject = check_subject_id(args.subject)
     if args.session:
-        check_subject_id(args.session, source="--session")
+        check_session_label(args.session, source="--session")
     series_map = load_series_map(args.series_map)
     targets = bids_exam_files(args.out, subject, args.session or "")
     report_path = exam_record(args.out, subject, args.session or "", "dicom.tsv")
@@ -66,7 +66,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--subject", required=True, help="subject id (letters and digits)")
     p.add_argument(
-        "--session", default="", help="session label (letters and digits); none by default"
+        "--session",
+        default="",
+        help="session label: letters and digits, the <label> of ses-<label> (e.g. 01); none by default",
     )
     p.add_argument(
         "--series-map", type=Path, help="YAML rules for this site's series (see the README)"

@@ -22,13 +22,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from virtual_contrast.dicom import sidecar
 from virtual_contrast.dicom.rules import ROLE_LABELS, ROLES, Classification, SeriesMap, classify
-from virtual_contrast.dicom.scan import Series, scan_folder
-from virtual_contrast.io import InputError, write_table
+from virtual_contrast.dicom.scan import Series, other_patients, scan_folder
+from virtual_contrast.io import InputError, scratch_folder, write_table
+from virtual_contrast.preprocess.inputs import check_voxel_sizes
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +84,8 @@ def convert_series(
         src.mkdir()
         for i, path in enumerate(series.files):
             link = src / f"{i:06d}.dcm"
-            try:
-                os.symlink(path, link)
+            try:  # absolute: a relative target would be read from the scratch folder
+                os.symlink(os.path.abspath(path), link)
             except OSError:
                 shutil.copyfile(path, link)
         dst = Path(scratch) / "out"
@@ -100,6 +102,12 @@ def convert_series(
                 subject=subject,
                 path=Path(series.files[0]).parent,
             )
+        check_voxel_sizes(
+            nib.load(images[0]).affine,
+            what=f"image dcm2niix made from {series.label()}",
+            subject=subject,
+            path=Path(series.files[0]).parent,
+        )
         files = {"nii.gz": images[0]}
         for ext in ("json", "bval", "bvec"):
             found = dst / f"{name}.{ext}"
@@ -158,8 +166,9 @@ def import_series(
     beside each image). A series whose role has no target (a sequence the study does not use) is reported
     but not converted.
 
-    Refuses (before converting anything) an exam with two candidates for one role, several studies, or a
-    missing role listed in ``require``. Writes the report of every series to ``report_path``.
+    Refuses (before converting anything) an exam with two candidates for one role, several studies, series
+    of several patients, or a missing role listed in ``require``; and (before moving anything into place) a
+    converted image whose voxel sizes are out of bounds. Writes the report of every series to ``report_path``.
     """
     studies = sorted({s.study_uid for s in series})
     if len(studies) > 1:
@@ -168,6 +177,9 @@ def import_series(
             subject=subject,
             path=exam,
         )
+    others = other_patients(series)
+    if others:
+        raise InputError("; ".join(others), subject=subject, path=exam)
     result = classify(series, series_map)
     result.raise_if_ambiguous(subject=subject, path=exam)
     roles = result.roles
@@ -177,7 +189,7 @@ def import_series(
     tool = find_dcm2niix()
     report_path.parent.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    with tempfile.TemporaryDirectory(prefix=".import-", dir=report_path.parent) as scratch:
+    with scratch_folder(report_path.parent, ".import") as scratch:
         staged: dict[str, tuple[Path, Path]] = {}  # key -> (converted file, target)
         for role in ROLES:
             if role not in roles or role not in targets:

@@ -5,9 +5,11 @@ The series joins the reference's study and frame of reference (same patient, stu
 UIDs), with new series and instance UIDs, ImageType ``DERIVED\\SECONDARY``, a series description that says it
 is synthetic and not for diagnosis, the software and model in DerivationDescription, the reference images in
 SourceImageSequence, and a window from the image's own 1st-99.5th percentiles. Geometry comes from the image's
-affine, slice by slice (ImagePositionPatient, ImageOrientationPatient, PixelSpacing); when the image lies on
-the reference's grid (as an image converted from it by dcm2niix does, up to axis order and flips) its voxels
-are written in the reference's row, column and slice order, so both series scroll together slice by slice.
+affine, slice by slice (ImagePositionPatient, ImageOrientationPatient, PixelSpacing). The image must lie on
+the reference's grid (as an image converted from it by dcm2niix does, up to axis order and flips: every voxel
+centre within :data:`GRID_TOLERANCE_VOXELS` of the reference's); its voxels are written in the reference's
+row, column and slice order, so both series scroll together slice by slice. An image on another grid (another
+patient's, or the atlas-space one) is refused: it would enter this patient's study and frame of reference.
 Classic MR Image Storage, one file per slice, whatever the reference's own storage (classic or enhanced).
 
 Intensities are stored as integers in the image's own units when they fit 16 bits with at least 256 grey
@@ -19,11 +21,9 @@ give the original values back, within half a step: (max - min) / 131070.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from virtual_contrast import __version__
 from virtual_contrast.dicom.reference import Reference, from_groups, read_reference
 from virtual_contrast.dicom.scan import Series
-from virtual_contrast.io import InputError, load_image
+from virtual_contrast.io import InputError, load_image, scratch_name
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +81,42 @@ COPIED = (
 MR_TYPE2 = ("ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength", "SequenceName")
 
 
+#: How far (in voxels) each voxel centre of an exported image may lie from the reference series' voxel
+#: centre it stands for: an image on another grid (another patient's, the atlas-space one) is refused.
+GRID_TOLERANCE_VOXELS = 0.01
+
+
 def _onto_reference(
-    data: np.ndarray, affine_lps: np.ndarray, ref: Reference, tol: float = 1e-3
-) -> tuple[np.ndarray, np.ndarray] | None:
+    data: np.ndarray, affine_lps: np.ndarray, ref: Reference, tol: float = GRID_TOLERANCE_VOXELS
+) -> tuple[np.ndarray, np.ndarray] | str:
     """``data`` re-ordered into the reference's (column, row, slice) order with its new affine, when the image
-    lies on the reference's grid up to axis order and flips (voxel centres within ``tol`` voxels); else None."""
+    lies on the reference's grid up to axis order and flips (every voxel centre within ``tol`` voxels of the
+    reference's); else a sentence saying how the two grids differ."""
     index = np.linalg.solve(
         ref.affine_lps, affine_lps
     )  # image voxel index -> reference voxel index
     perm = np.abs(index[:3, :3]).argmax(axis=1)  # reference axis a <- image axis perm[a]
     signs = np.sign(index[np.arange(3), perm])
-    expected = np.zeros((3, 3))
+    if sorted(perm) != [0, 1, 2] or tuple(data.shape[p] for p in perm) != ref.shape:
+        return (
+            f"the image's grid is {_grid_text(data.shape, affine_lps)}, the reference's "
+            f"{_grid_text(ref.shape, ref.affine_lps)}"
+        )
+    expected = np.eye(4)
+    expected[:3, :3] = 0
     expected[np.arange(3), perm] = signs
-    if sorted(perm) != [0, 1, 2] or not np.allclose(index[:3, :3], expected, atol=tol):
-        return None
-    if tuple(data.shape[p] for p in perm) != ref.shape:
-        return None
-    offsets = index[:3, 3]
-    wanted = np.where(signs < 0, np.array(ref.shape) - 1, 0)
-    if not np.allclose(offsets, wanted, atol=tol):
-        return None
+    expected[:3, 3] = np.where(signs < 0, np.array(ref.shape) - 1, 0)
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, data.shape[0] - 1) for j in (0, data.shape[1] - 1)
+         for k in (0, data.shape[2] - 1)]
+    ).T  # fmt: skip
+    off = np.abs((index - expected) @ corners)[:3].max()
+    if not off <= tol:
+        mm = np.linalg.norm((ref.affine_lps[:3, :3] @ ((index - expected) @ corners)[:3]), axis=0)
+        return (
+            f"its voxel centres lie up to {mm.max():.3g} mm ({off:.3g} voxels) off the reference's "
+            f"(same size, {_grid_text(ref.shape, ref.affine_lps)})"
+        )
     out = np.transpose(data, perm)
     for axis in range(3):
         if signs[axis] < 0:
@@ -112,6 +128,11 @@ def _onto_reference(
         to_image[perm[a], a] = signs[a]
         to_image[perm[a], 3] = 0 if signs[a] > 0 else data.shape[perm[a]] - 1
     return np.ascontiguousarray(out), affine_lps @ to_image
+
+
+def _grid_text(shape: tuple[int, ...], affine: np.ndarray) -> str:
+    sizes = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return f"{'x'.join(str(int(n)) for n in shape[:3])} voxels of {'x'.join(f'{v:.3g}' for v in sizes)} mm"
 
 
 def encode_intensities(data: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -160,7 +181,7 @@ def new_folder(out: Path | str) -> Iterator[Path]:
     if out.exists() and any(out.iterdir()):
         raise InputError("output folder exists and is not empty", path=out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    scratch = scratch_name(out.parent, f".{out.name}", directory=True)
     try:
         yield scratch
         os.replace(scratch, out)
@@ -303,48 +324,29 @@ def export_series(
     derivation: str = f"virtual-contrast {__version__}",
 ) -> list[Path]:
     """Write ``image`` (NIfTI, 3D) as a derived DICOM series in ``out`` over the reference series ``like`` (a
-    folder holding it, or a scanned :class:`Series`)."""
+    folder holding it, or a scanned :class:`Series`). Refuses (before writing anything) an image that is not
+    on the reference's grid (see the module docstring) and an output folder that is not empty."""
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise InputError("output folder exists and is not empty", path=out)
     ref = read_reference(like, series_uid)
     img = load_image(image)
     data = np.asanyarray(img.dataobj, dtype=np.float64)
     affine_lps = LPS @ img.affine
     placed = _onto_reference(data, affine_lps, ref)
-    if placed is None:
-        log.warning(
-            "%s is not on the reference series' grid: written on its own grid (geometry from its affine), "
-            "so its slices do not coincide with the reference's",
-            image,
+    if isinstance(placed, str):
+        raise InputError(
+            f"not on the grid of the reference series ({ref.series.label()}): {placed}; the series would "
+            "join that patient's study and frame of reference, so the image must lie on its grid (every "
+            f"voxel centre within {GRID_TOLERANCE_VOXELS:g} voxel of the reference's, up to axis order and "
+            "flips): export the native-space image predicted from that series",
+            path=image,
         )
-    else:
-        data, affine_lps = placed
+    data, affine_lps = placed
     base = _derived_base(ref, description, derivation)
     written = []
     with new_folder(out) as scratch, strict_writing():
         for name, ds in slice_datasets(data, affine_lps, base, series_uid=generate_uid()):
             ds.save_as(scratch / name, enforce_file_format=True)
             written.append(Path(out) / name)
-    log.info(
-        "%d slices of %s written to %s over %s (%s the reference grid)",
-        len(written),
-        image,
-        out,
-        ref.series.label(),
-        "on" if placed is not None else "not on",
-    )
+    log.info("%d slices of %s written to %s over %s", len(written), image, out, ref.series.label())
     return written
-
-
-def describe_models(models: list[Path | str], *, tta: bool) -> str:
-    """Software, version and the fold models (short SHA-256 of each file) behind a prediction."""
-    digests = []
-    for path in models:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digests.append(digest.hexdigest()[:12])
-    passes = "8 mirror configurations each" if tta else "one pass each"
-    return (
-        f"virtual-contrast {__version__}: vir-T1c predicted by a 3D UNet from pre-contrast T1, FLAIR, ADC and "
-        f"low-dose T1c; mean of {len(digests)} fold models ({passes}), model.pt sha256 {', '.join(digests)}"
-    )

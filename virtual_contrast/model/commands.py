@@ -260,6 +260,12 @@ def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None
     raw.add_argument("--register-backend", choices=["auto", "fsl", "simpleitk"])
     raw.add_argument("--skull-strip-backend", choices=["auto", "deepbet", "hdbet"])
     raw.add_argument("--hdbet-weights", type=Path, help="HD-BET weights folder")
+    raw.add_argument(
+        "--override-gate",
+        action="store_true",
+        help="predict even when the registration quality gate stored in the models rejects the exam (a "
+        "slab that misses part of the brain, a failed registration); the output and provenance say so",
+    )
     p.add_argument(
         "--subject",
         help="subject id, letters and digits (file names; default: from --channels-dir)",
@@ -386,6 +392,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     channels = list(load_checkpoint(models[0])["channels"])
     flips = "all8" if args.tta else "none"
     raw_mode = args.dwi is not None or args.bval is not None
+    if args.override_gate and not raw_mode:
+        raise InputError(
+            "--override-gate applies to a raw exam (--dwi and --bval): the registration quality gate "
+            "runs when predict pre-processes the exam"
+        )
     if raw_mode:
         if args.adc or args.channels_dir:
             raise InputError(
@@ -442,7 +453,10 @@ def _run_predict(args: argparse.Namespace) -> int:
                 atlas_dir=args.atlas,
                 rejected_figure=out
                 / bids_name(subject, desc="rejected", suffix="registration", extension=".png"),
+                override_gate=args.override_gate,
             )
+            if args.override_gate and prepared["gate"].get("overridden"):
+                overrides["registration_gate"] = "rejected, overridden by --override-gate"
             if overrides:
                 write_json(
                     {"command_line_overrides": overrides},
@@ -474,4 +488,11 @@ def _run_predict(args: argparse.Namespace) -> int:
     if to_native is not None:
         print(f"vir-T1c (native low-dose T1c grid): {out / native_name}")
         print(f"pre-processing (every intermediate, provenance): {out / work_dir}")
+    if raw_mode and prepared["gate"].get("overridden"):
+        figure = out / bids_name(subject, desc="rejected", suffix="registration", extension=".png")
+        print(
+            "WARNING: the registration quality gate REJECTED this exam ("
+            + "; ".join(prepared["gate"]["failures"])
+            + f"); predicted anyway because of --override-gate. Look at {figure}."
+        )
     return 0

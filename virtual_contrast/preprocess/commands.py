@@ -299,6 +299,13 @@ def _add_register(subparsers: argparse._SubParsersAction, pre: dict) -> None:
         help="quality gate (default: %(default)s)",
     )
     p.add_argument(
+        "--gate-min-brain-coverage",
+        type=float,
+        default=gate["min_brain_coverage"],
+        help="quality gate: least fraction of the reference brain in the moving image's field of view "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--order", type=int, choices=(0, 1, 3), default=3, help="spline order (default: 3)"
     )
     p.add_argument(
@@ -323,6 +330,7 @@ def _register(args: argparse.Namespace) -> int:
         scale_range=tuple(args.gate_scale_range),
         min_correlation=args.gate_min_correlation,
         min_brain_dice=args.gate_min_brain_dice,
+        min_brain_coverage=args.gate_min_brain_coverage,
     )
     engine = select_backend(args.backend, threads=args.threads)
     strip = _skull_strip_options(args.skull_strip_backend, args.hdbet_weights)

@@ -25,6 +25,7 @@ from virtual_contrast.preprocess.inputs import check_exam
 from virtual_contrast.preprocess.native import export_native
 from virtual_contrast.preprocess.normalize import normalize_images
 from virtual_contrast.preprocess.options import PreprocessOptions
+from virtual_contrast.preprocess.quality import gate_subject
 from virtual_contrast.preprocess.register import register_subject
 from virtual_contrast.preprocess.skull_strip import skull_strip
 
@@ -39,6 +40,7 @@ class PreparedExam(TypedDict):
     mask: Path  # brain mask on the same grid
     to_native: Callable[[Path, Path], Path]  # atlas-space image -> the native low-dose T1c grid
     provenance: Path
+    gate: dict  # the registration quality gate's verdict (``overridden`` when predicted despite it)
 
 
 def exam_atlas(
@@ -87,10 +89,13 @@ def preprocess_exam(
     atlas_dir: Path | str | None = None,
     rejected_figure: Path | None = None,
     device: str = "cpu",
+    override_gate: bool = False,
 ) -> PreparedExam:
     """Pre-process one raw exam into ``out_dir`` (step folders named like the workflow's); see the module
     docstring. Every input problem is an :class:`InputError` naming the subject and the file, raised before
-    any work; a registration rejected by the quality gate draws ``rejected_figure`` and raises."""
+    any work; a registration rejected by the quality gate (the models' ``options.register.gate``, coverage of
+    the atlas brain by every sequence included) draws ``rejected_figure`` and raises, unless
+    ``override_gate``: the exam then goes on, and the provenance's ``register.gate`` says ``overridden``."""
     start = time.perf_counter()
     out = Path(out_dir)
     raw = {"t1": t1, "flair": flair, "dwi": dwi, "bval": bval, "low": low}
@@ -128,9 +133,19 @@ def preprocess_exam(
         out_images={"T1": registered["T1w"], **{c: registered[c] for c in EXAM_CHANNELS[1:]}},
         out_transforms={"T1": transforms["T1w"], **{c: transforms[c] for c in EXAM_CHANNELS[1:]}},
         out_mask=brain,
-        options=options.register,
+        backend=options.register.backend,
         subject=subject,
+    )
+    register["gate"] = gate_subject(
+        register["quality"],
+        options.register.gate,
+        subject=subject,
+        t1_atlas=registered["T1w"],
+        mask_atlas=brain,
+        atlas_brain_mask=atlas_folder / ATLAS_FILES["brain_mask"],
         rejected_figure=rejected_figure,
+        path=t1,
+        override=override_gate,
     )
     provenance["register"] = register
 
@@ -182,4 +197,5 @@ def preprocess_exam(
         mask=cropped["mask"],
         to_native=to_native,
         provenance=provenance_path,
+        gate=register["gate"],
     )

@@ -5,7 +5,7 @@ sequence of a subject) call :func:`check_exam` first, so a bad exam is reported 
 the file and the problem, before minutes of registration and not as a traceback from ITK. Each sequence must
 exist, load (a truncated or corrupt file fails here), have the right number of dimensions (3D; the DWI 4D with
 one b-value per volume and both a b≈0 and a b≈1000 shell), be finite, have signal (not one constant value,
-e.g. all zero), and overlap the T1 in world space.
+e.g. all zero), have voxel sizes within :data:`VOXEL_MM_RANGE`, and overlap the T1 in world space.
 
 Overlap is measured on the scanner's world coordinates, which every sequence of one exam shares: the fraction
 of the smaller field of view (a lattice of points spanning its voxels) that lies inside the other's. Below
@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from virtual_contrast.checks import VOXEL_MM_RANGE
 from virtual_contrast.io import InputError, load_image
 from virtual_contrast.subjects import SEQUENCE_LABELS
 
@@ -29,11 +30,29 @@ from virtual_contrast.subjects import SEQUENCE_LABELS
 MIN_OVERLAP = 0.25
 
 
+def check_voxel_sizes(
+    affine: np.ndarray, *, what: str, subject: str | None = None, path: Path | str | None = None
+) -> None:
+    """Raise :class:`InputError` unless every voxel size of ``affine`` lies within :data:`VOXEL_MM_RANGE`."""
+    sizes = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+    low, high = VOXEL_MM_RANGE
+    if not np.all((sizes >= low) & (sizes <= high)):
+        shown = " x ".join(f"{s:.4g}" for s in sizes)
+        raise InputError(
+            f"the {what} has voxels of {shown} mm: each voxel size must lie between {low:g} and "
+            f"{high:g} mm (a damaged header?)",
+            subject=subject,
+            path=path,
+        )
+
+
 def check_image(
     path: Path | str, *, what: str, subject: str | None = None, ndim: int = 3
 ) -> nib.Nifti1Image:
-    """Load one sequence and check it (exists, loads, ``ndim`` dimensions, finite, not constant)."""
+    """Load one sequence and check it (exists, loads, ``ndim`` dimensions, finite, not constant, voxel
+    sizes within :data:`VOXEL_MM_RANGE`)."""
     img = load_image(path, subject=subject, ndim=ndim)
+    check_voxel_sizes(img.affine, what=what, subject=subject, path=path)
     data = np.asanyarray(img.dataobj)
     lo, hi = float(data.min()), float(data.max())
     if not hi > lo:

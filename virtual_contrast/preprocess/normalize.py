@@ -34,6 +34,8 @@ def normalize_image(
             subject=subject,
             path=mask,
         )
+    if not brain.any():  # the mask's fault, not the image's: name the mask
+        raise InputError("the brain mask is empty (no voxel above 0.5)", subject=subject, path=mask)
     try:
         lo, hi = brain_range(data, brain, low, high)
     except InputError as exc:

@@ -14,11 +14,14 @@ config (the command line's single steps).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import asdict, dataclass
 from functools import cache
 from typing import Any
 
 from virtual_contrast.io import InputError
+
+log = logging.getLogger(__name__)
 
 
 class BackendUnavailableError(InputError):
@@ -43,6 +46,7 @@ class GateOptions:
         float  # Pearson correlation of the registered brain with the template, atlas brain
     )
     min_brain_dice: float  # Dice of the carried brain mask with the atlas brain mask
+    min_brain_coverage: float  # fraction of the atlas brain in each sequence's field of view
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class PreprocessOptions:
                     scale_range=tuple(float(s) for s in gate["scale_range"]),
                     min_correlation=float(gate["min_correlation"]),
                     min_brain_dice=float(gate["min_brain_dice"]),
+                    min_brain_coverage=float(gate["min_brain_coverage"]),
                 ),
             ),
             normalize_percentiles=tuple(float(p) for p in pre["normalize_percentiles"]),
@@ -104,6 +109,11 @@ class PreprocessOptions:
 def skull_strip_options(values: dict) -> SkullStripOptions:
     """:class:`SkullStripOptions` from their ``to_dict`` form (a rule's params)."""
     return _build(SkullStripOptions, values, "skull_strip options")
+
+
+def gate_options(values: dict) -> GateOptions:
+    """:class:`GateOptions` from their ``to_dict`` form (a rule's params)."""
+    return _build(GateOptions, values, "registration gate options")
 
 
 def register_options(values: dict) -> RegisterOptions:
@@ -128,9 +138,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _recorded_before_coverage_gate(values: dict, source: str) -> dict:
+    """Gate options stored by a model trained before ``min_brain_coverage`` existed: the schema's default
+    applies, and the log says so (the options the prediction used, in its provenance, show the value)."""
+    if "min_brain_coverage" in values:
+        return values
+    default = default_options().register.gate.min_brain_coverage
+    log.warning(
+        "%s: no min_brain_coverage (recorded before the coverage gate existed): the default %g applies",
+        source,
+        default,
+    )
+    return {**values, "min_brain_coverage": default}
+
+
 def _build(cls: type, values: Any, source: str):
     if not isinstance(values, dict):
         raise InputError(f"{source}: expected a mapping, got {type(values).__name__}")
+    if cls is GateOptions:
+        values = _recorded_before_coverage_gate(values, source)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     missing = sorted(set(fields) - set(values))

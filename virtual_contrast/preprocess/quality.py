@@ -23,11 +23,17 @@ with figures that do not depend on the backend, and rejected when one is implaus
 * **shears and determinant** are reported (the determinant is the product of the scales, so the scale range
   bounds it).
 
-Correlation and Dice are taken within the subject's field of view carried to the atlas (a slab that covers
-part of the brain is not a bad registration); the fraction of the atlas brain inside it is reported too.
+* **brain coverage**: for every sequence, the fraction of the atlas brain inside its field of view carried
+  to the atlas (``brain_coverage``). Correlation and Dice are taken within the T1's field of view (a slab that
+  covers part of the brain is not a bad registration), so a 2D T1 slab covering 37 % of the brain scored a
+  Dice of 0.96 and passed; the network, though, would predict the rest of the brain from nothing. Default
+  minimum: 0.9 of the atlas brain in each sequence's field of view.
 
-The limits are configurable (config ``preprocess.registration_gate``). A rejected registration is an error
-(:class:`RegistrationRejectedError`) that names the subject, the figure and the limit.
+The limits are configurable (config ``preprocess.registration_gate``) and are applied apart from the
+registration (:func:`gate_subject`; in the workflow, rule ``registration_gate`` after ``register``), so that
+changing them re-registers nothing. A rejected registration is an error (:class:`RegistrationRejectedError`)
+that names the subject, the figure and the limit, after drawing the registration for a person to look at;
+``virtual-contrast predict --override-gate`` goes on knowingly, and its output and provenance say so.
 """
 
 from __future__ import annotations
@@ -113,6 +119,16 @@ def registration_figures(
     }
 
 
+def brain_coverage(figures: dict) -> dict[str, float]:
+    """Fraction of the atlas brain in each sequence's field of view (the T1's alone for figures that only
+    score a T1, as ``virtual-contrast register`` writes)."""
+    if "brain_coverage" in figures:
+        return dict(figures["brain_coverage"])
+    if "atlas_brain_in_field_of_view" in figures:
+        return {"T1": figures["atlas_brain_in_field_of_view"]}
+    return {}
+
+
 def gate_failures(figures: dict, gate: GateOptions) -> list[str]:
     """One sentence per figure outside its limit (empty when the registration passes)."""
     low, high = gate.scale_range
@@ -131,6 +147,12 @@ def gate_failures(figures: dict, gate: GateOptions) -> list[str]:
             f"brain-mask Dice with the atlas brain mask {figures['brain_dice']:.2f} is below "
             f"{gate.min_brain_dice:g}"
         )
+    for name, covered in brain_coverage(figures).items():
+        if not covered >= gate.min_brain_coverage:
+            failures.append(
+                f"the {name}'s field of view holds {100 * covered:.0f} % of the atlas brain, below "
+                f"{100 * gate.min_brain_coverage:.0f} % (min_brain_coverage)"
+            )
     return failures
 
 
@@ -155,6 +177,62 @@ def reject(verdict: dict, *, subject: str | None, figure: str | None, path=None)
     )
 
 
+def gate_subject(
+    figures: dict,
+    gate: GateOptions,
+    *,
+    subject: str | None,
+    t1_atlas: Path | str,
+    mask_atlas: Path | str,
+    atlas_brain_mask: Path | str,
+    rejected_figure: Path | str | None,
+    path: Path | str | None = None,
+    override: bool = False,
+) -> dict:
+    """Apply ``gate`` to one subject's registration ``figures`` (as :func:`registration_figures` and
+    :func:`~virtual_contrast.preprocess.register.register_subject` give them); return the verdict.
+
+    A rejected registration is drawn to ``rejected_figure`` (the registered T1 ``t1_atlas`` with the carried
+    brain mask ``mask_atlas`` and the atlas brain) with the figures and verdict beside it (same name,
+    ``.json``), then raises :class:`RegistrationRejectedError`, unless ``override``: the verdict then says
+    ``overridden`` and a warning is logged. A registration that passes removes the figure an earlier
+    rejection left.
+    """
+    import logging
+
+    verdict = gate_verdict(figures, gate)
+    evidence = None if rejected_figure is None else Path(rejected_figure).with_suffix(".json")
+    if verdict["passed"]:
+        if rejected_figure is not None:  # left by an earlier rejection
+            Path(rejected_figure).unlink(missing_ok=True)
+            evidence.unlink(missing_ok=True)
+        return verdict
+    if override:
+        verdict["overridden"] = True
+    if rejected_figure is not None:
+        from virtual_contrast.figures import plot_registration
+        from virtual_contrast.io import load_array, write_json
+
+        plot_registration(
+            load_array(t1_atlas, subject=subject)[0],
+            load_array(atlas_brain_mask)[0],
+            load_array(mask_atlas, subject=subject)[0],
+            figures,
+            verdict,
+            subject=subject,
+            path=rejected_figure,
+        )
+        write_json({"subject": subject, "quality": figures, "gate": verdict}, evidence)
+    if not override:
+        reject(verdict, subject=subject, figure=rejected_figure, path=path)
+    logging.getLogger(__name__).warning(
+        "sub-%s: registration REJECTED by the quality gate (%s), gone on with as asked (override)",
+        subject,
+        "; ".join(verdict["failures"]),
+    )
+    return verdict
+
+
 def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -163,20 +241,26 @@ def _plain(value):
     return value
 
 
-def quality_row(subject: str, provenance: dict) -> dict:
-    """One row of the study's registration-quality table from a subject's ``register.json``."""
-    figures, gate = provenance["quality"], provenance["gate"]
+def quality_row(subject: str, provenance: dict, gate: GateOptions) -> dict:
+    """One row of the study's registration-quality table: a subject's figures (its ``register.json``) and
+    the verdict of ``gate`` on them."""
+    figures = provenance["quality"]
+    verdict = gate_verdict(figures, gate)
+    coverage = brain_coverage(figures)
     return {
         "subject": subject,
         "backend": provenance["backend"],
-        "passed": gate["passed"],
+        "passed": verdict["passed"],
+        "failures": "; ".join(verdict["failures"]),
         "scales": " ".join(f"{v:.3f}" for v in figures["scales"]),
         "shears": " ".join(f"{v:.3f}" for v in figures["shears"]),
         "determinant": figures["determinant"],
         "correlation": figures["correlation"],
         "brain_dice": figures["brain_dice"],
         "brain_volume_ratio": figures["brain_volume_ratio"],
-        "limits": "; ".join(f"{k} {v}" for k, v in gate["limits"].items()),
+        "least_brain_coverage": min(coverage.values()) if coverage else float("nan"),
+        "brain_coverage": " ".join(f"{k} {v:.3f}" for k, v in coverage.items()),
+        "limits": "; ".join(f"{k} {v}" for k, v in verdict["limits"].items()),
     }
 
 

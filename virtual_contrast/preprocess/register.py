@@ -14,7 +14,10 @@ registration aligns the subject's *brain-extracted* T1 with the skull-stripped I
 3. every other sequence rigidly (6 DOF) to the native T1, the metric restricted to the T1's brain mask grown
    by the same margin, started from the scanner's own alignment;
 4. the native brain mask is carried to the atlas with the T1's transform (linear interpolation, threshold
-   0.5), and the registration is scored by the quality gate (:mod:`virtual_contrast.preprocess.quality`).
+   0.5), and the registration is scored with the quality gate's figures, each sequence's coverage of the
+   atlas brain included (:mod:`virtual_contrast.preprocess.quality`); the gate itself is applied apart
+   (:func:`~virtual_contrast.preprocess.quality.gate_subject`), so that its limits can change without a
+   new registration.
 
 With the skull in the moving image, a registration to the skull-stripped template fitted the skull to the
 template's brain (ventricles about 1 cm off) unless the official head mask steered it; brain to brain, the
@@ -43,9 +46,8 @@ import numpy as np
 from scipy import ndimage
 
 from virtual_contrast.atlas import Atlas
-from virtual_contrast.io import InputError, load_image, save_image, write_json
+from virtual_contrast.io import InputError, load_image, save_image
 from virtual_contrast.preprocess import quality
-from virtual_contrast.preprocess.options import RegisterOptions
 from virtual_contrast.preprocess.registration import select_backend
 from virtual_contrast.preprocess.registration.base import Backend, Registration
 from virtual_contrast.preprocess.transforms import carry_mask, resample, save_transform, voxel_sizes
@@ -136,6 +138,14 @@ def field_of_view(
     return resample(ones, shape, affine, transform, order=0) > 0.5
 
 
+def brain_coverage(image: nib.Nifti1Image, atlas: Atlas, transform: np.ndarray) -> float:
+    """Fraction of the atlas brain inside ``image``'s field of view, carried to the atlas by ``transform``
+    (atlas world → image world)."""
+    brain = np.asarray(atlas.brain_mask) > 0.5
+    inside = field_of_view(image, atlas.shape, atlas.affine, transform)
+    return round(int((brain & inside).sum()) / max(int(brain.sum()), 1), 4)
+
+
 def transform_path_for(out: Path | str, suffix: str = "_xfm.txt") -> Path:
     """A file beside an output image: ``x.nii.gz`` → ``x_xfm.txt`` (or ``x`` + ``suffix``)."""
     out = Path(out)
@@ -171,11 +181,10 @@ def register_subject(
     out_images: Mapping[str, Path],
     out_transforms: Mapping[str, Path],
     out_mask: Path,
-    options: RegisterOptions,
+    backend: str | Backend,
     *,
     order: int = 3,
     subject: str | None = None,
-    rejected_figure: Path | None = None,
 ) -> dict:
     """All of one subject's sequences onto the atlas grid, each interpolated once; see the module docstring.
 
@@ -185,12 +194,10 @@ def register_subject(
       low/ref T1c are registered too (a patient moves between series even when the headers agree);
     * channel ``c`` is pulled onto the atlas grid by ``R_c @ A_t1``; the brain mask goes to ``out_mask``.
 
-    The quality gate (``options.gate``) runs right after the T1 registration: a rejected registration raises
-    :class:`~virtual_contrast.preprocess.quality.RegistrationRejectedError` naming the subject and the
-    figures, after drawing the registration to ``rejected_figure`` (when given) for a person to look at, with
-    the figures beside it (same name, ``.json``); nothing else is written then. ``out_images``/``out_transforms`` name ``"T1"`` and every channel of
-    ``others``; ``"T1"`` gets ``A_t1`` (atlas world → T1 world), a channel its composed transform. Returns the
-    provenance: backend, stages, transforms, gate figures and verdict.
+    ``out_images``/``out_transforms`` name ``"T1"`` and every channel of ``others``; ``"T1"`` gets ``A_t1``
+    (atlas world → T1 world), a channel its composed transform. Returns the provenance: backend, stages,
+    transforms and the quality gate's figures (``quality``, with ``brain_coverage``: the fraction of the
+    atlas brain in each sequence's field of view). The gate is not applied here (see the module docstring).
     """
     t_start = time.perf_counter()
     names = ["T1", *others]
@@ -198,7 +205,7 @@ def register_subject(
         missing = [n for n in names if n not in mapping]
         if missing:
             raise InputError(f"{what} lacks {missing}", subject=subject)
-    engine = select_backend(options.backend)
+    engine = select_backend(backend) if isinstance(backend, str) else backend
     t1_img = load_image(t1, subject=subject)
     mask_img = load_image(t1_mask, subject=subject)
     if mask_img.shape != t1_img.shape or not np.allclose(mask_img.affine, t1_img.affine, atol=1e-3):
@@ -227,34 +234,7 @@ def register_subject(
         atlas.brain_mask,
         field_of_view(t1_img, atlas.shape, atlas.affine, a_t1),
     )
-    verdict = quality.gate_verdict(figures, options.gate)
-    log.info(
-        "sub-%s: registration quality %s: %s",
-        subject,
-        "passed" if verdict["passed"] else "REJECTED",
-        figures,
-    )
-    evidence = None if rejected_figure is None else Path(rejected_figure).with_suffix(".json")
-    if not verdict["passed"]:
-        if rejected_figure is not None:
-            from virtual_contrast.figures import plot_registration
-
-            plot_registration(
-                t1_atlas,
-                atlas.brain_mask,
-                mask_atlas,
-                figures,
-                verdict,
-                subject=subject,
-                path=rejected_figure,
-            )
-            write_json(
-                {"subject": subject, "t1": str(t1), "quality": figures, "gate": verdict}, evidence
-            )
-        quality.reject(verdict, subject=subject, figure=rejected_figure, path=t1)
-    if rejected_figure is not None:  # left by an earlier, rejected run
-        Path(rejected_figure).unlink(missing_ok=True)
-        evidence.unlink(missing_ok=True)
+    figures["brain_coverage"] = {"T1": figures["atlas_brain_in_field_of_view"]}
     save_image(t1_atlas, atlas.affine, out_images["T1"])
     save_image(mask_atlas, atlas.affine, out_mask, dtype=np.uint8)
     save_transform(a_t1, out_transforms["T1"], note=f"moving: {t1} (T1)\nreference: atlas grid")
@@ -266,7 +246,6 @@ def register_subject(
         "interpolation_order": order,
         "brain_margin_mm": BRAIN_MARGIN_MM,
         "quality": figures,
-        "gate": verdict,
         "channels": {
             "T1": {
                 "registration": t1_reg.summary(),
@@ -290,6 +269,7 @@ def register_subject(
                 f"{name} -> T1 registration: {exc}", subject=subject, path=estimate_from
             ) from exc
         composed = rigid.transform @ a_t1
+        figures["brain_coverage"][name] = brain_coverage(img, atlas, composed)
         t0 = time.perf_counter()
         data = engine.resample(img, atlas.shape, atlas.affine, composed, order=order)
         save_image(data, atlas.affine, out_images[name])
@@ -309,6 +289,10 @@ def register_subject(
         }
     provenance["seconds"] = round(time.perf_counter() - t_start, 3)
     log.info(
-        "subject %s registered with %s in %.1f s", subject or t1, engine.name, provenance["seconds"]
+        "subject %s registered with %s in %.1f s; quality figures: %s",
+        subject or t1,
+        engine.name,
+        provenance["seconds"],
+        figures,
     )
     return provenance
