@@ -65,6 +65,12 @@ SUBJECTS = STUDY.subjects
 CHANNELS = list(STUDY.channels)
 INPUT_CHANNELS = list(config["model"]["channels"])
 FOLDS = list(range(config["split"]["folds"]))
+# How tables and figures name the post-contrast images: a simulated low dose says so wherever it is shown.
+IMAGE_LABELS = {
+    "low": "simulated low-T1c" if STUDY.simulated_low_dose else "low-T1c",
+    "vir": "vir-T1c",
+    "ref": "ref-T1c",
+}
 # The working grid of pre-processing and model; the cohort is simulated from the atlas at its own voxel size.
 ATLAS = layout.atlas_files(config["grid"]["voxel_mm"])
 COHORT_ATLAS = layout.atlas_files(config["cohort"]["native_voxel_mm"])
@@ -314,6 +320,13 @@ def get_simulate_low_dose_inputs(wildcards):
     """The acquired pre-contrast T1 and full-dose T1c that a simulated low dose is made from."""
     raw = STUDY.raw_inputs(wildcards.subject)
     return {"t1": raw[BY_CHANNEL[ANCHOR].key], "ref": raw[BY_CHANNEL[TARGET].key]}
+
+
+def get_low_dose_provenance(wildcards):
+    """How the low dose of a study that simulates it was made (rule simulate_low_dose), for provenance.json."""
+    if not STUDY.simulated_low_dose:
+        return {}
+    return {"low_dose": rules.simulate_low_dose.output.provenance}
 
 
 def register_alignment():

@@ -23,6 +23,7 @@ rule metrics:
         ),
     params:
         other_channels=[c for c in CHANNELS if c not in ALWAYS_NEEDED],
+        labels=IMAGE_LABELS,
     log:
         layout.log("metrics", "{subject}"),
     conda:
@@ -46,6 +47,8 @@ rule voxel_metrics:
         ),
         table3_md=layout.table("table3", ".md"),
         roc=report(layout.figure("roc"), caption="report/roc.rst", category="4. Voxel metrics"),
+    params:
+        labels=IMAGE_LABELS,
     log:
         layout.log("voxel_metrics"),
     conda:
@@ -163,6 +166,8 @@ rule detection_overlay:
             subcategory="Detections",
             labels={"subject": "{subject}"},
         ),
+    params:
+        labels=IMAGE_LABELS,
     log:
         layout.log("detection_overlay", "{subject}"),
     conda:

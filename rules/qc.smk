@@ -4,6 +4,7 @@
 
 rule qc:
     input:
+        unpack(get_low_dose_provenance),
         t1_native=get_native_t1,
         native_mask=rules.skull_strip.output.mask,
         t1=rules.register.output.T1w,

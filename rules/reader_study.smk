@@ -12,6 +12,7 @@ rule reader_stats:
         subjects=STUDY.test_subjects,
         reference_reader=config["reader_study"]["reference_reader"] or None,
         thresholds=config["reader_study"]["thresholds"],
+        labels=IMAGE_LABELS,
     log:
         layout.log("reader_stats"),
     conda:
@@ -74,6 +75,7 @@ rule reader_stats_truth:
     params:
         subjects=STUDY.test_subjects,
         thresholds=config["reader_study"]["thresholds"],
+        labels=IMAGE_LABELS,
     log:
         layout.log("reader_stats_truth"),
     conda:

@@ -159,6 +159,12 @@ def test_table3_prints_the_decimals_that_tell_close_means_apart():
             row[column] = 0.5
     md = M.table3_markdown(M.aggregate_voxel_metrics(pd.DataFrame(rows)))
     assert "| AUC (%) | 99.95 (±0.04) | 99.96 (±0.02) |" in md
+    assert md.startswith("| | low-T1c | vir-T1c |")
+    # A study whose low dose is simulated says so in the table's header.
+    simulated = M.table3_markdown(
+        M.aggregate_voxel_metrics(pd.DataFrame(rows)), labels={"low": "simulated low-T1c"}
+    )
+    assert simulated.startswith("| | simulated low-T1c | vir-T1c |")
     assert "| SSIM (%) | 98.8 (±0.2) | 98.8 (±0.2) |" in md
     assert M.display_decimals([0.65, 1.1]) == 1
     assert M.display_decimals([0.036, 0.018]) == 2

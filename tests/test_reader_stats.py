@@ -152,6 +152,18 @@ def table5(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, pd.DataF
     return tables, out
 
 
+def test_table5_names_a_simulated_low_dose_so(table5) -> None:
+    from virtual_contrast.reader.table5 import table5_markdown
+
+    tables, _ = table5
+    plain = table5_markdown(tables["detection"], tables["comparisons"])
+    named = table5_markdown(
+        tables["detection"], tables["comparisons"], labels={"low": "simulated low-T1c"}
+    )
+    assert "R1 low-T1c" in plain and "simulated" not in plain
+    assert "R1 simulated low-T1c" in named and "R1 low-T1c" not in named
+
+
 def test_study_counts_match_the_paper() -> None:
     lesions, reads = table5_study()
     ref = lesions[lesions["modality"] == "ref"]

@@ -24,4 +24,5 @@ plot_detection_overlay(
     snakemake.output.figure,
     truth=truth,
     title=f"sub-{subject}: automated reader",
+    titles=snakemake.params.labels,
 )

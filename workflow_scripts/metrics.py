@@ -27,4 +27,5 @@ plot_montage(
     snakemake.output.montage,
     mask=load_array(inp.mask, subject=subject)[0],
     title=f"sub-{subject}",
+    labels=snakemake.params.labels,
 )

@@ -19,11 +19,19 @@ provenance = {
     "backends": snakemake.params.backends,
     "skull_strip": skull_strip,
     "register": register,
+    # Which low-dose T1c the subject has: the acquired series, or one simulated (and how).
+    "low_dose": (
+        {"simulated": True, **json.loads(Path(inp.low_dose).read_text())}
+        if "low_dose" in inp.keys()
+        else {"simulated": False}
+    ),
 }
 backends = {
     "brain extraction": skull_strip["backend"],
     "registration": register["backend"],
 }
+if "low_dose" in inp.keys():
+    backends["low-dose T1c"] = "simulated"
 t1_native, native_affine = load_array(inp.t1_native, subject=subject)
 plot_subject_qc(
     t1_native=t1_native,

@@ -21,6 +21,11 @@ else:
     reference = snakemake.params.reference_reader
 out_dir = snakemake.output.detection.rsplit("/", 1)[0]
 tables = reader_stats(
-    lesions, reads, out_dir, reference_reader=reference, thresholds=snakemake.params.thresholds
+    lesions,
+    reads,
+    out_dir,
+    reference_reader=reference,
+    thresholds=snakemake.params.thresholds,
+    labels=snakemake.params.labels,
 )
 log.info("\n%s", tables["detection"].to_string())

@@ -26,5 +26,6 @@ tables = reader_stats(
     out_dir,
     reference_reader="truth",
     thresholds=snakemake.params.thresholds,
+    labels=snakemake.params.labels,
 )
 log.info("\n%s", tables["detection"].to_string())

@@ -13,6 +13,7 @@ curves = pd.concat([pd.read_csv(p, sep="\t", dtype={"subject": str}) for p in sn
 write_table(metrics, snakemake.output.table)
 table3 = aggregate_voxel_metrics(metrics)
 write_table(table3, snakemake.output.table3)
-write_text(table3_markdown(table3), snakemake.output.table3_md)
-plot_mean_roc(curves, snakemake.output.roc, metrics=metrics)
-log.info("\n%s", table3_markdown(table3))
+labels = snakemake.params.labels
+write_text(table3_markdown(table3, labels=labels), snakemake.output.table3_md)
+plot_mean_roc(curves, snakemake.output.roc, metrics=metrics, labels=labels)
+log.info("\n%s", table3_markdown(table3, labels=labels))

@@ -73,8 +73,10 @@ def plot_mean_roc(
     metrics: pd.DataFrame | None = None,
     modalities: Sequence[str] = ("low", "vir"),
     youden_modality: str = "vir",
+    labels: Mapping[str, str] | None = None,
 ) -> Path:
     """Figure 5: mean ROC curve of each modality with its 95 % band, AUC in the legend, Youden point marked.
+    ``labels`` renames modalities in the legend (a simulated low dose says so).
 
     The legend's AUC is mean ± sd of the per-subject AUCs when ``metrics`` (the voxel metrics table) is given,
     else the area under the mean curve. The Youden point is the one of the mean ``youden_modality`` curve.
@@ -91,7 +93,7 @@ def plot_mean_roc(
         sub = table[table["modality"] == modality].sort_values("fpr")
         if sub.empty:
             continue
-        label = MODALITY_LABELS.get(modality, modality)
+        label = {**MODALITY_LABELS, **(labels or {})}.get(modality, modality)
         if modality in aucs:
             auc = aucs[modality]
             sd = auc.std(ddof=1) if len(auc) > 1 else 0.0
@@ -145,14 +147,17 @@ def plot_montage(
     slice_index: int | None = None,
     mask: np.ndarray | None = None,
     title: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Path:
     """Figure 4 for one subject: one axial slice of T1, FLAIR, ADC, low, vir and ref side by side.
 
     ``images`` maps keys of :data:`MONTAGE_COLUMNS` (t1, t2w, flair, adc, low, vir, ref) to 3D arrays on one grid;
     missing keys are left out. Intensities are shown on [0, 1] (normalised images); ADC on its own 1st-99th
-    percentile window. The slice defaults to :func:`select_axial_slice` (needs t1 and ref).
+    percentile window. The slice defaults to :func:`select_axial_slice` (needs t1 and ref). ``labels``
+    renames columns (a simulated low dose says so).
     """
-    present = [(k, label) for k, label in MONTAGE_COLUMNS if k in images]
+    titles = {**dict(MONTAGE_COLUMNS), **(labels or {})}
+    present = [(k, titles[k]) for k, _ in MONTAGE_COLUMNS if k in images]
     if not present:
         raise InputError(f"no image to show; expected some of {[k for k, _ in MONTAGE_COLUMNS]}")
     shapes = {k: np.shape(images[k]) for k, _ in present}

@@ -376,12 +376,20 @@ def display_decimals(sds: Sequence[float], *, least: int = 1, most: int = 3) -> 
     return int(min(most, max(least, math.ceil(-math.log10(min(finite)) - 1e-9))))
 
 
-def table3_markdown(table: pd.DataFrame, *, baseline: str = "low", candidate: str = "vir") -> str:
+def table3_markdown(
+    table: pd.DataFrame,
+    *,
+    baseline: str = "low",
+    candidate: str = "vir",
+    labels: Mapping[str, str] | None = None,
+) -> str:
     """Render :func:`aggregate_voxel_metrics` like the paper's Table 3 (mean (± sd), paired t-test), each row
-    with the decimals of :func:`display_decimals`."""
+    with the decimals of :func:`display_decimals`; ``labels`` names the columns (``{"low": "simulated
+    low-T1c"}``)."""
     scale = {m: s for m, _, s, _ in TABLE3_METRICS}
+    names = {m: (labels or {}).get(m, f"{m}-T1c") for m in (baseline, candidate)}
     lines = [
-        f"| | {baseline}-T1c | {candidate}-T1c | {baseline} vs. {candidate} |",
+        f"| | {names[baseline]} | {names[candidate]} | {baseline} vs. {candidate} |",
         "|---|---|---|---|",
     ]
     for _, r in table.iterrows():

@@ -90,10 +90,12 @@ def plot_detection_overlay(
     *,
     truth: pd.DataFrame | None = None,
     title: str = "",
+    titles: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the overlay figure (PNG) of the images read (name -> 3D array on one grid, normalised to [0, 1]),
     their detection label images (name -> lesion_id image) and tables (name -> rows with ``lesion_id``, centre
-    and axes in world mm), with the true lesions (world mm of the same grid) when known."""
+    and axes in world mm), with the true lesions (world mm of the same grid) when known. ``titles`` renames
+    the images (a simulated low dose says so)."""
     if not images:
         raise InputError("no image to show")
     shapes = {np.shape(a) for a in [*images.values(), *labels.values()]}
@@ -133,7 +135,7 @@ def plot_detection_overlay(
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(TITLES.get(name, name), fontsize=9)
+                ax.set_title({**TITLES, **(titles or {})}.get(name, name), fontsize=9)
         label = (
             "no detection"
             if site is None

@@ -12,7 +12,7 @@ All outputs are fractions (not percents) in tab-separated tables; the markdown/H
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -46,11 +46,13 @@ def reader_stats(
     reference_reader: str | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     rule: MatchRule = "both",
+    labels: Mapping[str, str] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Validate the annotations, compute every reader-study table, write them to ``out_dir``.
 
     Writes ``detection.tsv``, ``comparisons.tsv``, ``quality.tsv``, ``reading_times.tsv``, ``table5.md`` and
-    ``table5.html``; returns the four tables by name.
+    ``table5.html`` (its modalities named by ``labels``, e.g. a simulated low dose); returns the four tables
+    by name.
     """
     lesions = validate_lesions(lesions)
     reads = reads_from_lesions(lesions) if reads is None else validate_reads(reads)
@@ -71,8 +73,8 @@ def reader_stats(
     for name, table in tables.items():
         write_table(table, out_dir / names[name])
     detection, comparisons = tables["detection"], tables["comparisons"]
-    write_text(table5_markdown(detection, comparisons), out_dir / names["table5_md"])
-    write_text(table5_html(detection, comparisons), out_dir / names["table5"])
+    write_text(table5_markdown(detection, comparisons, labels=labels), out_dir / names["table5_md"])
+    write_text(table5_html(detection, comparisons, labels=labels), out_dir / names["table5"])
     log.info(
         "reader statistics: reference reader %s, %d evaluated reads, written to %s",
         reference_reader,

@@ -4,11 +4,17 @@ threshold and metric (SE, FDR, PPV, F1), with the p-values of low vs vir and of 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
 from virtual_contrast.report import format_p, html_table, markdown_table
+
+
+def image_label(modality: str, labels: Mapping[str, str] | None = None) -> str:
+    """The display name of a modality (``low`` -> ``low-T1c``), or the one ``labels`` gives it."""
+    return (labels or {}).get(modality, f"{modality}-T1c")
 
 
 def _threshold_label(thr: float) -> str:
@@ -21,22 +27,25 @@ def table5_rows(
     *,
     baseline: str = "low",
     candidate: str = "vir",
+    labels: Mapping[str, str] | None = None,
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the Table-5-like table (strings), shared by the markdown and HTML renderings."""
+    """Header and body of the Table-5-like table (strings), shared by the markdown and HTML renderings;
+    ``labels`` names the modalities in the header (:func:`image_label`)."""
     readers = list(dict.fromkeys(detection["reader"]))
     readers = [
         r
         for r in readers
         if {baseline, candidate} & set(detection.loc[detection["reader"] == r, "modality"])
     ]
+    base, cand = image_label(baseline, labels), image_label(candidate, labels)
     header = ["size", "metric"]
     for r in readers:
-        header += [f"{r} {baseline}-T1c", f"{r} {candidate}-T1c", f"{r} {baseline} vs. {candidate}"]
+        header += [f"{r} {base}", f"{r} {cand}", f"{r} {baseline} vs. {candidate}"]
     pairs = list(itertools.combinations(readers, 2))
     for r1, r2 in pairs:
-        header += [f"{r1} vs. {r2} {baseline}-T1c", f"{r1} vs. {r2} {candidate}-T1c"]
+        header += [f"{r1} vs. {r2} {base}", f"{r1} vs. {r2} {cand}"]
     if len(readers) > 1:
-        header += [f"average {baseline}-T1c", f"average {candidate}-T1c"]
+        header += [f"average {base}", f"average {cand}"]
 
     def det(reader: str, modality: str, thr: float) -> pd.Series | None:
         sel = detection[
@@ -121,13 +130,23 @@ TABLE5_CAPTION = (
 )
 
 
-def table5_markdown(detection: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+def table5_markdown(
+    detection: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    *,
+    labels: Mapping[str, str] | None = None,
+) -> str:
     """The paper's Table 5 layout as a markdown table."""
-    header, body = table5_rows(detection, comparisons)
+    header, body = table5_rows(detection, comparisons, labels=labels)
     return markdown_table(header, body) + "\n\n" + TABLE5_CAPTION + "\n"
 
 
-def table5_html(detection: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+def table5_html(
+    detection: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    *,
+    labels: Mapping[str, str] | None = None,
+) -> str:
     """The paper's Table 5 layout as a standalone HTML table."""
-    header, body = table5_rows(detection, comparisons)
+    header, body = table5_rows(detection, comparisons, labels=labels)
     return html_table(header, body, css_class="table5", caption=TABLE5_CAPTION)
