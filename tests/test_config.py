@@ -78,6 +78,14 @@ COUNTERPARTS = {
         "preprocess.registration_gate.min_brain_dice",
         lambda c: c["preprocess"]["registration_gate"]["min_brain_dice"],
     ),
+    **{
+        ("simulate-low-dose", key): (f"low_dose.{key}", lambda c, key=key: c["low_dose"][key])
+        for key in ("dose_fraction", "model", "t10_s", "seed")
+    },
+    ("simulate-low-dose", "backend"): (
+        "preprocess.register_backend",
+        lambda c: c["preprocess"]["register_backend"],
+    ),
     ("split", "k"): ("split.folds", lambda c: c["split"]["folds"]),
     ("split", "seed"): ("split.seed", lambda c: c["split"]["seed"]),
     ("predict", "device"): ("predict.device", lambda c: c["predict"]["device"]),
@@ -141,6 +149,10 @@ NOT_THE_CONFIG = {
     ("predict", "skull_strip_backend"): "default: as recorded in the models, not the config",
     ("predict", "hdbet_weights"): "default: as recorded in the models, not the config",
     ("import-markups", "reads"): "a file the command writes, not reads",
+    (
+        "export-dicom",
+        "model",
+    ): "the fold models the series names, not the dose model (low_dose.model)",
 }
 
 
