@@ -91,6 +91,26 @@ def smooth_within(image: np.ndarray, mask: np.ndarray, sigma_vox) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def contrast_field(
+    difference: np.ndarray,
+    quiet: np.ndarray,
+    region: np.ndarray,
+    sigma_vox,
+    *,
+    clip: float,
+) -> np.ndarray:
+    """The smooth part of ``difference`` (post − matched pre) over ``region``: its values in ``quiet`` (tissue
+    that does not enhance), clipped at ± ``clip``, averaged by a Gaussian of ``sigma_vox`` (normalised
+    convolution), 0 outside ``region``. What two sequences' different contrasts leave after the intensity
+    match, at the scale of tissue regions."""
+    weight = np.asarray(quiet, np.float32)
+    values = np.clip(np.asarray(difference, np.float32), -clip, clip) * weight
+    num = ndimage.gaussian_filter(values, sigma_vox)
+    den = ndimage.gaussian_filter(weight, sigma_vox)
+    field = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0)
+    return (field * np.asarray(region, bool)).astype(np.float32)
+
+
 def enhancement_probability(smoothed: np.ndarray, noise_std: float, z: float) -> np.ndarray:
     """Probability that a voxel truly enhances: Φ(Δ / σ − z) of its smoothed enhancement Δ (noise σ)."""
     if noise_std <= 0:
