@@ -49,7 +49,9 @@ rule simulate_low_dose:
         **layout.simulate_low_dose_files("{subject}"),
     params:
         options=config["low_dose"],
-    threads: 2
+        # The rigid alignment of the pre-contrast T1 to the T1c uses the run's registration backend.
+        backend=PREPROCESS_OPTIONS["register"]["backend"],
+    threads: 1
     group:
         "subject"
     log:

@@ -82,6 +82,14 @@ COUNTERPARTS = {
         "preprocess.registration_gate.min_brain_coverage",
         lambda c: c["preprocess"]["registration_gate"]["min_brain_coverage"],
     ),
+    **{
+        ("simulate-low-dose", key): (f"low_dose.{key}", lambda c, key=key: c["low_dose"][key])
+        for key in ("dose_fraction", "model", "t10_s", "seed")
+    },
+    ("simulate-low-dose", "backend"): (
+        "preprocess.register_backend",
+        lambda c: c["preprocess"]["register_backend"],
+    ),
     ("split", "k"): ("split.folds", lambda c: c["split"]["folds"]),
     ("split", "seed"): ("split.seed", lambda c: c["split"]["seed"]),
     ("predict", "device"): ("predict.device", lambda c: c["predict"]["device"]),
@@ -148,7 +156,7 @@ NOT_THE_CONFIG = {
     (
         "export-dicom",
         "model",
-    ): "the fold models named in the series' description, not low_dose.model",
+    ): "the fold models the series names, not the dose model (low_dose.model)",
 }
 
 
