@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     table[["subject", "session", "split", *COLUMNS]].to_csv(
         simulated / "subjects.tsv", sep="\t", index=False
     )
-    minutes["simulated run"] = snakemake(simulated, args.cores, "--config", "subjects=subjects.tsv")
+    minutes["simulated run"] = snakemake(
+        simulated, args.cores, args.overlay, "--config", "subjects=subjects.tsv"
+    )
 
     print("4. held-out patients (acquired low-dose inputs), Table 3 metrics\n", flush=True)
     lines, summary = compare(held_out_metrics(acquired), held_out_metrics(simulated))
