@@ -127,7 +127,7 @@ def test_predict_subject_writes_vir_t1c_on_the_input_grid(trained, tmp_path):
     assert img.shape == ref.shape == (16, 16, 8)
     np.testing.assert_allclose(img.affine, ref.affine)
     data = img.get_fdata()
-    assert data.min() >= 0 and data.max() <= 1 and data.std() > 0
+    assert np.isfinite(data).all() and data.std() > 0
     # The file is the TTA mean of both models.
     loaded, channels, _ = load_models(models)
     x = torch.from_numpy(

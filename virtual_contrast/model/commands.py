@@ -361,12 +361,12 @@ def preprocess_options_of(models: list[Path], args: argparse.Namespace):
 
 
 def _check_normalised(paths: dict[str, Path], subject: str) -> None:
-    """Normalised volumes have their brain's 99th percentile at 1; a raw image given instead is an error."""
-    from virtual_contrast.intensity import normalisation_problem
+    """Normalised volumes lie within the normalised scale; a raw image given instead is an error."""
+    from virtual_contrast.intensity import range_problem
     from virtual_contrast.io import load_image
 
     for channel, path in paths.items():
-        problem = normalisation_problem(np.asanyarray(load_image(path, subject=subject).dataobj))
+        problem = range_problem(np.asanyarray(load_image(path, subject=subject).dataobj))
         if problem is not None:
             raise InputError(
                 f"{channel} is not a normalised volume: {problem}; for a raw exam give --dwi and --bval "

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from virtual_contrast import layout
-from virtual_contrast.intensity import normalisation_problem
+from virtual_contrast.intensity import range_problem
 from virtual_contrast.io import InputError, atomic_path, load_image
 from virtual_contrast.model import runtime
 from virtual_contrast.model.config import DEFAULT_CHANNELS, check_channels
@@ -173,7 +173,7 @@ def load_subject_arrays(
                 subject=sv.subject,
                 path=path,
             )
-        problem = None if name == "mask" else normalisation_problem(data)
+        problem = None if name == "mask" else range_problem(data)
         if problem is not None:
             log.warning("sub-%s %s: not normalised? %s", sv.subject, name, problem)
         arrays[name] = data
