@@ -4,7 +4,9 @@ the copies tells a low-dose case from a vir-T1c case.
 The statistics (virtual_contrast.reader.blinding) are computed over reading lists: the tiny workflow's (two test
 patients: too few for an AUC, so there every encoding statistic must be the same for every case and no copy may
 have a plateau at its maximum), and the demo's when VC_DEMO_RESULTS names a results folder of `make demo` (eight
-test patients: no statistic may separate low from vir with an AUC outside 0.2-0.8).
+test patients: neither the plateau nor any encoding statistic may separate low from vir with an AUC outside
+0.2-0.8; the anchors must sit at their levels; the tail, vir-T1c's full-dose-like enhancement, is reported by
+benchmarks/blinding.py).
 """
 
 from __future__ import annotations
@@ -180,5 +182,7 @@ def test_no_statistic_of_the_demo_s_reading_copies_separates_low_from_vir():
     _assert_encoding_is_one_for_all(table)
     result = blinding.separation(table)
     assert (result["n_low"] >= 8).all() and (result["n_vir"] >= 8).all()
-    outside = result[~result["within_bounds"]]
-    assert outside.empty, outside.to_string()
+    bounded = result[result["kind"].isin(blinding.BLINDING_KINDS)]
+    assert len(bounded) == 3 * 6, bounded  # the plateau and 5 encoding statistics of 3 forms
+    outside = bounded[~bounded["within_bounds"]]
+    assert outside.empty, f"{outside.to_string()}\n(all: {result.to_string()})"
