@@ -466,3 +466,9 @@ def test_a_full_disk_is_answered_not_dropped(server, study, monkeypatch) -> None
     monkeypatch.setattr(server.session, "save_read", lambda *a: 1 / 0)
     status, reply = _post(server.url + f"api/case/{case}", body)
     assert status == 500 and "ZeroDivisionError" in reply["error"]
+    # an image of the lists that cannot be read: a 500 that names no path of the server
+    image = server.session.cases[1].images["post"]
+    image.write_bytes(b"not an image")
+    status, raw = _get(server.url + f"image/{server.session.cases[1].case_id}/post.nii")
+    reply = json.loads(raw)
+    assert status == 500 and "cannot be read" in reply["error"] and "/" not in reply["error"], reply

@@ -13,7 +13,7 @@ is a wrong token. Nothing the server sends names a file or folder of the machine
 Every request gets an answer: a malformed one (a Content-Length that is not a number or is negative, a body
 over :data:`MAX_BODY_BYTES`, JSON that is not an object or nests deeper than :data:`MAX_JSON_DEPTH`, a method
 other than GET, HEAD and POST) a 4xx with a JSON error; a read that cannot be saved (a full disk) a 507, any
-other failure a 500, each with the reason and logged.
+other failure a 500, each with its reason (never a path: the server's terminal names the file).
 
 Routes (relative to ``/s/<token>/``)::
 
@@ -214,13 +214,25 @@ class ReadingHandler(BaseHTTPRequestHandler):
             else:
                 log.exception("request %s %s failed", self.command, self.path)
                 self._error(
-                    HTTPStatus.INTERNAL_SERVER_ERROR, f"not done: {exc.strerror or exc}", close=True
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    f"not done: {exc.strerror or type(exc).__name__} (the server's terminal says more)",
+                    close=True,
                 )
+        except (
+            InputError
+        ) as exc:  # a file of the lists that cannot be read: named in the log, not here
+            log.error("request %s %s failed: %s", self.command, self.path, exc)
+            self._error(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                "not done: a file of the reading lists cannot be read (the server's terminal names it "
+                "and says why)",
+                close=True,
+            )
         except Exception as exc:  # noqa: BLE001 - every request gets an answer, the log the traceback
             log.exception("request %s %s failed", self.command, self.path)
             self._error(
                 HTTPStatus.INTERNAL_SERVER_ERROR,
-                f"not done: {type(exc).__name__}: {exc}",
+                f"not done: {type(exc).__name__} (the server's terminal says more)",
                 close=True,
             )
 
@@ -346,7 +358,8 @@ class ReadingHandler(BaseHTTPRequestHandler):
             else:
                 self._error(HTTPStatus.NOT_FOUND, "not found")
         except InputError as exc:
-            self._error(HTTPStatus.CONFLICT if session.closed else HTTPStatus.BAD_REQUEST, str(exc))
+            status = HTTPStatus.CONFLICT if session.closed else HTTPStatus.BAD_REQUEST
+            self._error(status, exc.reason)
 
 
 def _nesting(raw: bytes) -> int:

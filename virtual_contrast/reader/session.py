@@ -172,7 +172,7 @@ class ReadingSession:
         return [c.case_id for c in self.cases if self.record(c.case_id) is not None]
 
     def summary(self) -> dict[str, Any]:
-        """What the page may know: pseudonyms, progress, and where the results are."""
+        """What the page may know: pseudonyms and progress (no path of this machine: see the server)."""
         done = set(self.read_case_ids())
         return {
             "reader": self.reader,
