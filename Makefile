@@ -44,5 +44,12 @@ format:
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Never the readers' answers: `virtual-contrast read` writes them to readings/, beside results/; a readings/ folder
+# found under results/ (an older default, or --out) stops clean with nothing deleted.
 clean:
+	@found=$$(find results -type d -name readings -print -quit 2>/dev/null); \
+	if [ -n "$$found" ]; then \
+		echo "make clean: $$found holds readers' answers; move it out of results/ (e.g. to readings/) first: nothing deleted" >&2; \
+		exit 1; \
+	fi
 	rm -rf results logs .snakemake

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from virtual_contrast import cli
-from virtual_contrast.intensity import normalize
+from virtual_contrast.intensity import normalize, paper_scale
 from virtual_contrast.io import InputError, save_image
 from virtual_contrast.preprocess.crop import crop_images, crop_or_pad, crop_start_for_mask
 from virtual_contrast.preprocess.normalize import normalize_image
@@ -119,10 +119,18 @@ def test_normalize_maps_brain_percentiles_to_unit_range():
     data[~mask] = 5000.0  # bright background must not move the percentiles
     out = normalize(data, mask, 1.0, 99.0)
     lo, hi = np.percentile(data[mask], [1, 99])
-    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
-    assert (out[~mask] == 0).all()
-    np.testing.assert_allclose(out[mask], np.clip((data[mask] - lo) / (hi - lo), 0, 1), atol=1e-6)
-    assert np.mean(out[mask] == 1.0) == pytest.approx(0.01, abs=0.005)  # the top 1 % is clipped
+    assert out.dtype == np.float32 and (out[~mask] == 0).all()
+    np.testing.assert_allclose(out[mask], (data[mask] - lo) / (hi - lo), atol=1e-6)
+    assert np.percentile(out[mask], [1, 99]) == pytest.approx([0.0, 1.0], abs=1e-6)
+    # Nothing is clipped (issue 25): the top percent stays above 1, spread as in the image, no plateau.
+    top = out[mask][out[mask] > 1.0]
+    assert top.size == pytest.approx(0.01 * mask.sum(), abs=2) and np.unique(top).size == top.size
+    assert out.max() == pytest.approx((data[mask].max() - lo) / (hi - lo), rel=1e-5)
+    assert out[mask].min() < 0.0
+    # the paper's normalisation is this one clipped to [0, 1]
+    np.testing.assert_allclose(
+        paper_scale(out)[mask], np.clip((data[mask] - lo) / (hi - lo), 0, 1), atol=1e-6
+    )
 
 
 def test_normalize_refuses_constant_and_empty():
@@ -186,7 +194,9 @@ def test_cli_crop_and_normalize(tmp_path: Path, monkeypatch, capsys):
     assert rc == 0
     assert "percentiles 2, 99" in capsys.readouterr().out
     n = np.asarray(nib.load(str(tmp_path / "n.nii.gz")).dataobj)
-    assert n.min() == 0.0 and n.max() == 1.0 and (n[mask == 0] == 0).all()
+    assert (n[mask == 0] == 0).all()
+    assert np.percentile(n[mask > 0], [2, 99]) == pytest.approx([0.0, 1.0], abs=1e-5)
+    assert n.max() > 1.0 and n.min() < 0.0  # not clipped
 
 
 def test_normalize_with_an_empty_mask_names_the_mask(tmp_path: Path, capsys):

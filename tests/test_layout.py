@@ -83,3 +83,38 @@ def test_renaming_an_entity_in_the_layout_renames_the_workflow_files(tmp_path):
     assert re.search(r"sub-\w+_space-MNI152NLin2009aSym_desc-virtual_T1c\.nii\.gz", out)
     assert re.search(r"sub-\w+_from-refT1c_to-MNI152NLin2009aSym_xfm\.txt", out)
     assert "ICBM09a" not in out
+
+
+def test_the_readers_answers_live_beside_results_and_make_clean_never_deletes_them(tmp_path):
+    """`make clean` deleted results/, and with it results/reader_study/readings/ (the radiologists' answers):
+    they now go to readings/ beside results/, and clean refuses while a readings/ folder lies under results/."""
+    from workflow_helpers import REPO
+
+    lists = tmp_path / layout.reading_files()["lists"]
+    assert layout.default_readings_folder(lists) == tmp_path / layout.READINGS
+    assert layout.RESULTS not in layout.reading_files()["readings"].split("/")
+    elsewhere = tmp_path / "study" / "reading_lists"
+    assert layout.default_readings_folder(elsewhere) == tmp_path / "study" / layout.READINGS
+
+    answers = tmp_path / layout.READINGS / "lesions.csv"
+    answers.parent.mkdir(parents=True)
+    answers.write_text("patient,reader\n")
+    lists.mkdir(parents=True)
+
+    def clean() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["make", "-s", "-f", str(REPO / "Makefile"), "-C", str(tmp_path), "clean"],
+            capture_output=True,
+            text=True,
+        )
+
+    done = clean()
+    assert done.returncode == 0, done.stderr
+    assert answers.exists() and not (tmp_path / layout.RESULTS).exists()
+    # an older layout (or --out under results/) kept them in results/: clean stops and deletes nothing
+    old = tmp_path / layout.READER_STUDY / layout.READINGS / "sessions" / "R1_phase-1" / "case.json"
+    old.parent.mkdir(parents=True)
+    old.write_text("{}")
+    refused = clean()
+    assert refused.returncode != 0 and "readers' answers" in refused.stderr
+    assert old.exists()

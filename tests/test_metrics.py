@@ -36,8 +36,8 @@ def _skimage_ssim(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def brats(shared_data) -> dict[str, np.ndarray]:
-    """BraTS-MET-00110: t1n as pre, t1c as ref, a blurred and noisy t1c as pred; each normalised to [0, 1]
-    with 1st/99th percentile clipping on brain voxels (brain = t1n > 0)."""
+    """BraTS-MET-00110: t1n as pre, t1c as ref, a blurred and noisy t1c as pred; each normalised (1st and 99th
+    brain percentiles at 0 and 1, not clipped; brain = t1n > 0)."""
     folder = shared_data / "brats_met_00110"
     pre = np.asarray(nib.load(folder / "BraTS-MET-00110-000-t1n.nii.gz").dataobj, np.float32)
     ref = np.asarray(nib.load(folder / "BraTS-MET-00110-000-t1c.nii.gz").dataobj, np.float32)
@@ -55,8 +55,20 @@ def brats(shared_data) -> dict[str, np.ndarray]:
 
 @pytest.mark.shared_data
 def test_metrics_equal_skimage_and_sklearn_on_brats(brats) -> None:
-    pred, ref, pre, mask = brats["pred"], brats["ref"], brats["pre"], brats["mask"]
-    ours = M.subject_voxel_metrics(pred, ref, pre, mask)
+    full = {k: brats[k] for k in ("pred", "ref", "pre")}
+    mask = brats["mask"]
+    assert max(float(full[k][mask].max()) for k in full) > 2.0  # the full dose above 1: not clipped
+    ours = M.subject_voxel_metrics(full["pred"], full["ref"], full["pre"], mask)
+    # The full-range rows score the images as they are, data range 1 (the 1st-99th percentile span) ...
+    assert ours["ssim_full_range"] == pytest.approx(
+        _skimage_ssim(full["pred"], full["ref"], mask), abs=1e-4
+    )
+    assert ours["psnr_full_range"] == pytest.approx(
+        peak_signal_noise_ratio(full["ref"][mask], full["pred"][mask], data_range=1.0), abs=1e-4
+    )
+    # ... and the paper's rows score the paper's normalisation: the same images clipped to [0, 1].
+    pred, ref, pre = (np.clip(full[k], 0, 1) for k in ("pred", "ref", "pre"))
+    assert ours["ssim"] != pytest.approx(ours["ssim_full_range"], abs=1e-3)
 
     assert ours["ssim"] == pytest.approx(_skimage_ssim(pred, ref, mask), abs=1e-4)
     assert ours["psnr"] == pytest.approx(
@@ -257,7 +269,7 @@ def test_cli_metrics_prints_json(tmp_path, capsys) -> None:
 def test_cli_metrics_refuses_unnormalised_images_unless_asked(tmp_path, capsys) -> None:
     args = _write_case(tmp_path, scale=900.0)
     assert main(["metrics", *args]) == 2
-    assert "expected [0, 1]" in capsys.readouterr().err
+    assert "pred is not normalised: brain values span" in capsys.readouterr().err
     assert main(["metrics", *args, "--normalize"]) == 0
     assert json.loads(capsys.readouterr().out)["auc"] > 0.9
 

@@ -133,3 +133,23 @@ def test_resample_is_the_one_interpolation(exam):
     back = np.asanyarray(nib.load(_export(exam, intensity_range=(0.0, 1.0))).dataobj)
     inner = ndimage.binary_erosion(back != 0, iterations=3)
     assert np.corrcoef(back[inner], smooth[inner])[0, 1] > 0.95
+
+
+def test_enhancement_above_the_99th_percentile_is_mapped_back_without_flattening(exam):
+    """A prediction brighter than 1 (the 99th brain percentile: full-dose enhancement, which the normalisation
+    no longer clips) lands above the low dose's 99th percentile, in proportion; before issue 25 every such
+    voxel was clipped to 1 and written at exactly the top of the low dose's range."""
+    vir = nib.load(exam / "vir.nii.gz")
+    data = np.asanyarray(vir.dataobj).copy()
+    brain = data > 0
+    lesion = np.zeros_like(data)
+    centre = tuple(int(np.median(a)) for a in np.nonzero(brain))
+    lesion[centre] = 1.0
+    lesion = ndimage.gaussian_filter(lesion, 2.0)
+    data = np.where(brain, data + 2.5 * lesion / lesion.max(), 0.0)  # a peak of about 3.5
+    save_image(data, vir.affine, exam / "vir.nii.gz")
+    out = np.asanyarray(nib.load(_export(exam, intensity_range=(100.0, 900.0))).dataobj)
+    inside = out[out != 0]
+    assert inside.max() > 900.0 + 0.5 * 2.5 * 800.0  # well above the low dose's 99th percentile
+    assert np.mean(inside == inside.max()) < 5e-4  # no plateau at the maximum
+    assert (inside > 900.0).sum() > 10  # a whole bright region, not one voxel

@@ -127,7 +127,7 @@ def test_predict_subject_writes_vir_t1c_on_the_input_grid(trained, tmp_path):
     assert img.shape == ref.shape == (16, 16, 8)
     np.testing.assert_allclose(img.affine, ref.affine)
     data = img.get_fdata()
-    assert data.min() >= 0 and data.max() <= 1 and data.std() > 0
+    assert np.isfinite(data).all() and data.std() > 0
     # The file is the TTA mean of both models.
     loaded, channels, _ = load_models(models)
     x = torch.from_numpy(
@@ -151,7 +151,11 @@ def test_predict_subject_errors(trained, tmp_path):
         predict_subject(models, channels, tmp_path / "x.nii.gz", device="cpu")
     junk = tmp_path / "junk.pt"
     torch.save({"hello": 1}, junk)
-    with pytest.raises(InputError, match="not a virtual-contrast/unet-v1 checkpoint"):
+    with pytest.raises(InputError, match="not a virtual-contrast/unet-v2 checkpoint"):
+        predict_subject([junk], subjects[4].channels, tmp_path / "x.nii.gz", device="cpu")
+    # a model of the clipped normalisation (issue 25) is refused, saying why
+    torch.save({"format": "virtual-contrast/unet-v1"}, junk)
+    with pytest.raises(InputError, match="clipped at the 99th brain percentile.*train it again"):
         predict_subject([junk], subjects[4].channels, tmp_path / "x.nii.gz", device="cpu")
     with pytest.raises(InputError, match="model checkpoint not found"):
         predict_subject([tmp_path / "none.pt"], subjects[4].channels, tmp_path / "x.nii.gz")

@@ -102,11 +102,12 @@ def test_bad_protocol_inputs_are_errors() -> None:
 
 
 def test_cli_exports_pseudonymised_images(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
     patients = ["vc001", "vc002"]
     (tmp_path / "patients.txt").write_text("# test sample\n" + "\n".join(patients) + "\n")
     for p in patients:
         for m in ("low", "vir", "ref", "pre", "flair"):
-            img = nib.Nifti1Image(np.full((4, 4, 4), 1.0, np.float32), np.eye(4))
+            img = nib.Nifti1Image(rng.random((4, 4, 4), np.float32) + 0.5, np.eye(4))
             img.header["descrip"] = f"patient {p}".encode()  # identifying header text
             path = tmp_path / "data" / f"sub-{p}_{m}.nii.gz"
             path.parent.mkdir(exist_ok=True)
@@ -134,7 +135,7 @@ def test_cli_exports_pseudonymised_images(tmp_path, capsys) -> None:
         ]
     )
     assert code == 0, capsys.readouterr().err
-    images = sorted((tmp_path / "reading").rglob("*.nii.gz"))
+    images = sorted((tmp_path / "reading").rglob("*.nii"))
     key = protocol.load_key(tmp_path / "key.tsv")
     assert len(images) == 3 * len(key)  # each case, its pre-contrast T1 and its FLAIR
     case = key.iloc[0]
@@ -153,7 +154,7 @@ def test_cli_exports_pseudonymised_images(tmp_path, capsys) -> None:
 def test_missing_image_is_a_clear_error(tmp_path) -> None:
     key = protocol.make_reading_lists(["A1", "A2"], ["R1"], seed=0)
     save_image(np.zeros((2, 2, 2)), np.eye(4), tmp_path / "A1_low.nii.gz")
-    with pytest.raises(InputError, match="file not found"):
+    with pytest.raises(InputError, match="the post image is missing"):
         protocol.export_reading_images(
             key, tmp_path / "out", image_pattern=str(tmp_path / "{patient}_{modality}.nii.gz")
         )
@@ -166,3 +167,63 @@ def test_read_patients_from_a_subjects_table(tmp_path) -> None:
     )
     assert protocol.read_patients(path, split="test") == ["b", "c"]
     assert protocol.read_patients(path) == ["a", "b", "c"]
+
+
+def _exam_images(folder, patients, rng) -> None:
+    for p in patients:
+        for m in ("low", "vir", "ref", "pre", "flair"):
+            save_image(
+                rng.random((6, 6, 4), np.float32) + 0.5, np.eye(4), folder / f"{p}_{m}.nii.gz"
+            )
+
+
+def test_cli_both_formats_with_a_modality_pre_pattern(tmp_path, capsys) -> None:
+    """--image-format both with a {modality} pre-contrast pattern once wrote the NIfTI copies and then stopped
+    with a KeyError in the DICOM half (issue 25): both halves take the pre and FLAIR patterns alike."""
+    patients = ["vc001", "vc002"]
+    (tmp_path / "patients.txt").write_text("\n".join(patients) + "\n")
+    _exam_images(tmp_path / "data", patients, np.random.default_rng(1))
+    pattern = str(tmp_path / "data" / "{patient}_{modality}.nii.gz")
+    args = ["reading-lists", "--patients", str(tmp_path / "patients.txt"), "--readers", "R1"]
+    args += ["--out", str(tmp_path / "reading"), "--key", str(tmp_path / "key.tsv")]
+    args += ["--image-pattern", pattern, "--pre-pattern", pattern, "--flair-pattern", pattern]
+    assert main([*args, "--image-format", "both"]) == 0, capsys.readouterr().err
+    key = protocol.load_key(tmp_path / "key.tsv")
+    for case in key.itertuples():
+        folder = protocol.case_folder(tmp_path / "reading", case.reader, case.phase)
+        assert (folder / protocol.CASE_IMAGE.format(case_id=case.case_id)).exists()
+        for series in ("post", "pre", "flair"):
+            assert len(list((folder / case.case_id / series).glob("*.dcm"))) == 4, series
+
+
+@pytest.mark.parametrize(
+    ("flag", "pattern", "message"),
+    [
+        ("--pre-pattern", "{patient}_{sequence}.nii.gz", "unknown placeholder"),
+        ("--image-pattern", "{patient}.nii.gz", "needs"),
+        ("--flair-pattern", "{patient}_{}.nii.gz", "empty"),
+        ("--dicom-source", "{patient}/{modality}", "unknown placeholder"),
+        ("--image-pattern", "{patient}_{modality}_missing.nii.gz", "post image is missing"),
+    ],
+)
+def test_cli_checks_every_pattern_and_file_before_writing_anything(
+    tmp_path, capsys, flag, pattern, message
+) -> None:
+    patients = ["vc001", "vc002"]
+    (tmp_path / "patients.txt").write_text("\n".join(patients) + "\n")
+    _exam_images(tmp_path / "data", patients, np.random.default_rng(2))
+    good = str(tmp_path / "data" / "{patient}_{modality}.nii.gz")
+    patterns = {
+        "--image-pattern": good,
+        "--pre-pattern": good,
+        "--flair-pattern": good,
+        "--dicom-source": "",
+    }
+    patterns[flag] = pattern if flag == "--dicom-source" else str(tmp_path / "data" / pattern)
+    args = ["reading-lists", "--patients", str(tmp_path / "patients.txt"), "--readers", "R1"]
+    args += ["--out", str(tmp_path / "reading"), "--key", str(tmp_path / "key.tsv")]
+    args += [part for item in patterns.items() if item[1] for part in item]
+    assert main([*args, "--image-format", "both"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "reading").exists() and not (tmp_path / "key.tsv").exists()

@@ -27,7 +27,8 @@ import pytest
 
 from virtual_contrast.annotations import load_lesions, load_reads
 from virtual_contrast.reader import viewer
-from virtual_contrast.reader.protocol import KEY_NAME, load_key
+from virtual_contrast.reader.protocol import CASE_IMAGE, KEY_NAME, load_key
+from virtual_contrast.reading_copy import STORED_DTYPE
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -208,7 +209,11 @@ def one_case_read(browser, tiny_run, tmp_path_factory):
         "page": "\n".join(pages),
         "patients": sorted(key["patient"].unique()),
         "voxel_mm": float(
-            max(nib.load(lists / "R1" / "phase-1" / f"{first}.nii.gz").header.get_zooms())
+            max(
+                nib.load(
+                    lists / "R1" / "phase-1" / CASE_IMAGE.format(case_id=first)
+                ).header.get_zooms()
+            )
         ),
     }
     yield state
@@ -346,9 +351,11 @@ def test_a_blinded_session_names_no_patient_modality_or_source_file(
             assert body == viewer.VIEWER_PATH.read_bytes()
         elif url.endswith(".nii"):
             raw = _nifti(body)
+            # sent uncompressed: a compressed size would tell how noisy the image is
+            assert raw == body and "Content-Encoding" not in exchange.get("headers", {})
             scan(_nifti_header_text(raw), f"the NIfTI header of {url}")
             hdr = nib.Nifti1Image.from_bytes(raw).header
-            assert hdr["descrip"].item() == b"" and hdr.get_data_dtype() == np.float32
+            assert hdr["descrip"].item() == b"" and hdr.get_data_dtype() == STORED_DTYPE
             kinds["image"] += 1
         else:
             scan(body.decode("utf-8"), f"the response to {url}")
@@ -391,6 +398,20 @@ def test_the_three_views_follow_one_cursor_view_and_the_window_is_set_by_hand(
     assert moved[2] != pytest.approx(post[2]) and np.allclose(moved[:2], post[:2], atol=voxel / 2)
     for series in ("t1", "flair"):
         assert np.allclose(driver.execute_script(where, series)[:3], moved, atol=1e-3), series
+    # the arrow keys the page advertises move the slice of all three, one at a time (issue 25: they did not)
+    from selenium.webdriver.common.keys import Keys
+
+    index = int(driver.find_element("id", "slice-number").text.split("/")[0])
+    driver.execute_script("arguments[0].focus()", canvas)  # as after a click on the image
+    for key, step in ((Keys.ARROW_UP, 1), (Keys.ARROW_UP, 1), (Keys.ARROW_DOWN, -1)):
+        ActionChains(driver).send_keys(key).perform()
+        time.sleep(0.3)
+        index += step
+        assert int(driver.find_element("id", "slice-number").text.split("/")[0]) == index, key
+    keyed = np.array(driver.execute_script(where, "post"))[:3]
+    assert np.allclose(keyed[:2], moved[:2], atol=voxel / 2)
+    for series in ("t1", "flair"):
+        assert np.allclose(driver.execute_script(where, series)[:3], keyed, atol=1e-3), series
     slice_type = "return ['post', 't1', 'flair'].map((s) => viewers[s].opts.sliceType)"
     assert driver.execute_script(slice_type) == [0, 0, 0]  # axial
     for button, expected in (("coronal", 1), ("sagittal", 2), ("axial", 0)):

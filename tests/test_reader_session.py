@@ -3,7 +3,6 @@ writes, bad requests, and the server refusing anything outside the session."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import threading
@@ -180,7 +179,9 @@ def test_bad_session_arguments_are_one_clear_line(study, capsys) -> None:
     with pytest.raises(InputError, match="no phase 3"):
         _session(study, "R2", 3)
     case = study["key"].iloc[0]
-    image = protocol.case_folder(study["lists"], case.reader, case.phase) / f"{case.case_id}.nii.gz"
+    image = protocol.case_folder(
+        study["lists"], case.reader, case.phase
+    ) / protocol.CASE_IMAGE.format(case_id=case.case_id)
     image.unlink()
     args = ["read", "--lists", str(study["lists"]), "--reader", case.reader]
     assert main([*args, "--phase", str(case.phase)]) == 2
@@ -252,8 +253,9 @@ def test_the_server_serves_only_the_session_s_own_cases(server, study) -> None:
     assert _get(url)[0] == 200 and _get(url + "niivue.js")[0] == 200
     status, body = _get(url + f"image/{mine}/post.nii")
     assert status == 200
-    image = nib.Nifti1Image.from_bytes(gzip.decompress(body))
+    image = nib.Nifti1Image.from_bytes(body)  # uncompressed: a compressed size tells the noise
     assert image.header["descrip"].item() == b"", "the source's header text is not served"
+    assert image.get_data_dtype() == np.uint16  # a reading copy
     assert np.allclose(image.affine, AFFINE) and image.shape == (8, 8, 8)
     for other in others:
         assert _get(url + f"image/{other}/post.nii")[0] == 403
@@ -278,6 +280,195 @@ def test_the_server_saves_a_read_and_refuses_bad_requests(server, study) -> None
     assert status == 200 and reply["n_read"] == 1
     assert json.loads(_get(url + f"api/case/{mine}")[1])["record"]["lesions"] == [LESION]
     status, reply = _post(url + "api/close", b"{}")
-    assert status == 200 and reply["closed"] and reply["lesions_csv"].endswith("lesions.csv")
+    assert status == 200 and reply["closed"]
     status, reply = _post(url + f"api/case/{mine}", json.dumps(body).encode())
     assert status == 409 and "closed" in reply["error"]
+
+
+# ------------------------------------------------------------------ the readers' answers (issue 25, part 3)
+def test_every_record_is_flushed_to_the_disk_before_its_rename(study, monkeypatch) -> None:
+    """A power cut must not leave an empty record under its final name: fsync, then rename, then the folder."""
+    import virtual_contrast.io as io_module
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        io_module.os,
+        "fsync",
+        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd),
+    )
+    monkeypatch.setattr(
+        io_module.os,
+        "replace",
+        lambda src, dst: events.append(("replace", str(src), str(dst))) or real_replace(src, dst),
+    )
+    s1 = _session(study)
+    events.clear()
+    s1.save_read(s1.cases[0].case_id, [LESION], 4, 5.0)
+    record = str((s1.state_dir / f"{s1.cases[0].case_id}.json").resolve())
+    renames = [e for e in events if e[0] == "replace"]
+    assert {e[2] for e in renames} >= {record, str(study["out"] / "reads.csv")}
+    for k, event in enumerate(events):
+        if event[0] == "replace":
+            # the renamed file was flushed just before, and its folder just after
+            assert events[k - 1] == ("fsync", str(os.path.realpath(event[1]))), events[
+                k - 1 : k + 1
+            ]
+            assert events[k + 1] == ("fsync", os.path.realpath(os.path.dirname(event[2])))
+
+
+def test_a_damaged_record_is_named_skipped_and_never_blocks_the_session(study, caplog) -> None:
+    s1 = _session(study)
+    first, second = s1.cases[0].case_id, s1.cases[1].case_id
+    s1.save_read(first, [LESION], 4, 5.0)
+    s1.save_read(second, [], 3, 2.0)
+    damaged = s1.state_dir / f"{first}.json"
+    damaged.write_bytes(b"")  # what a power cut leaves without fsync
+    with caplog.at_level("WARNING"):
+        again = _session(study)  # opens: the damaged record does not stop it
+    assert str(damaged) in caplog.text and "damaged" in caplog.text
+    assert caplog.text.count(str(damaged)) == 1, "named once, not at every request"
+    assert again.read_case_ids() == [second] and again.record(first) is None
+    assert [c["read"] for c in again.summary()["cases"]][:2] == [False, True]
+    # the case is read again, which replaces the damaged file
+    again.save_read(first, [LESION], 5, 1.0)
+    assert again.record(first)["quality"] == 5
+    # a record that is JSON but not a read is damaged too
+    damaged.write_text('{"lesions": "x"}')
+    assert _session(study).record(first) is None
+
+
+def test_a_session_refuses_images_changed_since_its_first_opening_unless_told(
+    study, capsys
+) -> None:
+    s1 = _session(study)
+    s1.save_read(s1.cases[0].case_id, [LESION], 4, 5.0)
+    case = s1.cases[1]
+    # the reading lists are written again (a retraining) under the same case ids
+    original = case.images["post"].read_bytes()
+    img = nib.load(case.images["post"])
+    changed = np.asanyarray(img.dataobj).astype(np.uint16)
+    changed[changed > 0] += 7
+    nib.save(nib.Nifti1Image(changed, img.affine, img.header), case.images["post"])
+    with pytest.raises(InputError, match=rf"images .* have changed .*{case.case_id} post"):
+        _session(study)
+    args = ["read", "--lists", str(study["lists"]), "--reader", "R1", "--phase", "1"]
+    assert main([*args, "--out", str(study["out"]), "--port", "-1"]) == 2
+    assert "--allow-changed-images" in capsys.readouterr().err
+    told = ReadingSession(
+        study["lists"], study["key_path"], "R1", study["out"], phase=1, allow_changed_images=True
+    )
+    assert told.read_case_ids() == [s1.cases[0].case_id]
+    _session(study)  # the new images are recorded: the next opening goes on
+    case.images["post"].write_bytes(original)
+    with pytest.raises(InputError, match="have changed"):
+        _session(study)
+
+
+@pytest.mark.parametrize("reader", ["../../x", "R1/..", ".hidden", "a b"])
+def test_reader_names_in_the_key_are_checked_like_subject_ids(study, tmp_path, reader) -> None:
+    key = study["key"].copy()
+    key.loc[key["reader"] == "R2", "reader"] = reader
+    write_table(key, study["key_path"])
+    with pytest.raises(InputError, match=r"line \d+: reader name .* must be letters"):
+        _session(study, "R1")
+    with pytest.raises(InputError, match="reader name"):
+        _session(study, reader)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("**/sessions/*phase*"))
+
+
+def test_a_line_beyond_any_head_is_refused(study) -> None:
+    s1 = _session(study)
+    for start, end, message in (
+        ((0, 0, 0), (1e308, 0, 0), "farther than"),
+        ((-300, 0, 0), (300, 0, 0), "longer than any line"),
+    ):
+        lesion = {"long": _line(start, end), "short": LESION["short"]}
+        with pytest.raises(InputError, match=message):
+            s1.save_read(s1.cases[0].case_id, [lesion], 3, 1.0)
+    assert not (study["out"] / "lesions.csv").exists()
+
+
+def test_the_page_gets_no_path_of_the_server(server, study) -> None:
+    status, body = _get(server.url + "api/session")
+    text = body.decode()
+    assert status == 200
+    summary = json.loads(text)
+    assert not {"lesions_csv", "reads_csv"} & set(summary)
+    for part in (str(study["out"]), str(study["lists"]), str(study["out"].parent), "/"):
+        assert part not in text.replace("</", ""), part
+    status, reply = _post(server.url + "api/close", b"{}")
+    assert status == 200 and "/" not in json.dumps(reply)
+
+
+def _raw_request(server, head: str, body: bytes = b"", *, shut: bool = True) -> tuple[int, dict]:
+    """Send bytes as they are (headers a browser would never send); the status and JSON of the answer."""
+    import socket
+
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=20) as conn:
+        conn.sendall(head.encode() + b"\r\n\r\n" + body)
+        if shut:
+            conn.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    assert data, "the server dropped the connection without an answer"
+    header, _, payload = data.partition(b"\r\n\r\n")
+    status = int(header.split()[1])
+    return status, json.loads(payload) if payload else {}
+
+
+def test_every_malformed_request_gets_a_4xx_answer(server, study) -> None:
+    path = server.url.split(":", 2)[2].split("/", 1)[1]
+    case = server.session.cases[0].case_id
+    post = f"POST /{path}api/case/{case} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+    # a negative length once read the whole stream (past the 1 MB cap) until the client closed it
+    status, reply = _raw_request(server, post + "\r\nContent-Length: -1", b'{"quality": 3}')
+    assert status == 400 and "Content-Length" in reply["error"]
+    status, reply = _raw_request(server, post + "\r\nContent-Length: abc", b"{}")
+    assert status == 400 and "Content-Length" in reply["error"]
+    # refused before the body is read (none is sent: the server closes the connection at once)
+    status, reply = _raw_request(server, post + "\r\nContent-Length: 2000000", shut=False)
+    assert status == 413
+    status, reply = _raw_request(server, post, b"")
+    assert status == 411
+    nested = b"[" * 100_000 + b"]" * 100_000
+    status, reply = _raw_request(server, post + f"\r\nContent-Length: {len(nested)}", nested)
+    assert status == 400 and "nests deeper" in reply["error"]
+    short = f"{post}\r\nContent-Length: 50"
+    status, reply = _raw_request(server, short, b"{}")
+    assert status == 400 and "shorter" in reply["error"]
+    put = f"PUT /{path}api/case/{case} HTTP/1.1\r\nHost: x\r\nContent-Length: 2"
+    status, reply = _raw_request(server, put, b"{}")
+    assert status == 405 and "PUT" in reply["error"]
+    absurd = {"lesions": [{"long": _line((0, 0, 0), (1e308, 0, 0)), "short": LESION["short"]}]}
+    status, reply = _post(
+        server.url + f"api/case/{case}",
+        json.dumps(absurd | {"quality": 3, "elapsed_s": 1}).encode(),
+    )
+    assert status == 400 and "farther than" in reply["error"]
+    assert not (study["out"] / "lesions.csv").exists()
+    assert _get(server.url + "api/session")[0] == 200, "the server still answers"
+
+
+def test_a_full_disk_is_answered_not_dropped(server, study, monkeypatch) -> None:
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(server.session, "save_read", full)
+    case = server.session.cases[0].case_id
+    body = json.dumps({"lesions": [], "quality": 3, "elapsed_s": 1.0}).encode()
+    status, reply = _post(server.url + f"api/case/{case}", body)
+    assert status == 507 and "disk is full" in reply["error"]
+    monkeypatch.setattr(server.session, "save_read", lambda *a: 1 / 0)
+    status, reply = _post(server.url + f"api/case/{case}", body)
+    assert status == 500 and "ZeroDivisionError" in reply["error"]
+    # an image of the lists that cannot be read: a 500 that names no path of the server
+    image = server.session.cases[1].images["post"]
+    image.write_bytes(b"not an image")
+    status, raw = _get(server.url + f"image/{server.session.cases[1].case_id}/post.nii")
+    reply = json.loads(raw)
+    assert status == 500 and "cannot be read" in reply["error"] and "/" not in reply["error"], reply

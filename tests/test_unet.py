@@ -7,6 +7,7 @@ import torch
 
 from virtual_contrast.io import InputError
 from virtual_contrast.model.unet import (
+    OUTPUT_CEILING,
     UNet3D,
     UNetSpec,
     check_grid,
@@ -29,7 +30,7 @@ def test_unet_keeps_the_grid(shape, depth):
     with torch.no_grad():
         y = model(torch.rand(2, 4, *shape))
     assert y.shape == (2, 1, *shape)
-    assert float(y.min()) > 0 and float(y.max()) < 1  # sigmoid output
+    assert float(y.min()) > 0 and float(y.max()) < OUTPUT_CEILING  # sigmoid output
     assert float(y.std()) > 0  # depends on the input
 
 
@@ -46,7 +47,12 @@ def test_residual_output_starts_from_the_low_dose_input():
     x[0, 2, 0, 0, 0], x[0, 2, 0, 0, 1] = 0.0, 1.0
     with torch.no_grad():
         y = model(x)
-    torch.testing.assert_close(y, x[:, 2:3].clamp(1e-3, 1 - 1e-3))
+    torch.testing.assert_close(y, x[:, 2:3].clamp(min=1e-3 * OUTPUT_CEILING))
+    # a low-dose input above 1 (enhancement above the 99th percentile, not clipped) comes through
+    bright = x.clone()
+    bright[:, 2] = 2.5
+    with torch.no_grad():
+        torch.testing.assert_close(model(bright), bright[:, 2:3])
     with pytest.raises(InputError, match="needs the low-dose T1c"):
         UNetSpec(in_channels=3, output="residual")
     with pytest.raises(InputError, match="UNet output must be one of"):
@@ -69,13 +75,12 @@ def test_enhancement_output_scales_the_low_dose_enhancement():
         # gain 1, offset 0: low + 3 (low - pre), the full dose if enhancement is linear in the dose
         model.head.bias.copy_(torch.tensor([1.0, 0.0]))
         low, pre = x[:, 2:3], x[:, 0:1]
-        torch.testing.assert_close(model(x), (low + 3 * (low - pre)).clamp(0, 1))
-        assert (
-            float(model(x).min()) == 0.0 and float(model(x).max()) == 1.0
-        )  # clamped outside training
-        assert (
-            float(model.train()(x).min()) < 0
-        )  # not while training: the gradient must reach every voxel
+        torch.testing.assert_close(model(x), low + 3 * (low - pre))
+        # not clamped (issue 25): brighter than 1 where the full dose would be, no plateau at either end
+        out = model(x)
+        assert float(out.max()) > 1.5 and float(out.min()) < 0
+        assert int((out == out.max()).sum()) == 1
+        torch.testing.assert_close(model.train()(x), out)
     with pytest.raises(InputError, match="needs the pre-contrast T1w"):
         UNetSpec(in_channels=3, output="enhancement", residual_channel=2)
     with pytest.raises(InputError, match="needs the low-dose T1c"):

@@ -2,7 +2,9 @@
 
 Every reader names the subject and the file in its error, so that a bad input in a cohort of hundreds is found
 at once; every writer writes to a temporary file in the destination folder and renames it, so that an
-interrupted job never leaves a half-written output that looks complete. Outputs get the mode the user's umask
+interrupted job never leaves a half-written output that looks complete; the file is flushed to the disk (fsync)
+before the rename and the rename after it, so that a power cut leaves the old file or the new one, never an
+empty file under the final name (what the page cache alone can leave). Outputs get the mode the user's umask
 gives any new file (0644 under the usual umask 022). A command with several outputs writes them in a
 :func:`staged_folder` and moves them into place at the end; :func:`path_inside` keeps names built from data
 (subject ids, reader names) inside the output folder.
@@ -125,7 +127,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     tmp_path = scratch_name(path.parent, f".{path.name.split('.')[0]}", suffix)
     try:
         yield tmp_path
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -192,6 +196,15 @@ def scratch_folder(folder: Path | str, base: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's: its entries) data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _create_unique(folder: Path, prefix: str, suffix: str, *, directory: bool = False) -> Path:

@@ -15,9 +15,11 @@ is a valid label here). ::
       sub-<id>/sub-<id>_qc.png, sub-<id>/provenance.json
       models/fold-<k>/{model.pt,train_log.tsv,loss_curve.png,checkpoint/}
       tables/<name>.tsv, figures/<name>.png, figures/<name>/sub-<id>_<name>.png
-      reader_study/{reading_key.tsv,reading_lists/,readings/,detection.tsv,...}
+      reader_study/{reading_key.tsv,reading_lists/,detection.tsv,...}
       benchmarks/<rule>/<entities>.tsv
     logs/<rule>/<entities>.log
+    readings/{lesions.csv,reads.csv,sessions/}            the readers' marks (virtual-contrast read): beside
+                                                           results/, never under it
 
 The functions return strings (patterns with wildcards are strings too), except :func:`bids_exam_files`, which
 names real files under any folder.
@@ -426,7 +428,8 @@ READER_STUDY = f"{RESULTS}/reader_study"
 READING_KEY = "reading_key.tsv"
 #: The folder handed to the readers.
 READING_LISTS = "reading_lists"
-#: Where ``virtual-contrast read`` writes the readers' marks by default, beside the reading lists.
+#: Where ``virtual-contrast read`` writes the readers' marks by default: ``readings/`` beside ``results/``, never
+#: under it, so that neither ``make clean`` nor a rerun of the workflow can delete a radiologist's answers.
 READINGS = "readings"
 #: Files of the reader statistics (``virtual_contrast.reader.stats.reader_stats``), by table.
 READER_STATS_FILES = {
@@ -445,13 +448,23 @@ def reader_stats_files(folder: str = READER_STUDY) -> dict[str, str]:
 
 
 def reading_files(folder: str = READER_STUDY) -> dict[str, str]:
-    """The reading lists' key, the readers' folder and the readers' marks (:data:`READING_KEY`,
-    :data:`READING_LISTS`, :data:`READINGS`) in ``folder``."""
+    """The reading lists' key and the readers' folder (:data:`READING_KEY`, :data:`READING_LISTS`) in
+    ``folder``, and the readers' marks (:data:`READINGS`, beside ``results/``)."""
     return {
         "key": f"{folder}/{READING_KEY}",
         "lists": f"{folder}/{READING_LISTS}",
-        "readings": f"{folder}/{READINGS}",
+        "readings": READINGS,
     }
+
+
+def default_readings_folder(lists_dir: Path | str) -> Path:
+    """Where the marks of a session on the reading lists ``lists_dir`` go by default: ``readings/`` beside the
+    ``results/`` folder that holds the lists (the workflow's layout), else beside the lists folder itself."""
+    lists_dir = Path(lists_dir).absolute()
+    for folder in lists_dir.parents:
+        if folder.name == RESULTS:
+            return folder.parent / READINGS
+    return lists_dir.parent / READINGS
 
 
 # --- logs and benchmarks of the rules --------------------------------------------------------------------

@@ -2,7 +2,11 @@ from _common import setup
 
 from virtual_contrast.dicom.deid import export_reading_dicom
 from virtual_contrast.dicom.study import low_dose_file
-from virtual_contrast.reader.protocol import export_reading_images, make_reading_lists
+from virtual_contrast.reader.protocol import (
+    case_sources,
+    export_reading_images,
+    make_reading_lists,
+)
 
 log = setup(snakemake)
 key = make_reading_lists(
@@ -25,25 +29,23 @@ companions = {
     for series in companion_series
     for patient, path in zip(patients, snakemake.input[series], strict=True)
 }
+patterns = {
+    "image_pattern": lambda patient, modality: images[(patient, modality)],
+    "pre_pattern": lambda patient, _: companions[(patient, "t1")],
+    "flair_pattern": (lambda patient, _: companions[(patient, "flair")])
+    if "flair" in companion_series
+    else None,
+}
 written = []
 if snakemake.params.image_format in ("nifti", "both"):
-    written += export_reading_images(
-        key,
-        snakemake.output.lists,
-        image_pattern=lambda patient, modality: images[(patient, modality)],
-        pre_pattern=lambda patient, _: companions[(patient, "t1")],
-        flair_pattern=(lambda patient, _: companions[(patient, "flair")])
-        if "flair" in companion_series
-        else None,
-    )
+    written += export_reading_images(key, snakemake.output.lists, **patterns)
 if snakemake.params.image_format in ("dicom", "both"):
     sources = dict(
         zip(snakemake.params.patients, snakemake.input.get("manifests", []), strict=False)
     )
     written += export_reading_dicom(
-        key,
+        case_sources(key, **patterns),
         snakemake.output.lists,
-        lambda patient, modality: images[(patient, modality)],
         source_of=lambda patient: low_dose_file(sources[patient]) if patient in sources else None,
     )
 log.info(

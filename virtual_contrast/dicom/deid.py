@@ -18,27 +18,28 @@ Patient Identity Removed is YES, with De-identification Method and its code (DCM
 Confidentiality Profile"). The key from case id to patient stays in the study's separate key file.
 
 For blinding, a case's header says nothing that differs between its low-dose and virtual versions: both are
-``DERIVED\\SECONDARY`` images with the same description, written from the same source header, and their
-intensities are mapped onto 0-4095 without rescale attributes (a rescale slope would tell the image's range,
-which differs between a normalised low-dose image, clipped at exactly 1, and a prediction).
+``DERIVED\\SECONDARY`` images with the same description, written from the same source header, and their pixels
+are the stored levels of their reading copies (:mod:`virtual_contrast.reading_copy`: the same scale rule, uint16,
+no rescale attributes, one window for every copy, companions re-encoded for each case). A case holds ``post/``
+(the image read), ``pre/`` (the pre-contrast T1) and ``flair/`` when those are given.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
 from virtual_contrast.dicom.export import LPS, new_folder, slice_datasets, strict_writing
 from virtual_contrast.dicom.scan import list_files, read_header
-from virtual_contrast.io import InputError, load_image
+from virtual_contrast.io import InputError
+from virtual_contrast.reading_copy import ReadingCopy, load_reading_copy
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +106,31 @@ def deidentified_base(
     base.DeidentificationMethod = METHOD
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = PROFILE_CODE
-    base.DeidentificationMethodCodeSequence = Sequence([code])
+    base.DeidentificationMethodCodeSequence = DicomSequence([code])
     return base
 
 
-def _radiological(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
-    """Data and LPS affine with axes running to the patient's left, posterior and superior: axial slices
-    shown as radiologists expect (the patient's right on the screen's left, anterior at the top)."""
-    current = nib.orientations.io_orientation(image.affine)
+def _radiological(copy: ReadingCopy) -> tuple[np.ndarray, np.ndarray]:
+    """Stored levels and LPS affine with axes running to the patient's left, posterior and superior: axial
+    slices shown as radiologists expect (the patient's right on the screen's left, anterior at the top)."""
+    current = nib.orientations.io_orientation(copy.affine)
     wanted = nib.orientations.axcodes2ornt(("L", "P", "S"))
     transform = nib.orientations.ornt_transform(current, wanted)
-    data = nib.orientations.apply_orientation(np.asanyarray(image.dataobj), transform)
-    affine = image.affine @ nib.orientations.inv_ornt_aff(transform, image.shape)
-    return np.ascontiguousarray(data, dtype=np.float64), LPS @ affine
+    data = nib.orientations.apply_orientation(copy.stored, transform)
+    affine = copy.affine @ nib.orientations.inv_ornt_aff(transform, copy.stored.shape)
+    return np.ascontiguousarray(data), LPS @ affine
 
 
 def write_case_series(
-    image: Path | str,
+    copy: ReadingCopy,
     out: Path | str,
     base: Dataset,
     *,
     series_number: int,
     description: str,
-    subject: str | None = None,
 ) -> list[Path]:
-    """Write one image of a case as a de-identified axial series in ``out`` (a new folder)."""
-    data, affine_lps = _radiological(load_image(image, subject=subject))
+    """Write one reading copy of a case as a de-identified axial series in ``out`` (a new folder)."""
+    data, affine_lps = _radiological(copy)
     written = []
     with new_folder(out) as scratch, strict_writing():
         series = Dataset()
@@ -138,7 +138,7 @@ def write_case_series(
         series.SeriesNumber = series_number
         series.SeriesDescription = description
         for name, ds in slice_datasets(
-            data, affine_lps, series, series_uid=generate_uid(), display=True
+            data, affine_lps, series, series_uid=generate_uid(), display=copy.window_centre_width
         ):
             for keyword in ("ContentDate", "ContentTime"):
                 setattr(ds, keyword, None)  # no dates in a de-identified series
@@ -160,44 +160,43 @@ def source_header(path: Path | str, *, subject: str | None = None) -> Dataset:
     )
 
 
+#: The series of a case: (folder, series number, description) by the series name of the reading lists.
+CASE_SERIES = {
+    "post": ("post", 1, "post-contrast T1"),
+    "T1": ("pre", 2, "pre-contrast T1"),
+    "FLAIR": ("flair", 3, "FLAIR"),
+}
+
+
 def export_reading_dicom(
-    key: pd.DataFrame,
+    cases: Sequence[tuple[object, Mapping[str, Path]]],
     out_dir: Path | str,
-    image_of: Callable[[str, str], Path | str],
     *,
-    pre_of: Callable[[str], Path | str] | None = None,
     source_of: Callable[[str], Path | str | None] | None = None,
 ) -> list[Path]:
-    """Each case of the reading ``key`` as a de-identified DICOM study under
-    ``out_dir/<reader>/phase-<k>/<case_id>/``: ``post/`` (the image to read) and, with ``pre_of``, ``pre/``.
+    """Each case as a de-identified DICOM study under ``out_dir/<reader>/phase-<k>/<case_id>/``: ``post/`` (the
+    image to read), ``pre/`` and ``flair/`` (:data:`CASE_SERIES`), each a reading copy.
 
-    ``image_of(patient, modality)`` and ``pre_of(patient)`` give NIfTI paths; ``source_of(patient)`` gives a
-    DICOM file of the patient's exam whose acquisition attributes are kept (see :data:`KEPT`), or None.
+    ``cases`` pairs each row of the reading key (case_id, reader, phase, patient) with its source NIfTI files by
+    series (``post``, ``T1``, ``FLAIR``; :func:`virtual_contrast.reader.protocol.case_sources`);
+    ``source_of(patient)`` gives a DICOM file of the patient's exam whose acquisition attributes are kept
+    (see :data:`KEPT`), or None.
     """
     written = []
-    for case in key.itertuples(index=False):
+    for case, sources in cases:
         source_path = source_of(case.patient) if source_of else None
         source = source_header(source_path, subject=case.patient) if source_path else None
         base = deidentified_base(
             source, case.case_id, study_uid=generate_uid(), frame_uid=generate_uid()
         )
         folder = Path(out_dir) / str(case.reader) / f"phase-{case.phase}" / case.case_id
-        written += write_case_series(
-            image_of(case.patient, case.modality),
-            folder / "post",
-            base,
-            series_number=1,
-            description="post-contrast T1",
-            subject=case.patient,
-        )
-        if pre_of is not None:
+        for series, path in sources.items():
+            name, number, description = CASE_SERIES[series]
+            copy = load_reading_copy(path, seed=f"{case.case_id}/{series}", subject=case.patient)
             written += write_case_series(
-                pre_of(case.patient),
-                folder / "pre",
-                base,
-                series_number=2,
-                description="pre-contrast T1",
-                subject=case.patient,
+                copy, folder / name, base, series_number=number, description=description
             )
-    log.info("%d de-identified DICOM files for %d cases under %s", len(written), len(key), out_dir)
+    log.info(
+        "%d de-identified DICOM files for %d cases under %s", len(written), len(cases), out_dir
+    )
     return written

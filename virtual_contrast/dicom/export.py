@@ -196,13 +196,15 @@ def slice_datasets(
     base: Dataset,
     *,
     series_uid: str,
-    display: bool = False,
+    display: tuple[float, float] | None = None,
 ) -> Iterator[tuple[str, Dataset]]:
     """One classic MR Image Storage dataset per slice (third axis) of ``data``: ``base`` (patient, study,
     series attributes) plus the slice's geometry, pixels and window. Yields (file name, dataset).
 
-    ``display``: map the intensities onto 0-4095 with no rescale attributes (for reading copies, whose
-    header must not tell the image's range), instead of keeping their values (:func:`encode_intensities`).
+    ``display``: the (centre, width) window of a reading copy (:mod:`virtual_contrast.reading_copy`), whose
+    ``data`` are its stored uint16 levels, written as they are with no rescale attributes and that window,
+    the same for every copy; without it the values are kept (:func:`encode_intensities`) and the window is the
+    image's own (:func:`window`).
     """
     columns = affine_lps[:3, 0]
     rows = affine_lps[:3, 1]
@@ -213,13 +215,14 @@ def slice_datasets(
             "the image's in-plane axes are not orthogonal (sheared affine): no DICOM geometry"
         )
     normal = np.cross(row_dir, col_dir)
-    if display:
-        lo, hi = float(data.min()), float(data.max())
-        data = (data - lo) * (4095 / (hi - lo) if hi > lo else 0.0)
-    stored, slope, intercept = (
-        encode_intensities(data) if not display else (np.round(data).astype(np.uint16), 1.0, 0.0)
-    )
-    centre, width = window(data)
+    if display is None:
+        stored, slope, intercept = encode_intensities(data)
+        centre, width = window(data)
+    else:
+        if np.asarray(data).dtype != np.uint16:
+            raise ValueError("a reading copy's stored levels are uint16")
+        stored, slope, intercept = np.asarray(data), 1.0, 0.0
+        centre, width = display
     step = float(np.linalg.norm(affine_lps[:3, 2]))
     now = datetime.datetime.now()
     for k in range(data.shape[2]):
@@ -256,7 +259,7 @@ def slice_datasets(
                 "US",
             )
         ds.WindowCenter, ds.WindowWidth = _ds_number(centre), _ds_number(width)
-        ds.WindowCenterWidthExplanation = "1st-99.5th percentile"
+        ds.WindowCenterWidthExplanation = "1st-99.5th percentile" if display is None else "reading"
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
         yield f"IM{k + 1:04d}.dcm", ds
 

@@ -195,7 +195,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="SSIM, PSNR and enhancement ROC AUC of a synthesised T1c against the reference (JSON)",
         description="Brain-voxel SSIM (Gaussian window, sigma 1.5), PSNR (data range 1) and ROC AUC of the "
         "enhancement map (post minus pre, clipped at 0; reference binarised by Otsu) with the Youden point. "
-        "Images must share one grid and be normalised to [0, 1] (or pass --normalize).",
+        "Images must share one grid and be normalised: 1st and 99th brain percentiles at 0 and 1 (or "
+        "pass --normalize).",
     )
     p.add_argument(
         "--pred", type=Path, required=True, help="synthesised (or low-dose) post-contrast T1"
@@ -207,7 +208,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--normalize",
         action="store_true",
-        help="first clip each image at its 1st/99th brain percentiles and map it to [0, 1]",
+        help="first map each image's 1st and 99th brain percentiles to 0 and 1 (not clipped)",
     )
     p.set_defaults(func=_metrics)
 
@@ -232,7 +233,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--normalize",
         action="store_true",
-        help="first clip post and pre at their 1st/99th brain percentiles and map them to [0, 1]",
+        help="first map the 1st and 99th brain percentiles of post and pre to 0 and 1 (not clipped)",
     )
     p.add_argument("--candidates", type=Path, help="also write every candidate with its features")
     p.add_argument("--labels", type=Path, help="also write the detections' label image (NIfTI)")

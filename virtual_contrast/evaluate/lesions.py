@@ -20,8 +20,8 @@ score is its peak enhancement discounted by its tubularity and its overlap with 
 ``peak * (1 - tubularity) * (1 - prior_overlap)`` (:func:`candidates.lesion_score`; on the embedded cohort's
 training subjects it separated lesions from vessels better than the peak alone at 2 mm, and as well at 4 mm).
 The free-response (FROC) analysis sweeps the threshold (:mod:`virtual_contrast.evaluate.froc`). Every other
-parameter is in mm or in normalised units (the post-contrast image normalised to [0, 1] at its 1st/99th brain
-percentiles, as the workflow's normalisation does) and holds from a 1 mm to a 4 mm grid. The defaults live in
+parameter is in mm or in normalised units (the post-contrast image's 1st and 99th brain percentiles mapped to 0
+and 1, as the workflow's normalisation does, which does not clip the enhancement above 1) and holds from a 1 mm to a 4 mm grid. The defaults live in
 the config schema (``evaluate.detector``), shared by the workflow and the command line:
 :meth:`DetectorSettings.from_schema`.
 
@@ -42,6 +42,7 @@ import pandas as pd
 
 from virtual_contrast.annotations import LESION_COLUMNS, READ_COLUMNS
 from virtual_contrast.evaluate import candidates as cand
+from virtual_contrast.intensity import range_problem
 from virtual_contrast.io import InputError, load_array
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def find_candidates(
 ) -> Candidates:
     """Every enhancing object of ``post`` with its features and status (see the module's docstring).
 
-    Images share one grid and are normalised to [0, 1]; ``prior`` is a physiological-enhancement mask on the
+    Images share one grid and are normalised (1st and 99th brain percentiles at 0 and 1); ``prior`` is a physiological-enhancement mask on the
     same grid (or None). Objects of fewer voxels than ``min_volume_mm3`` are left out of the table.
     """
     check_images(post, pre, mask, prior)
@@ -252,11 +253,11 @@ def load_detection_images(
     if "prior" in arrays:
         arrays["prior"] = arrays["prior"] > 0
     for name in ("post", "pre"):
-        inside = arrays[name][arrays["mask"]]
-        if inside.size and (inside.min() < -0.5 or inside.max() > 1.5):
+        problem = range_problem(arrays[name][arrays["mask"]]) if arrays["mask"].any() else None
+        if problem is not None:
             raise InputError(
-                f"{name} is not normalised to [0, 1] (brain values {inside.min():.3g} to "
-                f"{inside.max():.3g}); normalise it first (virtual-contrast normalize, or --normalize)",
+                f"{name} is not normalised: {problem}; normalise it first (virtual-contrast normalize, "
+                "or --normalize)",
                 subject=subject,
                 path={"post": post, "pre": pre}[name],
             )

@@ -25,7 +25,13 @@ from virtual_contrast.model.unet import UNet3D
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "virtual-contrast/unet-v1"
+#: v2: trained on intensities normalised without the top clip, sigmoid outputs up to OUTPUT_CEILING (issue 25).
+CHECKPOINT_FORMAT = "virtual-contrast/unet-v2"
+#: Earlier formats, and why a model of theirs cannot be used.
+RETIRED_FORMATS = {
+    "virtual-contrast/unet-v1": "it was trained on intensities clipped at the 99th brain percentile (before "
+    "the full-range normalisation), so its vir-T1c flattens the brightest enhancement: train it again",
+}
 # Options that define the result; a checkpoint written with other values is not resumed.
 RESULT_FIELDS = (
     "channels",
@@ -49,6 +55,7 @@ RESULT_FIELDS = (
 def run_fingerprint(cfg: TrainConfig, train_keys: list[str], tune_keys: list[str]) -> str:
     """Identity of a run: its result-defining options and subjects; ``last.pt`` resumes only the same."""
     payload = {
+        "format": CHECKPOINT_FORMAT,  # a run of another format (another intensity scale) is not resumed
         "cfg": {k: cfg.to_dict()[k] for k in RESULT_FIELDS},
         "train": train_keys,
         "tune": tune_keys,
@@ -111,7 +118,10 @@ def load_checkpoint(path: Path | str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise InputError(f"cannot be read as a model checkpoint: {exc}", path=path) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if found in RETIRED_FORMATS:
+        raise InputError(f"a {found} checkpoint: {RETIRED_FORMATS[found]}", path=path)
+    if found != CHECKPOINT_FORMAT:
         raise InputError(f"not a {CHECKPOINT_FORMAT} checkpoint", path=path)
     return ckpt
 

@@ -367,15 +367,16 @@ def preprocess_options_of(models: list[Path], args: argparse.Namespace):
 
 
 def _check_normalised(paths: dict[str, Path], subject: str) -> None:
-    """Normalised volumes lie in [0, 1]; a raw image given instead is an error, not a warning."""
+    """Normalised volumes lie within the normalised scale; a raw image given instead is an error."""
+    from virtual_contrast.intensity import range_problem
     from virtual_contrast.io import load_image
 
     for channel, path in paths.items():
-        data = np.asanyarray(load_image(path, subject=subject).dataobj)
-        if data.min() < -0.05 or data.max() > 1.05:
+        problem = range_problem(np.asanyarray(load_image(path, subject=subject).dataobj))
+        if problem is not None:
             raise InputError(
-                f"{channel}: values span [{data.min():.3g}, {data.max():.3g}], but normalised volumes lie "
-                "in [0, 1]: for a raw exam give --dwi and --bval too (it is then pre-processed first)",
+                f"{channel} is not a normalised volume: {problem}; for a raw exam give --dwi and --bval "
+                "too (it is then pre-processed first)",
                 subject=subject,
                 path=path,
             )

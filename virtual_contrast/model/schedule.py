@@ -12,12 +12,14 @@ reachable from the configuration:
   gradient, but Adam's step is invariant to the gradient's scale, so clipping alone does not prevent this
   (measured: at learning rates 0.03 and 0.3 on toy volumes the run collapsed the same with and without
   clipping). The guard looks at each epoch: when its training loss is not finite or exceeds ``factor`` times
-  the best training loss so far, or when the network's output on a training volume is saturated (below 1e-3
-  or above 1 - 1e-3) over more than half of the brain, the epoch is undone (weights and optimiser state back to
+  the best training loss so far, or when the network's sigmoid on a training volume is saturated (its output
+  within 1e-3 of the sigmoid's range, [0, ceiling], from either end) over more than half of the brain, the epoch is undone (weights and optimiser state back to
   the end of the epoch with the best training loss: a collapse can build up over a few epochs) and the
   learning rate is halved for the rest of the run; after
-  ``max_halvings`` the run stops with an error rather than producing a collapsed model. (The reference is
-  clipped to [0, 1] at its 1st and 99th percentiles, so a healthy network saturates on about 2 % of the brain.)
+  ``max_halvings`` the run stops with an error rather than producing a collapsed model. (The reference lies
+  far below the ceiling, :data:`~virtual_contrast.model.unet.OUTPUT_CEILING`, so a healthy network saturates
+  nowhere; before issue 25 the reference was clipped at the sigmoid's top, and saturated on about 2 % of the
+  brain.)
 """
 
 from __future__ import annotations
@@ -34,15 +36,16 @@ from virtual_contrast.model.config import LR_SCHEDULES
 
 log = logging.getLogger(__name__)
 
-#: An output within this distance of 0 or 1 counts as saturated; the guard undoes an epoch after which more
-#: than SATURATED_BRAIN_FRACTION of the brain is.
+#: An output within this fraction of the sigmoid's range from either end counts as saturated; the guard undoes
+#: an epoch after which more than SATURATED_BRAIN_FRACTION of the brain is.
 SATURATION_EPS = 1e-3
 SATURATED_BRAIN_FRACTION = 0.5
 
 
-def saturated_fraction(pred: torch.Tensor, mask: torch.Tensor) -> float:
-    """Fraction of the ``mask`` voxels where the sigmoid output ``pred`` is saturated (see SATURATION_EPS)."""
-    p = pred.float()
+def saturated_fraction(pred: torch.Tensor, mask: torch.Tensor, ceiling: float = 1.0) -> float:
+    """Fraction of the ``mask`` voxels where the sigmoid output ``pred``, in [0, ``ceiling``], is saturated
+    (see SATURATION_EPS)."""
+    p = pred.float() / ceiling
     saturated = (p < SATURATION_EPS) | (p > 1 - SATURATION_EPS)
     m = mask > 0.5
     return float(saturated[m].float().mean()) if bool(m.any()) else float(saturated.float().mean())

@@ -57,7 +57,7 @@ from virtual_contrast.model.data import SubjectVolumes, VolumeStore, cache_subje
 from virtual_contrast.model.ranking import enhancement_rank_loss
 from virtual_contrast.model.schedule import DivergenceGuard, learning_rate_at, saturated_fraction
 from virtual_contrast.model.train_log import write_log, write_loss_curve, write_outputs
-from virtual_contrast.model.unet import UNet3D, check_grid, count_parameters
+from virtual_contrast.model.unet import OUTPUT_CEILING, UNet3D, check_grid, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def output_saturation(
     x, _, m = split_batch(batch, n_inputs, channels_last)
     with runtime.autocast(batch.device, amp_dtype):
         pred = model(x)
-    return saturated_fraction(pred, m)
+    return saturated_fraction(pred, m, OUTPUT_CEILING)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:

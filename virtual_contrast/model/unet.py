@@ -5,14 +5,16 @@ kernel-3 convolutions with kernel-2 stride-2 convolutions (the down-sampling is 
 expanding path alternates kernel-2 stride-2 transposed convolutions with kernel-3 convolutions. Each level has
 a short additive (residual) skip around two kernel-3 convolutions, and every encoder level is concatenated onto
 the decoder level of the same resolution (long skip). LeakyReLU(0.2) follows every convolution; a 1×1×1
-convolution and a sigmoid give the output in [0, 1], the range of the normalised reference T1c.
+convolution and a sigmoid give the output, scaled to [0, :data:`OUTPUT_CEILING`]: the normalised reference
+T1c has its 1st and 99th brain percentiles at 0 and 1 and is not clipped above (issue 25; the paper clips it to
+[0, 1] and its sigmoid stops at 1, so vir-T1c could never be brighter than the 99th percentile).
 
 With 4 inputs, width 16 and depth 5 this network has 7.8 M parameters and costs 0.81 TFLOP per forward pass at
 160×192×160 (counted by :func:`count_flops`). There is no normalisation layer: the paper names none, and the
-inputs are already mapped to [0, 1].
+inputs are already on a common scale (1st and 99th brain percentiles at 0 and 1).
 
-``output="residual"`` (not in the paper; off by default) adds the logit of the low-dose input channel to the
-head's output before the sigmoid, so the network starts from the low-dose image and learns the correction. In
+``output="residual"`` (not in the paper; off by default) adds the logit of the low-dose input channel (as a
+fraction of the ceiling) to the head's output before the sigmoid, so the network starts from the low-dose image and learns the correction. In
 a study on the demo cohort (9 training and 3 test subjects, down-sampled to 40×48×40, width 8, depth 4, batch 1,
 Adam lr 1e-3) the residual output reached the low-dose image's brain PSNR (29.7 dB against the reference)
 within 80 steps and 30.2 dB at 320 steps, while the paper's direct output was at 17.0 dB after 320 steps (17.3
@@ -20,7 +22,8 @@ dB with lr 3e-3). Use it when the training budget is far below the paper's 300 e
 
 ``output="enhancement"`` (not in the paper) has a two-channel head, a gain ``g`` and an offset ``b``, and
 outputs ``low + ENHANCEMENT_GAIN_SCALE · g · (low − pre) + b`` (``low`` the low-dose input, ``pre`` the
-pre-contrast T1), clamped to [0, 1] outside training. Gadolinium's relaxation rate grows linearly with its
+pre-contrast T1), not clamped: it is bounded by its inputs, and a clamp at 1 would flatten the lesions brighter
+than the 99th percentile that the full dose shows (before issue 25 it was clamped to [0, 1]). Gadolinium's relaxation rate grows linearly with its
 concentration (R1 = R1₀ + r1·C), so to first order a full dose enhances four times as much as a quarter dose:
 with the scale 3 (= 4 − 1), ``g = 1`` is that first-order guess, and ``g`` learns what the signal's
 non-linearity, the tissue and the delay between the two series change. The enhancement's edges then come from
@@ -47,7 +50,10 @@ from virtual_contrast.model.config import UNetSpec
 
 #: Initial output of the network everywhere, about the mean of a normalised, skull-stripped T1c volume.
 INITIAL_OUTPUT = 0.1
-#: The low-dose input is clamped to [eps, 1 - eps] before its logit is taken (output="residual").
+#: Top of the sigmoid outputs (direct, residual), in normalised units (the 99th brain percentile is 1): far above
+#: the brightest enhancement of a full dose (BraTS-MET-00110's T1c reaches 2.7 at its brain maximum).
+OUTPUT_CEILING = 4.0
+#: The low-dose input is clamped to [eps, 1 - eps] × OUTPUT_CEILING before its logit is taken (output="residual").
 RESIDUAL_EPS = 1e-3
 #: Full dose / quarter dose - 1: with output="enhancement", gain 1 scales the low-dose enhancement to full dose.
 ENHANCEMENT_GAIN_SCALE = 3.0
@@ -103,7 +109,7 @@ class DecoderLevel(nn.Module):
 
 
 class UNet3D(nn.Module):
-    """Residual 3D UNet mapping ``(N, in_channels, X, Y, Z)`` to ``(N, out_channels, X, Y, Z)`` in [0, 1].
+    """Residual 3D UNet mapping ``(N, in_channels, X, Y, Z)`` to ``(N, out_channels, X, Y, Z)``.
 
     Every spatial size must be a multiple of ``2 ** (depth - 1)`` (see :func:`check_grid`).
     """
@@ -140,7 +146,8 @@ class UNet3D(nn.Module):
         # which of them matter.
         # With the residual and enhancement outputs, zero head means "output = low-dose input".
         nn.init.zeros_(self.head.weight)
-        bias = 0.0 if spec.output != "direct" else math.log(INITIAL_OUTPUT / (1 - INITIAL_OUTPUT))
+        start = INITIAL_OUTPUT / OUTPUT_CEILING
+        bias = 0.0 if spec.output != "direct" else math.log(start / (1 - start))
         nn.init.constant_(self.head.bias, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,14 +178,14 @@ class UNet3D(nn.Module):
             c, p = self.spec.residual_channel, self.spec.precontrast_channel
             low, pre = inputs[:, c : c + 1].float(), inputs[:, p : p + 1].float()
             gain, offset = logits[:, 0:1], logits[:, 1:2]
-            out = low + ENHANCEMENT_GAIN_SCALE * gain * (low - pre) + offset
-            # No clamp while training: a clamped voxel would get no gradient to come back into range.
-            return out if self.training else out.clamp(0.0, 1.0)
+            # No clamp, in training or after: see the module docstring.
+            return low + ENHANCEMENT_GAIN_SCALE * gain * (low - pre) + offset
         if self.spec.output == "residual":
             c = self.spec.residual_channel
-            low = inputs[:, c : c + 1].float().clamp(RESIDUAL_EPS, 1 - RESIDUAL_EPS)
+            low = inputs[:, c : c + 1].float() / OUTPUT_CEILING
+            low = low.clamp(RESIDUAL_EPS, 1 - RESIDUAL_EPS)
             logits = logits + torch.log(low / (1 - low))
-        return torch.sigmoid(logits)
+        return OUTPUT_CEILING * torch.sigmoid(logits)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -104,7 +104,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "normalize",
-        help="clip at brain percentiles and map linearly to [0, 1] (0 outside the brain)",
+        help="map the brain's low and high percentiles linearly to 0 and 1, not clipped (0 outside "
+        "the brain)",
     )
     p.add_argument("--image", type=Path, required=True, help="skull-stripped image")
     p.add_argument("--mask", type=Path, required=True, help="brain mask on the image's grid")
@@ -234,8 +235,8 @@ def _normalize(args: argparse.Namespace) -> int:
         args.image, args.mask, args.out, low=args.low, high=args.high, subject=args.subject
     )
     print(
-        f"clipped to [{prov['low_value']:g}, {prov['high_value']:g}] (percentiles {args.low:g}, "
-        f"{args.high:g} over the brain), mapped to [0, 1] -> {args.out}"
+        f"[{prov['low_value']:g}, {prov['high_value']:g}] (percentiles {args.low:g}, "
+        f"{args.high:g} over the brain) mapped to [0, 1], not clipped -> {args.out}"
     )
     return 0
 

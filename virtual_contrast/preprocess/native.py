@@ -4,11 +4,14 @@ Radiologists read vir-T1c beside the acquired series, so it is resampled once (c
 inverse of the registration: the low-dose T1c's transform maps atlas points to its native world, so its inverse
 pulls atlas-space values onto native voxels. Then, in this order:
 
-1. clip to the prediction's own range [0, 1]: a cubic spline overshoots at the brain's edge and rings in the
-   zero background around it;
-2. map linearly onto the low-dose T1c's 1st-99th percentile brain range (``intensity_range``), so that vir-T1c
-   opens with a familiar window next to the acquired series (the full-dose intensity scale is unknown at
-   prediction time: there is no full-dose scan);
+1. clip to the prediction's own range (its minimum and maximum on the atlas grid, background 0 included): a
+   cubic spline overshoots at the brain's edge and rings in the zero background around it;
+2. map linearly, without clipping, so that 0 and 1 on the normalised scale (the 1st and 99th brain
+   percentiles) land on the low-dose T1c's 1st and 99th brain percentiles (``intensity_range``): vir-T1c opens
+   with a familiar window next to the acquired series (the full-dose intensity scale is unknown at prediction
+   time: there is no full-dose scan), and its enhancement brighter than that 99th percentile stays brighter
+   (before issue 25 step 1 clipped to [0, 1], which flattened every voxel above the low dose's 99th
+   percentile);
 3. zero outside the native brain mask. The mask is the native T1's (from skull stripping), brought onto the
    low-dose grid through the rigid low-dose → T1 alignment of the registration; of it, the largest
    face-connected body is kept (resampling a mask onto thick slices can split off single voxels at its
@@ -80,7 +83,8 @@ def export_native(
     intensity_range: tuple[float, float],
     subject: str | None = None,
 ) -> Path:
-    """Write ``prediction`` (atlas space, [0, 1]) on ``native_reference``'s grid: see the module docstring.
+    """Write ``prediction`` (atlas space, normalised scale) on ``native_reference``'s grid: see the module
+    docstring.
 
     ``low_transform`` maps atlas world → low-dose world and ``t1_transform`` atlas world → T1 world (both as
     written by the registration); ``t1_mask`` is the native T1's brain mask; ``intensity_range`` the low-dose
@@ -95,12 +99,18 @@ def export_native(
     brain = native_brain_mask(
         t1_mask, t1_transform, low_transform, native_reference, subject=subject
     )
-    data = np.clip(resample_to_native(pred, native, matrix, order=3), 0.0, 1.0)
+    atlas = np.asanyarray(pred.dataobj)
+    bottom, top = min(float(atlas.min()), 0.0), float(atlas.max())
+    data = np.clip(resample_to_native(pred, native, matrix, order=3), bottom, top)
     out_data = np.where(brain, lo + data * (hi - lo), 0.0).astype(np.float32)
+    inside = out_data[brain]
     log.info(
-        "vir-T1c on the native grid %s: %d brain voxels, intensities in [%g, %g]",
+        "vir-T1c on the native grid %s: %d brain voxels, intensities in [%g, %g] (the low-dose T1c's 1st-99th "
+        "brain percentiles: [%g, %g])",
         native.shape,
         int(brain.sum()),
+        float(inside.min()),
+        float(inside.max()),
         lo,
         hi,
     )

@@ -1,5 +1,5 @@
-"""Intensity normalisation of the pre-processed images to [0, 1], as in the paper: clip at the 1st/99th
-percentiles over the brain, map linearly (:mod:`virtual_contrast.intensity`), file by file."""
+"""Intensity normalisation of the pre-processed images: the 1st/99th brain percentiles mapped linearly to 0 and 1,
+without the paper's clip (:mod:`virtual_contrast.intensity` says why), file by file."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def normalize_image(
         raise InputError(str(exc), subject=subject, path=image) from exc
     save_image(normalize(data, brain, low, high), img.affine, out)
     log.info(
-        "%snormalised %s: [%g, %g] (percentiles %g, %g) -> [0, 1]",
+        "%snormalised %s: [%g, %g] (percentiles %g, %g) -> [0, 1], not clipped",
         f"{subject}: " if subject else "",
         Path(image).name,
         lo,

@@ -74,63 +74,66 @@ def _export_markups(args: argparse.Namespace) -> int:
 
 def _reading_lists(args: argparse.Namespace) -> int:
     from virtual_contrast.reader.protocol import (
+        case_sources,
+        check_key_apart,
+        check_pattern,
         export_reading_images,
         make_reading_lists,
         read_patients,
+        write_reading_lists,
     )
 
     patients = read_patients(args.patients, split=args.split)
-    lists = make_reading_lists(
-        patients,
-        args.readers,
-        out_dir=args.out,
-        key_path=args.key,
-        reference_reader=args.reference_reader,
-        seed=args.seed,
+    check_key_apart(args.out, args.key)
+    key = make_reading_lists(
+        patients, args.readers, reference_reader=args.reference_reader, seed=args.seed
     )
     image_format = args.image_format
     if image_format == "auto":  # as the workflow: both for DICOM exams, else NIfTI
         image_format = "both" if args.dicom_source else "nifti"
-    if args.image_pattern and image_format in ("nifti", "both"):
-        export_reading_images(
-            lists,
-            args.out,
-            image_pattern=args.image_pattern,
-            pre_pattern=args.pre_pattern,
-            flair_pattern=args.flair_pattern,
-        )
-    if args.image_pattern and image_format in ("dicom", "both"):
-        from virtual_contrast.dicom.deid import export_reading_dicom
+    patterns = {
+        "image_pattern": args.image_pattern,
+        "pre_pattern": args.pre_pattern,
+        "flair_pattern": args.flair_pattern,
+    }
+    # Every pattern and every source file is checked before anything is written.
+    cases = case_sources(key, **patterns) if args.image_pattern else []
+    if args.dicom_source:
+        check_pattern(args.dicom_source, "dicom_source", flag="--dicom-source")
+    # The readers' folder is filled in a staging folder and appears whole; the key comes last.
+    with staged_folder(args.out) as stage:
+        write_reading_lists(key, out_dir=stage)
+        if args.image_pattern and image_format in ("nifti", "both"):
+            export_reading_images(key, stage, **patterns)
+        if args.image_pattern and image_format in ("dicom", "both"):
+            from virtual_contrast.dicom.deid import export_reading_dicom
 
-        export_reading_dicom(
-            lists,
-            args.out,
-            lambda patient, modality: args.image_pattern.format(patient=patient, modality=modality),
-            pre_of=(lambda p: args.pre_pattern.format(patient=p)) if args.pre_pattern else None,
-            source_of=(lambda p: args.dicom_source.format(patient=p))
-            if args.dicom_source
-            else None,
-        )
-    print(json.dumps({"cases": len(lists), "readers": args.readers, "key": str(args.key)}))
+            export_reading_dicom(
+                cases,
+                stage,
+                source_of=(lambda p: args.dicom_source.format(patient=p))
+                if args.dicom_source
+                else None,
+            )
+    write_reading_lists(key, key_path=args.key)
+    print(json.dumps({"cases": len(key), "readers": args.readers, "key": str(args.key)}))
     return 0
 
 
 def _read(args: argparse.Namespace) -> int:
+    from virtual_contrast.layout import default_readings_folder
     from virtual_contrast.reader.protocol import KEY_NAME
     from virtual_contrast.reader.server import serve
-    from virtual_contrast.reader.session import (
-        DEFAULT_READINGS_FOLDER,
-        ReadingSession,
-        session_lock,
-    )
+    from virtual_contrast.reader.session import ReadingSession, session_lock
 
     lists = args.lists
     session = ReadingSession(
         lists,
         args.key or lists.parent / KEY_NAME,
         args.reader,
-        args.out or lists.parent / DEFAULT_READINGS_FOLDER,
+        args.out or default_readings_folder(lists),
         phase=args.phase,
+        allow_changed_images=args.allow_changed_images,
     )
     with session_lock(session):
         try:
@@ -304,7 +307,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         type=Path,
-        help="folder of lesions.csv, reads.csv and the sessions (default: readings/ beside the lists folder)",
+        help="folder of lesions.csv, reads.csv and the sessions (default: readings/ beside the results/ "
+        "folder that holds the lists, never inside it; else beside the lists folder)",
+    )
+    p.add_argument(
+        "--allow-changed-images",
+        action="store_true",
+        help="go on although the session's images changed since its first opening (their SHA-256 is "
+        "recorded then): its earlier reads were made on other images",
     )
     p.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
     p.add_argument(

@@ -13,9 +13,12 @@ phase, patient, modality) is written to a separate file that must stay outside t
 Layout handed to readers (``OUT``)::
 
     OUT/<reader>/reading_form.tsv               phase, order, case_id, quality, reading_time_s (to fill in)
-    OUT/<reader>/phase-<k>/<case_id>.nii.gz     the post-contrast image to read
-    OUT/<reader>/phase-<k>/<case_id>_T1.nii.gz  the pre-contrast T1 shown beside it
-    OUT/<reader>/phase-<k>/<case_id>_FLAIR.nii.gz  the FLAIR shown beside it
+    OUT/<reader>/phase-<k>/<case_id>.nii        the post-contrast image to read
+    OUT/<reader>/phase-<k>/<case_id>_T1.nii     the pre-contrast T1 shown beside it
+    OUT/<reader>/phase-<k>/<case_id>_FLAIR.nii  the FLAIR shown beside it
+
+Every image there is a reading copy (:mod:`virtual_contrast.reading_copy`): the same scale, encoding, header and
+window rule for the low-dose image and vir-T1c, and companions re-encoded for each case.
 
 The reading tool (``virtual-contrast read``, :mod:`virtual_contrast.reader.server`) serves these folders; with 3D
 Slicer instead, readers save their line markups of case ``X`` into ``ANNOTATIONS/X/`` (see
@@ -26,14 +29,16 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from virtual_contrast.io import InputError, load_image, save_image, write_table
+from virtual_contrast.io import InputError, write_table
 from virtual_contrast.layout import READING_KEY
+from virtual_contrast.reading_copy import NIFTI_SUFFIX, load_reading_copy, write_reading_nifti
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,58 @@ KEY_COLUMNS = ("case_id", "reader", "phase", "order", "patient", "modality")
 # The workflow writes the key beside the readers' folder: results/reader_study/{reading_key.tsv,reading_lists/}.
 KEY_NAME = READING_KEY
 # The images of one case in the readers' folder: the post-contrast image to read and the series shown beside it.
-CASE_IMAGE = "{case_id}.nii.gz"
-COMPANION_IMAGES = {"T1": "{case_id}_T1.nii.gz", "FLAIR": "{case_id}_FLAIR.nii.gz"}
+CASE_IMAGE = "{case_id}" + NIFTI_SUFFIX
+COMPANION_IMAGES = {"T1": "{case_id}_T1" + NIFTI_SUFFIX, "FLAIR": "{case_id}_FLAIR" + NIFTI_SUFFIX}
 FORM_COLUMNS = ("phase", "order", "case_id", "quality", "reading_time_s")
+MODALITIES = ("low", "vir", "ref")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: The placeholders each image pattern may hold, and those it must.
+PATTERN_FIELDS = {
+    "image": ({"patient", "modality"}, {"patient", "modality"}),
+    "pre": ({"patient", "modality"}, {"patient"}),
+    "flair": ({"patient", "modality"}, {"patient"}),
+    "dicom_source": ({"patient"}, set()),
+}
+
+
+def check_reader_name(name: str, *, path: Path | str | None = None) -> str:
+    """``name`` if it can name a reader (letters, digits, '.', '_' or '-', starting with a letter or digit: it
+    names folders and session files), else an :class:`InputError`."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise InputError(
+            f"reader name {name!r} must be letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit (it names a folder)",
+            path=path,
+        )
+    return name
+
+
+def check_pattern(pattern: str, role: str, *, flag: str | None = None) -> str:
+    """A path pattern of ``role`` (image, pre, flair, dicom_source) whose placeholders are known: checked before
+    anything is written, so that a bad one cannot stop an export half-way."""
+    allowed, required = PATTERN_FIELDS[role]
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(pattern) if name is not None}
+    except ValueError as exc:
+        raise InputError(
+            f"{flag or role} pattern {pattern!r} is not a valid pattern: {exc}"
+        ) from exc
+    unknown, missing = fields - allowed, required - fields
+    if unknown or missing or "" in fields:
+        raise InputError(
+            f"{flag or role} pattern {pattern!r}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"unknown placeholder(s) {sorted(unknown)}" if unknown else "",
+                    f"needs {sorted('{' + m + '}' for m in missing)}" if missing else "",
+                    "an empty {} placeholder" if "" in fields else "",
+                )
+                if part
+            )
+            + f" (it may hold {', '.join('{' + a + '}' for a in sorted(allowed))})"
+        )
+    return pattern
 
 
 def read_patients(path: Path | str, *, split: str | None = None) -> list[str]:
@@ -102,20 +155,13 @@ def make_reading_lists(
     if not readers or len(set(readers)) != len(readers):
         raise InputError(f"readers must be one or more distinct names, got {readers}")
     for r in readers:
-        if not _SAFE_NAME.match(r):
-            raise InputError(
-                f"reader name {r!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
-            )
+        check_reader_name(r)
     if reference_reader is not None and reference_reader not in readers:
         raise InputError(
             f"reference reader {reference_reader!r} is not one of the readers {readers}"
         )
     if out_dir is not None and key_path is not None:
-        out_abs, key_abs = Path(out_dir).resolve(), Path(key_path).resolve()
-        if out_abs == key_abs.parent or out_abs in key_abs.parents:
-            raise InputError(
-                "the key must be kept apart from the folder handed to the readers", path=key_path
-            )
+        check_key_apart(out_dir, key_path)
     rng = np.random.default_rng(seed)
     order = [patients[i] for i in rng.permutation(len(patients))]
     half_a = set(order[: (len(order) + 1) // 2])
@@ -144,16 +190,32 @@ def make_reading_lists(
     key = pd.DataFrame(rows)
     key.insert(0, "case_id", _case_ids(len(key), patients, rng))
     key = key[list(KEY_COLUMNS)]
+    write_reading_lists(key, out_dir=out_dir, key_path=key_path)
+    log.info(
+        "reading lists: %d patients, %d readers, %d reads", len(patients), len(readers), len(key)
+    )
+    return key
+
+
+def check_key_apart(out_dir: Path | str, key_path: Path | str) -> None:
+    """The key must not lie in the folder handed to the readers (or under it)."""
+    out_abs, key_abs = Path(out_dir).resolve(), Path(key_path).resolve()
+    if out_abs == key_abs.parent or out_abs in key_abs.parents:
+        raise InputError(
+            "the key must be kept apart from the folder handed to the readers", path=key_path
+        )
+
+
+def write_reading_lists(
+    key: pd.DataFrame, *, out_dir: Path | str | None = None, key_path: Path | str | None = None
+) -> None:
+    """Write the ``key`` to ``key_path`` and one reading form per reader under ``out_dir`` (each when given)."""
     if key_path is not None:
         write_table(key, key_path)
     if out_dir is not None:
         for reader, group in key.groupby("reader", sort=False):
             form = group[["phase", "order", "case_id"]].assign(quality="", reading_time_s="")
             write_table(form[list(FORM_COLUMNS)], Path(out_dir) / reader / "reading_form.tsv")
-    log.info(
-        "reading lists: %d patients, %d readers, %d reads", len(patients), len(readers), len(key)
-    )
-    return key
 
 
 def load_key(path: Path | str) -> pd.DataFrame:
@@ -169,6 +231,21 @@ def load_key(path: Path | str) -> pd.DataFrame:
         raise InputError(f"key lacks column(s) {', '.join(missing)}", path=path)
     if key["case_id"].duplicated().any():
         raise InputError("key has repeated case ids", path=path)
+    # Readers and case ids name folders and files of the readings: a row could otherwise write anywhere.
+    for row, (reader, case_id, modality) in enumerate(
+        zip(key["reader"], key["case_id"], key["modality"], strict=True), start=2
+    ):
+        try:
+            check_reader_name(reader)
+        except InputError as exc:
+            raise InputError(f"line {row}: {exc.reason}", path=path) from None
+        if not isinstance(case_id, str) or not _SAFE_NAME.match(case_id):
+            raise InputError(f"line {row}: case id {case_id!r} cannot name a file", path=path)
+        if modality not in MODALITIES:
+            raise InputError(
+                f"line {row}: modality {modality!r} is not one of {', '.join(MODALITIES)}",
+                path=path,
+            )
     return key
 
 
@@ -186,6 +263,46 @@ def _resolve(source: ImageSource, patient: str, modality: str) -> Path:
     return Path(source.format(patient=patient, modality=modality))
 
 
+def case_sources(
+    key: pd.DataFrame,
+    *,
+    image_pattern: ImageSource,
+    pre_pattern: ImageSource | None = None,
+    flair_pattern: ImageSource | None = None,
+) -> list[tuple[object, dict[str, Path]]]:
+    """Each case of ``key`` with its source images by series (``post``, ``T1``, ``FLAIR``), every file checked
+    to exist before anything is written.
+
+    ``image_pattern`` is a format string with ``{patient}`` and ``{modality}`` (or a function of both);
+    ``pre_pattern`` and ``flair_pattern`` (``{patient}``, and ``{modality}`` if wanted) are filled with the
+    modality ``pre`` and ``flair``.
+    """
+    patterns = {"post": (image_pattern, "image"), "T1": (pre_pattern, "pre")}
+    patterns["FLAIR"] = (flair_pattern, "flair")
+    for pattern, role in patterns.values():
+        if isinstance(pattern, str):
+            check_pattern(pattern, role)
+    cases = []
+    for case in key.itertuples(index=False):
+        sources = {}
+        for series, (pattern, _) in patterns.items():
+            if pattern is None:
+                continue
+            modality = (
+                case.modality if series == "post" else {"T1": "pre", "FLAIR": "flair"}[series]
+            )
+            path = _resolve(pattern, case.patient, modality)
+            if not path.exists():
+                raise InputError(
+                    f"case {case.case_id}: the {series} image is missing",
+                    subject=case.patient,
+                    path=path,
+                )
+            sources[series] = path
+        cases.append((case, sources))
+    return cases
+
+
 def export_reading_images(
     key: pd.DataFrame,
     out_dir: Path | str,
@@ -194,30 +311,18 @@ def export_reading_images(
     pre_pattern: ImageSource | None = None,
     flair_pattern: ImageSource | None = None,
 ) -> list[Path]:
-    """Copy each case's image (and the pre-contrast T1 and FLAIR) into the readers' folders, named by case id.
-
-    ``image_pattern`` is a format string with ``{patient}`` and ``{modality}`` (or a function of both);
-    ``pre_pattern`` and ``flair_pattern`` are called with the modality ``pre`` and ``flair``.
-    Images are re-written with a fresh NIfTI header (data and affine only), which drops free-text header fields
-    (description, aux file, intent name) that could carry identifying text.
-    """
-    companions = {
-        COMPANION_IMAGES["T1"]: (pre_pattern, "pre"),
-        COMPANION_IMAGES["FLAIR"]: (flair_pattern, "flair"),
-    }
+    """Write each case's image (and the pre-contrast T1 and FLAIR) into the readers' folders as reading copies
+    (:mod:`virtual_contrast.reading_copy`), named by case id; the sources are those of :func:`case_sources`."""
+    names = {"post": CASE_IMAGE} | COMPANION_IMAGES
     written = []
-    for case in key.itertuples(index=False):
+    cases = case_sources(
+        key, image_pattern=image_pattern, pre_pattern=pre_pattern, flair_pattern=flair_pattern
+    )
+    for case, sources in cases:
         folder = case_folder(out_dir, case.reader, case.phase)
-        sources = {CASE_IMAGE: (image_pattern, case.modality)} | {
-            name: source for name, source in companions.items() if source[0] is not None
-        }
-        for name, (pattern, modality) in sources.items():
-            img = load_image(_resolve(pattern, case.patient, modality), subject=case.patient)
+        for series, path in sources.items():
+            copy = load_reading_copy(path, seed=f"{case.case_id}/{series}", subject=case.patient)
             written.append(
-                save_image(
-                    np.asanyarray(img.dataobj),
-                    img.affine,
-                    folder / name.format(case_id=case.case_id),
-                )
+                write_reading_nifti(copy, folder / names[series].format(case_id=case.case_id))
             )
     return written

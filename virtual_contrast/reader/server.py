@@ -2,16 +2,24 @@
 
 Everything is under ``/s/<token>/``, with a random token made when the server starts (only the person given the
 URL reaches the session). A blinded session's page, URLs and responses carry case ids only: images are served as
-``image/<case_id>/{post,t1,flair}.nii``, re-encoded in memory with a fresh NIfTI header (data and affine,
-float32), so neither a file name, a header field nor the data type tells which image it is; they are sent
-gzip-compressed (``Content-Encoding``), and the next case's images are encoded while the reader reads. Any case id that is
-not one of the session's cases is refused (403), and so is a wrong token.
+``image/<case_id>/{post,t1,flair}.nii``, each re-encoded in memory as a reading copy
+(:func:`virtual_contrast.reading_copy.reading_copy`, the gate of everything a reader receives: the same scale,
+data type, header and window for every image, the companions re-encoded for each case), so neither a file
+name, a header field, the data type nor a window tells which image it is. They are sent uncompressed: the size
+of a compressed image tells how noisy it is, and vir-T1c is smoother than the low dose. The next case's images
+are encoded while the reader reads. Any case id that is not one of the session's cases is refused (403), and so
+is a wrong token. Nothing the server sends names a file or folder of the machine it runs on.
+
+Every request gets an answer: a malformed one (a Content-Length that is not a number or is negative, a body
+over :data:`MAX_BODY_BYTES`, JSON that is not an object or nests deeper than :data:`MAX_JSON_DEPTH`, a method
+other than GET, HEAD and POST) a 4xx with a JSON error; a read that cannot be saved (a full disk) a 507, any
+other failure a 500, each with its reason (never a path: the server's terminal names the file).
 
 Routes (relative to ``/s/<token>/``)::
 
     GET  ""                           the page (static/index.html)
     GET  app.js, app.css, niivue.js   the page's script, style, the NiiVue viewer
-    GET  api/session                  progress: case ids, read or not, closed, where the CSVs are
+    GET  api/session                  progress: case ids, read or not, closed
     GET  api/case/<case_id>           the saved read of a case (for review), or null
     GET  image/<case_id>/<series>.nii
     POST api/case/<case_id>           {"lesions": [{"long": line, "short": line}], "quality": 1-5, "elapsed_s": s}
@@ -20,7 +28,7 @@ Routes (relative to ``/s/<token>/``)::
 
 from __future__ import annotations
 
-import gzip
+import errno
 import json
 import logging
 import re
@@ -34,12 +42,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import nibabel as nib
-import numpy as np
-
-from virtual_contrast.io import InputError, load_image
+from virtual_contrast.io import InputError
 from virtual_contrast.reader.session import ReadingSession
 from virtual_contrast.reader.viewer import STATIC_DIR, viewer_path
+from virtual_contrast.reading_copy import load_reading_copy, reading_nifti_bytes
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +64,15 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 MAX_BODY_BYTES = 1_000_000
+#: Deepest nesting of a request's JSON (a read is 5 levels deep); deeper is refused before it is parsed.
+MAX_JSON_DEPTH = 32
 _IMAGE_PATH = re.compile(r"^image/(?P<case>[A-Za-z0-9_.-]+)/(?P<series>[a-z0-9]+)\.nii$")
 _CASE_PATH = re.compile(r"^api/case/(?P<case>[A-Za-z0-9_.-]+)$")
 
 
 class ImageCache:
-    """Each case's images as fresh gzip-compressed NIfTI bytes, encoded in worker threads: a requested case and
-    the case after it in the list (prefetched while the reader reads), the last three cases kept."""
+    """Each case's images as reading-copy NIfTI bytes, encoded in worker threads: a requested case and the case
+    after it in the list (prefetched while the reader reads), the last three cases kept."""
 
     def __init__(self, session: ReadingSession, keep_cases: int = 3):
         self.session = session
@@ -105,12 +113,8 @@ class ImageCache:
         return job
 
     def _encode(self, case_id: str, series: str) -> bytes:
-        case = self.session.case(case_id)
-        img = load_image(case.images[SERIES[series]])
-        fresh = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
-        fresh.set_qform(img.affine, code=1)
-        fresh.set_sform(img.affine, code=1)
-        return gzip.compress(fresh.to_bytes(), compresslevel=1, mtime=0)
+        path = self.session.case(case_id).images[SERIES[series]]
+        return reading_nifti_bytes(load_reading_copy(path, seed=f"{case_id}/{SERIES[series]}"))
 
 
 class ReadingServer(ThreadingHTTPServer):
@@ -155,6 +159,8 @@ class ReadingHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for name, value in (SECURITY_HEADERS | (headers or {})).items():
             self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -162,7 +168,11 @@ class ReadingHandler(BaseHTTPRequestHandler):
     def _json(self, obj: Any, status: int = HTTPStatus.OK) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json")
 
-    def _error(self, status: int, message: str) -> None:
+    def _error(self, status: int, message: str, *, close: bool = False) -> None:
+        """A JSON error answer; ``close``: the request's body was not read, so the connection cannot carry
+        another request."""
+        if close:
+            self.close_connection = True
         self._json({"error": message}, status)
 
     def _route(self) -> str | None:
@@ -176,7 +186,7 @@ class ReadingHandler(BaseHTTPRequestHandler):
             self.end_headers()
             return None
         if not path.startswith(prefix + "/"):
-            self._error(HTTPStatus.FORBIDDEN, "not this session")
+            self._error(HTTPStatus.FORBIDDEN, "not this session", close=self.command == "POST")
             return None
         return path[len(prefix) + 1 :]
 
@@ -186,8 +196,54 @@ class ReadingHandler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _answer(self, method) -> None:
+        """Run ``method``; a failure it did not answer itself becomes a 5xx with the reason (never a dropped
+        connection), logged."""
+        try:
+            method()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("cannot save: %s", exc)
+                self._error(
+                    HTTPStatus.INSUFFICIENT_STORAGE,
+                    f"not saved: the disk is full ({exc.strerror}); free space and press Done again",
+                    close=True,
+                )
+            elif isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                log.debug("the browser closed the connection: %s", exc)
+            else:
+                log.exception("request %s %s failed", self.command, self.path)
+                self._error(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    f"not done: {exc.strerror or type(exc).__name__} (the server's terminal says more)",
+                    close=True,
+                )
+        except (
+            InputError
+        ) as exc:  # a file of the lists that cannot be read: named in the log, not here
+            log.error("request %s %s failed: %s", self.command, self.path, exc)
+            self._error(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                "not done: a file of the reading lists cannot be read (the server's terminal names it "
+                "and says why)",
+                close=True,
+            )
+        except Exception as exc:  # noqa: BLE001 - every request gets an answer, the log the traceback
+            log.exception("request %s %s failed", self.command, self.path)
+            self._error(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                f"not done: {type(exc).__name__} (the server's terminal says more)",
+                close=True,
+            )
+
     # ---------------------------------------------------------------------------------------------- GET
     def do_GET(self) -> None:
+        self._answer(self._get)
+
+    def do_HEAD(self) -> None:
+        self._answer(self._get)
+
+    def _get(self) -> None:
         route = self._route()
         if route is None:
             return
@@ -210,31 +266,68 @@ class ReadingHandler(BaseHTTPRequestHandler):
             if series not in SERIES or SERIES[series] not in case.images:
                 self._error(HTTPStatus.NOT_FOUND, "no such image for this case")
                 return
-            # gzip as the transfer encoding: the browser inflates it natively, NiiVue gets the .nii
             self._send(
-                HTTPStatus.OK,
-                self.server.images.get(case_id, series),
-                "application/octet-stream",
-                {"Content-Encoding": "gzip"},
+                HTTPStatus.OK, self.server.images.get(case_id, series), "application/octet-stream"
             )
         else:
             self._error(HTTPStatus.NOT_FOUND, "not found")
 
-    do_HEAD = do_GET
-
     # --------------------------------------------------------------------------------------------- POST
     def do_POST(self) -> None:
+        self._answer(self._post)
+
+    def _refuse_method(self) -> None:
+        self.close_connection = True  # a body, if any, was not read
+        self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
+        self.send_header("Allow", "GET, HEAD, POST")
+        body = json.dumps({"error": f"method {self.command} not allowed"}).encode()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _refuse_method
+
+    def _body(self) -> Any:
+        """The request's JSON body, or None with a 4xx sent."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length, not chunks", close=True)
+            return None
+        declared = self.headers.get("Content-Length")
+        if declared is None or not declared.strip().isdigit():
+            # A negative length once read the whole stream (and bypassed the cap); text, no answer at all.
+            self._error(
+                HTTPStatus.LENGTH_REQUIRED if declared is None else HTTPStatus.BAD_REQUEST,
+                f"Content-Length must be a number of bytes, got {declared!r}",
+                close=True,
+            )
+            return None
+        length = int(declared)
+        if length > MAX_BODY_BYTES:
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large", close=True)
+            return None
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            self._error(
+                HTTPStatus.BAD_REQUEST, "the request body is shorter than its length", close=True
+            )
+            return None
+        if _nesting(raw) > MAX_JSON_DEPTH:
+            self._error(HTTPStatus.BAD_REQUEST, f"the request nests deeper than {MAX_JSON_DEPTH}")
+            return None
+        try:
+            return json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            self._error(HTTPStatus.BAD_REQUEST, "the request is not JSON")
+            return None
+
+    def _post(self) -> None:
         route = self._route()
         if route is None:
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request too large")
-            return
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            self._error(HTTPStatus.BAD_REQUEST, "the request is not JSON")
+        body = self._body()
+        if body is None:
             return
         session = self.server.session
         try:
@@ -258,14 +351,37 @@ class ReadingHandler(BaseHTTPRequestHandler):
                     "session closed: %d of %d cases read; %s, %s",
                     summary["n_read"],
                     len(summary["cases"]),
-                    summary["lesions_csv"],
-                    summary["reads_csv"],
+                    session.lesions_path,
+                    session.reads_path,
                 )
                 self._json(summary)
             else:
                 self._error(HTTPStatus.NOT_FOUND, "not found")
         except InputError as exc:
-            self._error(HTTPStatus.CONFLICT if session.closed else HTTPStatus.BAD_REQUEST, str(exc))
+            status = HTTPStatus.CONFLICT if session.closed else HTTPStatus.BAD_REQUEST
+            self._error(status, exc.reason)
+
+
+def _nesting(raw: bytes) -> int:
+    """Deepest nesting of brackets in a JSON text, strings skipped (the parser recurses once per level)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 def serve(session: ReadingSession, host: str = "127.0.0.1", port: int = 8765) -> ReadingServer:

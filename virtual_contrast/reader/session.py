@@ -12,13 +12,22 @@ case in progress:
 
 A read's rows are those with its (patient, reader, modality), which the protocol makes unique. Opening a session
 rewrites the rows of every saved case from step 1, which repairs a crash between the steps. Several sessions
-(readers, phases) share the two CSV files; each rewrite holds an exclusive lock on ``OUT/.readings.lock``.
+(readers, phases) share the two CSV files; each rewrite holds an exclusive lock on ``OUT/.readings.lock``. Every
+file is flushed to the disk before its rename (:func:`virtual_contrast.io.atomic_path`), so a power cut leaves
+the previous version or the new one; a record that is damaged all the same (empty, not JSON) is named in a
+warning and treated as unread, and the case can be read again.
+
+The first opening of a session records its case ids and the SHA-256 of every image of its cases
+(``session.json``); a later opening refuses to go on when they differ (reading lists written again after a
+retraining, under the same case ids), unless told to (``allow_changed_images``, ``read --allow-changed-images``),
+which records the new images.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -32,9 +41,14 @@ import numpy as np
 import pandas as pd
 
 from virtual_contrast.annotations import LESION_COLUMNS, READ_COLUMNS
-from virtual_contrast.io import InputError, atomic_path, write_json
-from virtual_contrast.layout import READINGS
-from virtual_contrast.reader.protocol import CASE_IMAGE, COMPANION_IMAGES, case_folder, load_key
+from virtual_contrast.io import InputError, atomic_path, path_inside, write_json
+from virtual_contrast.reader.protocol import (
+    CASE_IMAGE,
+    COMPANION_IMAGES,
+    case_folder,
+    check_reader_name,
+    load_key,
+)
 from virtual_contrast.reader.slicer import LineMarkup, lines_to_lesions
 
 log = logging.getLogger(__name__)
@@ -42,10 +56,15 @@ log = logging.getLogger(__name__)
 LESIONS_FILE = "lesions.csv"
 READS_FILE = "reads.csv"
 SESSIONS_FOLDER = "sessions"
-# Where `virtual-contrast read` writes by default, beside the reading lists (the key's folder in the workflow).
-DEFAULT_READINGS_FOLDER = READINGS
 QUALITY_GRADES = (1, 2, 3, 4, 5)
 MAX_READING_TIME_S = 24 * 3600.0
+#: The longest line a reader can draw on a head (its diagonal is under 300 mm), and the farthest a line's end may
+#: lie from the scanner's origin: beyond them a line is a mistake (a line at 1e308 mm was saved as an infinite
+#: long axis that reader-stats then refused).
+MAX_LINE_MM = 400.0
+MAX_COORDINATE_MM = 2000.0
+#: At most this many lesions in one read (the paper excludes exams with clearly more than 20).
+MAX_LESIONS = 200
 
 
 @dataclass(frozen=True)
@@ -70,10 +89,13 @@ class ReadingSession:
         reader: str,
         out_dir: Path | str,
         phase: int | None = None,
+        *,
+        allow_changed_images: bool = False,
     ):
         self.lists_dir = Path(lists_dir)
         self.out_dir = Path(out_dir)
-        self.reader = str(reader)
+        self.reader = check_reader_name(str(reader))
+        self._damaged: set[Path] = set()  # damaged records already named in a warning
         if not self.lists_dir.is_dir():
             raise InputError("reading lists folder not found", path=self.lists_dir)
         key = load_key(key_path)
@@ -92,12 +114,14 @@ class ReadingSession:
                 path=key_path,
             )
         self.phase = int(phase)
-        self.state_dir = self.out_dir / SESSIONS_FOLDER / f"{self.reader}_phase-{self.phase}"
+        self.state_dir = path_inside(
+            self.out_dir, SESSIONS_FOLDER, f"{self.reader}_phase-{self.phase}"
+        )
         self.cases = _cases(mine[mine["phase"] == self.phase], self.lists_dir)
         self._by_id = {case.case_id: case for case in self.cases}
         # The reference reader's ref-T1c phase is read knowingly; every other phase is blinded.
         self.blinded = any(case.modality != "ref" for case in self.cases)
-        self._check_same_cases()
+        self._check_same_cases(allow_changed_images)
         self.repair_tables()
 
     # ---------------------------------------------------------------------------------------------- state
@@ -110,7 +134,9 @@ class ReadingSession:
         return self.out_dir / READS_FILE
 
     def _closed_marker(self, phase: int) -> Path:
-        return self.out_dir / SESSIONS_FOLDER / f"{self.reader}_phase-{phase}" / "closed.json"
+        return path_inside(self.out_dir, SESSIONS_FOLDER, f"{self.reader}_phase-{phase}") / (
+            "closed.json"
+        )
 
     @property
     def closed(self) -> bool:
@@ -120,17 +146,33 @@ class ReadingSession:
         return self._by_id.get(case_id)
 
     def record(self, case_id: str) -> dict[str, Any] | None:
-        """The saved read of a case (lesions as drawn, quality, reading time), or None if unread."""
+        """The saved read of a case (lesions as drawn, quality, reading time), or None if unread. A damaged
+        record (what a power cut can leave) is named in a warning and counts as unread."""
         path = self.state_dir / f"{case_id}.json"
         if case_id not in self._by_id or not path.exists():
             return None
-        return json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text())
+            _check_record(record)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, InputError, KeyError) as exc:
+            if path in self._damaged:
+                return None
+            self._damaged.add(path)
+            log.warning(
+                "%s: the saved read of case %s is damaged (%s) and is skipped: the case counts as "
+                "unread, and reading it again replaces the file",
+                path,
+                case_id,
+                exc,
+            )
+            return None
+        return record
 
     def read_case_ids(self) -> list[str]:
-        return [c.case_id for c in self.cases if (self.state_dir / f"{c.case_id}.json").exists()]
+        return [c.case_id for c in self.cases if self.record(c.case_id) is not None]
 
     def summary(self) -> dict[str, Any]:
-        """What the page may know: pseudonyms, progress, and where the results are."""
+        """What the page may know: pseudonyms and progress (no path of this machine: see the server)."""
         done = set(self.read_case_ids())
         return {
             "reader": self.reader,
@@ -146,24 +188,76 @@ class ReadingSession:
                 for c in self.cases
             ],
             "n_read": len(done),
-            "lesions_csv": str(self.lesions_path.resolve()),
-            "reads_csv": str(self.reads_path.resolve()),
         }
 
-    def _check_same_cases(self) -> None:
-        """A session folder belongs to one set of case ids: new reading lists must not mix with old reads."""
+    def image_hashes(self) -> dict[str, dict[str, str]]:
+        """SHA-256 of every image of every case: case id -> series -> hex digest."""
+        return {
+            c.case_id: {series: _sha256(path) for series, path in sorted(c.images.items())}
+            for c in self.cases
+        }
+
+    def _check_same_cases(self, allow_changed_images: bool) -> None:
+        """A session folder belongs to one set of case ids and images: new reading lists must not mix with old
+        reads (see the module docstring)."""
         path = self.state_dir / "session.json"
         ids = [c.case_id for c in self.cases]
+        hashes = self.image_hashes()
+        saved = None
         if path.exists():
-            saved = json.loads(path.read_text()).get("case_ids")
-            if saved != ids:
+            try:
+                saved = json.loads(path.read_text())
+                if not isinstance(saved, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                log.warning(
+                    "%s is damaged (%s): written again from the reading lists as they are now",
+                    path,
+                    exc,
+                )
+                saved = None
+        if saved is not None and saved.get("case_ids") != ids:
+            raise InputError(
+                f"the reading lists of reader {self.reader!r}, phase {self.phase} have changed since this "
+                "session started (other case ids): move the session folder away to start afresh",
+                path=self.state_dir,
+            )
+        if saved is not None and saved.get("image_sha256") != hashes:
+            old = saved.get("image_sha256") or {}
+            changed = sorted(
+                f"{cid} {series}"
+                for cid, series_hashes in hashes.items()
+                for series, digest in series_hashes.items()
+                if old.get(cid, {}).get(series) != digest
+            ) or sorted(old)
+            what = ", ".join(changed[:5]) + (
+                f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            )
+            if not allow_changed_images:
                 raise InputError(
-                    f"the reading lists of reader {self.reader!r}, phase {self.phase} have changed since this "
-                    "session started (other case ids): move the session folder away to start afresh",
+                    f"the images of reader {self.reader!r}, phase {self.phase} have changed since this "
+                    f"session started ({what}): its reads were made on other images (reading lists written "
+                    "again?); move the session folder away to start afresh, or pass "
+                    "--allow-changed-images to go on with the new images knowingly",
                     path=self.state_dir,
                 )
-        else:
-            write_json({"reader": self.reader, "phase": self.phase, "case_ids": ids}, path)
+            log.warning(
+                "reader %s, phase %d: images changed since the session started (%s); going on as told "
+                "(--allow-changed-images), the new images are recorded",
+                self.reader,
+                self.phase,
+                what,
+            )
+        if saved is None or saved.get("image_sha256") != hashes:
+            write_json(
+                {
+                    "reader": self.reader,
+                    "phase": self.phase,
+                    "case_ids": ids,
+                    "image_sha256": hashes,
+                },
+                path,
+            )
 
     # -------------------------------------------------------------------------------------------- writing
     def save_read(
@@ -174,6 +268,8 @@ class ReadingSession:
             raise InputError(f"session of reader {self.reader!r}, phase {self.phase} is closed")
         if case_id not in self._by_id:
             raise InputError(f"{case_id!r} is not a case of this session")
+        if not isinstance(lesions, list) or len(lesions) > MAX_LESIONS:
+            raise InputError(f"lesions must be a list of at most {MAX_LESIONS} lesions")
         clean = [_clean_lesion(lesion, k) for k, lesion in enumerate(lesions, start=1)]
         if quality not in QUALITY_GRADES or isinstance(quality, bool):
             raise InputError(f"quality must be a grade 1-5, got {quality!r}")
@@ -225,6 +321,8 @@ class ReadingSession:
         lesion_rows, read_rows = [], []
         for case in cases:
             record = self.record(case.case_id)
+            if record is None:  # damaged since it was listed: named by record(), left out
+                continue
             ident = {"patient": case.patient, "reader": self.reader, "modality": case.modality}
             for row in lesion_rows_of(record["lesions"]):
                 lesion_rows.append(ident | row)
@@ -262,6 +360,14 @@ def _cases(rows: pd.DataFrame, lists_dir: Path) -> list[Case]:
     return cases
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -273,7 +379,23 @@ def _point(value: Any, what: str) -> list[float]:
         or not all(map(_finite_number, value))
     ):
         raise InputError(f"{what} must be 3 finite numbers (world mm), got {value!r}")
+    if max(abs(float(v)) for v in value) > MAX_COORDINATE_MM:
+        raise InputError(
+            f"{what} lies farther than {MAX_COORDINATE_MM:g} mm from the origin: {value!r}"
+        )
     return [float(v) for v in value]
+
+
+def _check_record(record: Any) -> None:
+    """A saved read as :meth:`ReadingSession.save_read` writes it, or an :class:`InputError` saying why not."""
+    if not isinstance(record, dict) or not {"lesions", "quality", "reading_time_s"} <= set(record):
+        raise InputError("not a saved read (lesions, quality, reading_time_s)")
+    if not isinstance(record["lesions"], list) or record["quality"] not in QUALITY_GRADES:
+        raise InputError("not a saved read (lesions, quality)")
+    if not _finite_number(record["reading_time_s"]):
+        raise InputError("not a saved read (reading_time_s)")
+    for k, lesion in enumerate(record["lesions"], start=1):
+        _clean_lesion(lesion, k)
 
 
 def _clean_lesion(lesion: Any, k: int) -> dict[str, Any]:
@@ -288,8 +410,14 @@ def _clean_lesion(lesion: Any, k: int) -> dict[str, Any]:
             raise InputError(f"lesion {k}, {axis} axis: not a line")
         start = _point(line.get("start_mm"), f"lesion {k}, {axis} axis start")
         end = _point(line.get("end_mm"), f"lesion {k}, {axis} axis end")
-        if np.linalg.norm(np.subtract(end, start)) <= 0:
+        length = float(np.linalg.norm(np.subtract(end, start)))
+        if length <= 0:
             raise InputError(f"lesion {k}, {axis} axis has zero length")
+        if length > MAX_LINE_MM:
+            raise InputError(
+                f"lesion {k}, {axis} axis is {length:.4g} mm long, longer than any line on a head "
+                f"({MAX_LINE_MM:g} mm)"
+            )
         view = line.get("view", {})
         if not isinstance(view, dict) or not all(map(_finite_number, view.values())):
             raise InputError(f"lesion {k}, {axis} axis: view must map names to numbers")

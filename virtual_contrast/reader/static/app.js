@@ -147,6 +147,19 @@ function goToSlice(index) {
   nv.createOnLocationChange();
 }
 
+// Arrow keys move the slice of all three views (the page's hint says so; NiiVue's own keys do not): up and right
+// one slice forward, down and left one back. Not while typing in a field (the slider and the window boxes
+// handle their own arrows).
+const SLICE_KEYS = { ArrowUp: 1, ArrowRight: 1, ArrowDown: -1, ArrowLeft: -1, PageUp: 5, PageDown: -5 };
+function onKey(event) {
+  const step = SLICE_KEYS[event.key];
+  if (step === undefined || event.altKey || event.ctrlKey || event.metaKey || !loaded("post")) return;
+  if (["INPUT", "TEXTAREA", "SELECT"].includes(event.target.tagName)) return;
+  event.preventDefault();
+  const index = Number($("slice").value) + step;
+  goToSlice(Math.min(sliceCount() - 1, Math.max(0, index)));
+}
+
 function showWindow(series) {
   if (!loaded(series)) return;
   const vol = viewers[series].volumes[0];
@@ -363,8 +376,6 @@ function showFinished(summary) {
   $("finished").hidden = false;
   $("finished-count").textContent =
     `${summary.n_read} of ${summary.cases.length} cases were read in this session.`;
-  $("finished-lesions").textContent = summary.lesions_csv;
-  $("finished-reads").textContent = summary.reads_csv;
   $("progress").textContent = "";
   $("location").textContent = "";
   document.body.dataset.state = "closed";
@@ -403,6 +414,7 @@ async function start() {
     });
   });
   $("slice").addEventListener("input", (e) => goToSlice(Number(e.target.value)));
+  document.addEventListener("keydown", onKey);
   $("undo").addEventListener("click", () => state.lines.length && removeLines([state.lines.at(-1)]));
   document.querySelectorAll('input[name="quality"]').forEach((r) => r.addEventListener("change", () => {
     state.dirty = true;
