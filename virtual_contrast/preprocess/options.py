@@ -4,7 +4,9 @@
 (atlas, grid, backends, registration quality gate, normalisation percentiles). The workflow builds it from its
 config (:meth:`PreprocessOptions.from_config`) and hands each rule the part it uses, the ``train`` rule stores
 the whole object in every ``model.pt``, and ``predict`` reads it back from there, as nnU-Net stores its plans
-with the model: a model is always fed the way it was trained.
+with the model: a model is always fed the way it was trained. What in it names code (the backends, HD-BET 2's
+weights folder) ``predict`` compares with the tools of its own installation and command line, and never
+follows (``virtual_contrast.model.predict_exam.exam_options``): a model file is data.
 
 There are no default values here: they live in the config schema (``virtual_contrast/schemas/
 config.schema.yaml``), and :func:`default_options` builds the options of its defaults for callers without a
