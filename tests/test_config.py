@@ -41,9 +41,13 @@ COUNTERPARTS = {
         "preprocess.skull_strip_backend",
         lambda c: c["preprocess"]["skull_strip_backend"],
     ),
-    ("skull-strip", "hdbet_weights"): (
-        "preprocess.hdbet_weights",
-        lambda c: c["preprocess"]["hdbet_weights"],
+    ("skull-strip", "hdbet2_weights"): (
+        "preprocess.hdbet2_weights",
+        lambda c: c["preprocess"]["hdbet2_weights"],
+    ),
+    ("skull-strip", "hdbet_mode"): (
+        "preprocess.hdbet_mode",
+        lambda c: c["preprocess"]["hdbet_mode"],
     ),
     ("crop", "shape"): ("grid.crop_shape", lambda c: c["grid"]["crop_shape"]),
     ("normalize", "low"): (
@@ -62,9 +66,13 @@ COUNTERPARTS = {
         "preprocess.skull_strip_backend",
         lambda c: c["preprocess"]["skull_strip_backend"],
     ),
-    ("register", "hdbet_weights"): (
-        "preprocess.hdbet_weights",
-        lambda c: c["preprocess"]["hdbet_weights"],
+    ("register", "hdbet2_weights"): (
+        "preprocess.hdbet2_weights",
+        lambda c: c["preprocess"]["hdbet2_weights"],
+    ),
+    ("register", "hdbet_mode"): (
+        "preprocess.hdbet_mode",
+        lambda c: c["preprocess"]["hdbet_mode"],
     ),
     ("register", "gate_scale_range"): (
         "preprocess.registration_gate.scale_range",
@@ -92,6 +100,18 @@ COUNTERPARTS = {
     ),
     ("split", "k"): ("split.folds", lambda c: c["split"]["folds"]),
     ("split", "seed"): ("split.seed", lambda c: c["split"]["seed"]),
+    ("predict", "register_backend"): (
+        "preprocess.register_backend",
+        lambda c: c["preprocess"]["register_backend"],
+    ),
+    ("predict", "skull_strip_backend"): (
+        "preprocess.skull_strip_backend",
+        lambda c: c["preprocess"]["skull_strip_backend"],
+    ),
+    ("predict", "hdbet2_weights"): (
+        "preprocess.hdbet2_weights",
+        lambda c: c["preprocess"]["hdbet2_weights"],
+    ),
     ("predict", "device"): ("predict.device", lambda c: c["predict"]["device"]),
     ("predict", "tta"): ("predict.tta", lambda c: c["predict"]["tta"]),
     ("tune-detector", "thresholds"): (
@@ -149,9 +169,10 @@ NOT_THE_CONFIG = {
     ): "the workflow's brain extraction has no device key: it runs on the CPU",
     ("register", "threads"): "threads of one registration; train.threads sizes a training job",
     ("predict", "t1"): "the exam's T1, not the atlas template (atlas.t1)",
-    ("predict", "register_backend"): "default: as recorded in the models, not the config",
-    ("predict", "skull_strip_backend"): "default: as recorded in the models, not the config",
-    ("predict", "hdbet_weights"): "default: as recorded in the models, not the config",
+    (
+        "predict",
+        "hdbet_mode",
+    ): "default: as recorded in the models (a setting of the method, not code)",
     ("import-markups", "reads"): "a file the command writes, not reads",
     (
         "export-dicom",

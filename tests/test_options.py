@@ -93,3 +93,13 @@ def test_train_command_stores_the_options_it_is_given(tmp_path, one_torch_thread
         == 2
     )
     assert not (tmp_path / "f2").exists()
+
+
+def test_the_paper_overlay_extracts_brains_with_the_papers_tool_and_the_demo_with_deepbet():
+    from virtual_contrast.backends import resolve_backends
+    from virtual_contrast.config import load_config
+
+    paper = PreprocessOptions.from_config(load_config(REPO / "config.paper.yaml"))
+    assert (paper.skull_strip.backend, paper.skull_strip.hdbet_mode) == ("hdbet", "accurate")
+    demo = resolve_backends(load_config())["brain_extraction"]
+    assert (demo["configured"], demo["backend"]) == ("auto", "deepbet")

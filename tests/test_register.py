@@ -638,6 +638,37 @@ def test_register_command_rigid_within_the_reference_brain(tmp_path, no_fsl, cap
     assert mean_displacement(xfm, truth, centre, fixed.affine)[0] < 0.5
 
 
+def test_register_command_applies_the_gate_as_the_workflow_does(atlas4, tmp_path, no_fsl, capsys):
+    """The single-step command and the workflow's register step share the gate (register.gate_registration):
+    outside the limits, one line naming the subject and the figure; only the figure and its JSON are written;
+    within them, every output and the figure of the passed registration."""
+    import json
+
+    t1, mask = _synthetic_subject(atlas4, tmp_path)
+    reference = save_image(atlas4.t1, atlas4.affine, tmp_path / "atlas_T1w.nii.gz")
+    out = tmp_path / "out" / "t1_atlas.nii.gz"
+    out.parent.mkdir()
+    command = ["register", "--moving", str(t1), "--moving-mask", str(mask), "--reference",
+               str(reference), "--out", str(out), "--backend", "simpleitk", "--subject", "vc042"]  # fmt: skip
+    assert cli.main([*command, "--gate-scale-range", "1.3", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    figure = reg.transform_path_for(out, "_qc.png")
+    assert err.count("\n") == 0 and "error: subject 'vc042'" in err
+    assert "rejected by the quality gate" in err and f"look at {figure}" in err
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "t1_atlas_qc.png", "t1_atlas_register.json"
+    ]  # fmt: skip
+    record = json.loads(reg.transform_path_for(out, "_register.json").read_text())
+    assert set(record) == {"registration", "moving", "reference", "quality", "gate"}
+    assert not record["gate"]["passed"]
+    assert cli.main(command) == 0
+    assert "quality gate passed" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "t1_atlas.nii.gz", "t1_atlas_desc-brain_mask.nii.gz", "t1_atlas_qc.png",
+        "t1_atlas_register.json", "t1_atlas_xfm.txt",
+    ]  # fmt: skip
+
+
 def test_register_command_missing_input_is_one_line(tmp_path, no_fsl, capsys):
     rc = cli.main(
         ["register", "--moving", str(tmp_path / "nope.nii.gz"), "--reference", str(tmp_path / "r.nii.gz"),

@@ -303,7 +303,7 @@ def _config(**sections) -> dict:
         "bids_dir": "",
         "atlas": {"t1": "", "brain_mask": "", "head_mask": ""},
         "grid": {"crop_shape": [40, 48, 40]},
-        "preprocess": {"normalize_percentiles": [1.0, 99.0], "hdbet_weights": ""},
+        "preprocess": {"normalize_percentiles": [1.0, 99.0], "hdbet2_weights": ""},
         "split": {"folds": 2},
         "model": {"depth": 4},
         "reader_study": {"lesions": "", "reads": ""},

@@ -21,25 +21,21 @@ def resolve_backends(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     Returns ``{"registration": {...}, "brain_extraction": {...}}``, each with ``configured``, ``backend`` and
     ``reason``: registration ``auto`` is ``fsl`` when a ``flirt`` executable is found (on PATH or in
     ``$FSLDIR/bin``) on the machine that plans the run, else ``simpleitk``; brain extraction ``auto`` is
-    ``hdbet`` when ``preprocess.hdbet_weights`` is set, else ``deepbet`` (as
-    ``virtual_contrast.preprocess.skull_strip.choose_backend`` decides).
+    ``hdbet2`` when ``preprocess.hdbet2_weights`` is set, else ``deepbet``, whatever is installed
+    (``virtual_contrast.preprocess.skull_strip.resolve_backend``).
     """
     pre = config["preprocess"]
     register, strip = pre["register_backend"], pre["skull_strip_backend"]
     if register == "auto":
-        from virtual_contrast.preprocess.registration.fsl import find_flirt
+        from virtual_contrast.preprocess.registration import resolve_backend
 
-        flirt, why = find_flirt()
-        registration = ("fsl", f"auto: {why}") if flirt else ("simpleitk", f"auto: no FSL ({why})")
+        registration = resolve_backend(register)
     else:
         registration = (register, "configured")
     if strip == "auto":
-        weights = pre["hdbet_weights"]
-        extraction = (
-            ("hdbet", f"auto: HD-BET weights configured in {weights}")
-            if weights
-            else ("deepbet", "auto: no HD-BET weights configured")
-        )
+        from virtual_contrast.preprocess.skull_strip import resolve_backend
+
+        extraction = resolve_backend(strip, pre["hdbet2_weights"])
     else:
         extraction = (strip, "configured")
     return {

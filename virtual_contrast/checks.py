@@ -125,7 +125,7 @@ CONFIG_PATHS = {
     ("atlas", "t1"): "atlas T1",
     ("atlas", "brain_mask"): "atlas brain mask",
     ("atlas", "head_mask"): "atlas head mask",
-    ("preprocess", "hdbet_weights"): "HD-BET weights folder",
+    ("preprocess", "hdbet2_weights"): "HD-BET 2 weights folder",
     ("reader_study", "lesions"): "reader lesions CSV",
     ("reader_study", "reads"): "reader reads CSV",
 }

@@ -237,3 +237,40 @@ def plot_subject_qc(
     )
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+#: Outline colours of the masks of :func:`plot_brain_masks`, in order.
+MASK_COLOURS = ("#40c0ff", "#ffa030", "#60e060", "#ff5050")
+
+
+def plot_brain_masks(
+    heads: list[tuple[str, np.ndarray, np.ndarray, dict[str, np.ndarray]]], path: Path | str
+) -> Path:
+    """Brain masks of several tools on several native T1s, to compare them by eye: one row per head
+    ``(title, t1, affine, {label: mask on the T1's grid})``, its sagittal, coronal and axial slices through the
+    first mask's centre (axes in the closest RAS order, voxel sizes kept), one outline colour per label."""
+    fig, axes = plt.subplots(len(heads), 3, figsize=(11, 3.7 * len(heads)), squeeze=False)
+    for row, (title, t1, affine, masks) in enumerate(heads):
+        native, zooms = _canonical(t1, affine)
+        canonical = {label: _canonical(mask, affine)[0] for label, mask in masks.items()}
+        first = next(iter(canonical.values()))
+        centre = tuple(int(c) for c in np.round(np.argwhere(first > 0.5).mean(axis=0)))
+        aspects = [zooms[2] / zooms[1], zooms[2] / zooms[0], zooms[1] / zooms[0]]
+        lo, hi = _robust_limits(native)
+        slices = {label: _mid_slices(mask, centre) for label, mask in canonical.items()}
+        for col, (img, aspect, view) in enumerate(
+            zip(_mid_slices(native, centre), aspects, ("sagittal", "coronal", "axial"), strict=True)
+        ):
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+            for colour, label in zip(MASK_COLOURS, slices, strict=False):
+                ax.contour(slices[label][col], levels=[0.5], colors=colour, linewidths=0.8)
+            ax.set_title(f"{title}, {view}" if col == 0 else view, fontsize=9)
+            ax.set_axis_off()
+    legend = "; ".join(
+        f"{colour_name}: {label}"
+        for colour_name, label in zip(("blue", "orange", "green", "red"), heads[0][3], strict=False)
+    )
+    fig.suptitle(f"brain masks on the native T1s ({legend})", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -6,6 +6,7 @@ from _common import setup
 from virtual_contrast.atlas import load_atlas
 from virtual_contrast.figures import gate_text, plot_subject_qc
 from virtual_contrast.io import load_array, write_json
+from virtual_contrast.preprocess.options import brain_extraction_label
 
 log = setup(snakemake)
 subject = snakemake.wildcards.subject
@@ -27,7 +28,7 @@ provenance = {
     ),
 }
 backends = {
-    "brain extraction": skull_strip["backend"],
+    "brain extraction": brain_extraction_label(skull_strip),
     "registration": register["backend"],
 }
 if "low_dose" in inp.keys():

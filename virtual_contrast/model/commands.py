@@ -6,22 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from virtual_contrast.io import InputError, staged_folder, write_table
-from virtual_contrast.layout import (
-    ATLAS_SPACE,
-    MODEL_FILES,
-    NATIVE_SPACE,
-    atlas_dir,
-    bids_name,
-    brain_mask_name,
-    exam_work_name,
-    normalized_name,
-    parse_name,
-    predicted_name,
-)
+from virtual_contrast.io import InputError, write_table
+from virtual_contrast.layout import atlas_dir, brain_mask_name, normalized_name
 from virtual_contrast.model.config import UNET_OUTPUTS
 
 log = logging.getLogger(__name__)
@@ -227,8 +215,9 @@ def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None
         "predict",
         help="predict vir-T1c for one exam with trained fold models",
         description="Three ways to give the exam: (1) a raw exam (--t1 --flair --dwi --bval --low), "
-        "pre-processed first exactly as the workflow that trained the models did (the options are stored "
-        "in model.pt), which also writes vir-T1c on the native low-dose T1c grid; (2) --channels-dir with "
+        "pre-processed first exactly as the workflow that trained the models did (with the options stored "
+        "in model.pt and this installation's tools, which must be those the models record), which also "
+        "writes vir-T1c on the native low-dose T1c grid; (2) --channels-dir with "
         f"the normalised volumes ({normalized_name('{s}', '{channel}')}); (3) the normalised files one by one "
         "(--adc --flair --t1 --low). All fold models' 8 mirror configurations are averaged. Every input "
         "is checked before any work; outputs appear in --out only when everything succeeded.",
@@ -250,21 +239,47 @@ def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None
     )
     p.add_argument("--bval", type=Path, help="b-values of --dwi")
     p.add_argument("--mask", type=Path, help="brain mask: prediction set to 0 outside")
-    raw = p.add_argument_group("raw exam (with --dwi); each default: as recorded in the models")
+    pre = defaults["preprocess"]
+    raw = p.add_argument_group(
+        "raw exam (with --dwi)",
+        "The tools come from these flags (and this installation), never from the model files; they must "
+        "be those the models record, which is checked before any work.",
+    )
     raw.add_argument(
         "--atlas",
         type=Path,
         help=f"atlas folder at the models' voxel size (the workflow's {atlas_dir('<v>')}); "
         "default: prepared from the atlas files recorded in the models (nilearn's template)",
     )
-    raw.add_argument("--register-backend", choices=["auto", "fsl", "simpleitk"])
-    raw.add_argument("--skull-strip-backend", choices=["auto", "deepbet", "hdbet"])
-    raw.add_argument("--hdbet-weights", type=Path, help="HD-BET weights folder")
+    raw.add_argument(
+        "--register-backend",
+        choices=["auto", "fsl", "simpleitk"],
+        default=pre["register_backend"],
+        help="default: %(default)s",
+    )
+    raw.add_argument(
+        "--skull-strip-backend",
+        choices=["auto", "deepbet", "hdbet", "hdbet2"],
+        default=pre["skull_strip_backend"],
+        help="default: %(default)s (deepbet unless --hdbet2-weights is given)",
+    )
+    raw.add_argument(
+        "--hdbet-mode",
+        choices=["fast", "accurate"],
+        help="HD-BET v1's mode (default: as recorded in the models)",
+    )
+    raw.add_argument("--hdbet2-weights", type=Path, help="HD-BET 2 weights folder")
     raw.add_argument(
         "--override-gate",
         action="store_true",
         help="predict even when the registration quality gate stored in the models rejects the exam (a "
         "slab that misses part of the brain, a failed registration); the output and provenance say so",
+    )
+    raw.add_argument(
+        "--accept-preprocess-mismatch",
+        action="store_true",
+        help="pre-process with these tools even where they differ from those the models were trained "
+        "with (the log and the exam's provenance say so); without it a difference stops the command",
     )
     p.add_argument(
         "--subject",
@@ -290,210 +305,40 @@ def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None
     p.set_defaults(func=_run_predict)
 
 
-def find_models(paths: list[Path]) -> list[Path]:
-    """``model.pt`` files given directly or found (recursively) in the given folders, sorted."""
-    found: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            hits = sorted(p.rglob(MODEL_FILES["model"]))
-            if not hits:
-                raise InputError(f"no {MODEL_FILES['model']} found in this folder", path=p)
-            found.extend(hits)
-        elif p.exists():
-            found.append(p)
-        else:
-            raise InputError("model not found", path=p)
-    return found
-
-
-def _subject_in_dir(folder: Path) -> str:
-    pattern = normalized_name("*", "*").removesuffix(".gz") + "*"  # .nii or .nii.gz
-    ids = sorted({parse_name(f.name)["sub"] for f in folder.rglob(pattern)})
-    if len(ids) != 1:
-        raise InputError(
-            f"cannot tell the subject: found {ids or 'no normalised volumes'}; pass --subject",
-            path=folder,
-        )
-    return ids[0]
-
-
-def preprocess_options_of(models: list[Path], args: argparse.Namespace):
-    """The pre-processing options stored in the models (all must agree), with the command line's
-    overrides of machine-specific choices (backends, HD-BET weights); returns (options, overrides)."""
-    from dataclasses import replace
-
-    from virtual_contrast.model.checkpoint import load_checkpoint
-    from virtual_contrast.preprocess.options import PreprocessOptions
-
-    stored = []
-    for path in models:
-        ckpt = load_checkpoint(path)
-        if "preprocess" not in ckpt:
-            raise InputError(
-                "this model.pt does not record the pre-processing options it was trained with (written "
-                "by an older version, or trained outside the workflow): pre-process the exam with the "
-                "workflow and pass the normalised volumes (--channels-dir)",
-                path=path,
-            )
-        stored.append(ckpt["preprocess"])
-    if any(s != stored[0] for s in stored[1:]):
-        raise InputError(
-            "the models were trained on differently pre-processed volumes: give models of one run",
-            path=models[0],
-        )
-    options = PreprocessOptions.from_dict(
-        stored[0], source=f"pre-processing options in {models[0]}"
-    )
-    overrides = {}
-    if args.register_backend:
-        overrides["register.backend"] = args.register_backend
-        options = replace(
-            options, register=replace(options.register, backend=args.register_backend)
-        )
-    if args.skull_strip_backend or args.hdbet_weights:
-        strip = options.skull_strip
-        if args.skull_strip_backend:
-            overrides["skull_strip.backend"] = args.skull_strip_backend
-            strip = replace(strip, backend=args.skull_strip_backend)
-        if args.hdbet_weights:
-            overrides["skull_strip.hdbet_weights"] = str(args.hdbet_weights)
-            strip = replace(strip, hdbet_weights=str(args.hdbet_weights))
-        options = replace(options, skull_strip=strip)
-    for key, value in overrides.items():
-        log.warning(
-            "pre-processing option %s set to %r on the command line (not as trained)", key, value
-        )
-    return options, overrides
-
-
-def _check_normalised(paths: dict[str, Path], subject: str) -> None:
-    """Normalised volumes lie within the normalised scale; a raw image given instead is an error."""
-    from virtual_contrast.intensity import range_problem
-    from virtual_contrast.io import load_image
-
-    for channel, path in paths.items():
-        problem = range_problem(np.asanyarray(load_image(path, subject=subject).dataobj))
-        if problem is not None:
-            raise InputError(
-                f"{channel} is not a normalised volume: {problem}; for a raw exam give --dwi and --bval "
-                "too (it is then pre-processed first)",
-                subject=subject,
-                path=path,
-            )
-
-
 def _run_predict(args: argparse.Namespace) -> int:
-    from virtual_contrast.model.checkpoint import load_checkpoint
-    from virtual_contrast.model.predict import predict_subject
-    from virtual_contrast.subjects import check_subject_id
+    from virtual_contrast.model.predict_exam import ExamFiles, PreprocessTools, predict_exam
 
-    if args.subject is not None:
-        check_subject_id(args.subject)
-    models = find_models(args.models)
-    channels = list(load_checkpoint(models[0])["channels"])
-    flips = "all8" if args.tta else "none"
-    raw_mode = args.dwi is not None or args.bval is not None
-    if args.override_gate and not raw_mode:
-        raise InputError(
-            "--override-gate applies to a raw exam (--dwi and --bval): the registration quality gate "
-            "runs when predict pre-processes the exam"
-        )
-    if raw_mode:
-        if args.adc or args.channels_dir:
-            raise InputError(
-                "--dwi/--bval (raw exam) cannot be combined with --adc or --channels-dir"
-            )
-        missing = [n for n in ("t1", "flair", "dwi", "bval", "low") if getattr(args, n) is None]
-        if missing:
-            raise InputError(f"a raw exam needs --{' --'.join(missing)} as well")
-        subject = args.subject or "exam"
-        options, overrides = preprocess_options_of(models, args)
-    elif args.channels_dir:
-        if any(getattr(args, n) for n in ("adc", "flair", "t1", "low")):
-            raise InputError(
-                "give either --channels-dir or the files --adc --flair --t1 --low, not both"
-            )
-        subject = check_subject_id(args.subject or _subject_in_dir(args.channels_dir))
-    else:
-        given = {"ADC": args.adc, "FLAIR": args.flair, "T1w": args.t1, "lowT1c": args.low}
-        if "ADC" in channels and args.adc is None and any(given.values()):
-            raise InputError(
-                "no ADC: a raw exam needs --dwi and --bval (the ADC is computed from the DWI); to "
-                "predict from normalised volumes, give the normalised ADC with --adc"
-            )
-        flag = {"ADC": "--adc", "FLAIR": "--flair", "T1w": "--t1", "lowT1c": "--low"}
-        missing = [flag[c] for c in channels if given.get(c) is None]
-        if missing:
-            raise InputError(
-                f"the models take {channels}: pass {' '.join(missing)} (or --channels-dir, or a raw "
-                "exam with --dwi and --bval)"
-            )
-        subject = args.subject or "exam"
-        _check_normalised({c: given[c] for c in channels}, subject)
-
-    out = args.out
-    atlas_name = predicted_name(subject, ATLAS_SPACE)
-    native_name = predicted_name(subject, NATIVE_SPACE)
-    work_dir = exam_work_name(subject)
-    with staged_folder(out) as stage:
-        mask = args.mask
-        to_native = None
-        if raw_mode:
-            from virtual_contrast.io import write_json
-            from virtual_contrast.preprocess.exam import preprocess_exam
-
-            prepared = preprocess_exam(
-                t1=args.t1,
-                flair=args.flair,
-                dwi=args.dwi,
-                bval=args.bval,
-                low=args.low,
-                out_dir=stage / work_dir,
-                subject=subject,
-                options=options,
-                atlas_dir=args.atlas,
-                rejected_figure=out
-                / bids_name(subject, desc="rejected", suffix="registration", extension=".png"),
-                override_gate=args.override_gate,
-            )
-            if args.override_gate and prepared["gate"].get("overridden"):
-                overrides["registration_gate"] = "rejected, overridden by --override-gate"
-            if overrides:
-                write_json(
-                    {"command_line_overrides": overrides},
-                    stage / work_dir / "overrides.json",
-                )
-            channel_paths = dict(prepared["channels"])
-            mask = mask or prepared["mask"]
-            to_native = prepared["to_native"]
-        elif args.channels_dir:
-            from virtual_contrast.model.data import find_subject_volumes
-
-            sv = find_subject_volumes(args.channels_dir, subject, channels, target=False)
-            channel_paths, mask = dict(sv.channels), mask or sv.mask
-        else:
-            channel_paths = {c: given[c] for c in channels}
-        predict_subject(
-            models,
-            channel_paths,
-            stage / atlas_name,
-            device=args.device,
-            flips=flips,
-            mask_path=mask,
-            subject=subject,
-            batch=args.batch,
-        )
-        if to_native is not None:
-            to_native(stage / atlas_name, stage / native_name)
-    print(f"vir-T1c (atlas space): {out / atlas_name}")
-    if to_native is not None:
-        print(f"vir-T1c (native low-dose T1c grid): {out / native_name}")
-        print(f"pre-processing (every intermediate, provenance): {out / work_dir}")
-    if raw_mode and prepared["gate"].get("overridden"):
-        figure = out / bids_name(subject, desc="rejected", suffix="registration", extension=".png")
+    files = ExamFiles(
+        **{k: getattr(args, k) for k in ("t1", "flair", "low", "adc", "dwi", "bval", "mask")},
+        channels_dir=args.channels_dir,
+    )
+    tools = PreprocessTools(
+        skull_strip_backend=args.skull_strip_backend,
+        hdbet2_weights=str(args.hdbet2_weights or ""),
+        register_backend=args.register_backend,
+        hdbet_mode=args.hdbet_mode,
+        atlas=args.atlas,
+        accept_mismatch=args.accept_preprocess_mismatch,
+        override_gate=args.override_gate,
+    )
+    done = predict_exam(
+        args.models,
+        files,
+        args.out,
+        tools=tools,
+        subject=args.subject,
+        device=args.device,
+        tta=args.tta,
+        batch=args.batch,
+    )
+    print(f"vir-T1c (atlas space): {done.atlas_space}")
+    if done.native is not None:
+        print(f"vir-T1c (native low-dose T1c grid): {done.native}")
+        print(f"pre-processing (every intermediate, provenance): {done.work_dir}")
+    if done.gate_overridden:
         print(
             "WARNING: the registration quality gate REJECTED this exam ("
-            + "; ".join(prepared["gate"]["failures"])
-            + f"); predicted anyway because of --override-gate. Look at {figure}."
+            + "; ".join(done.gate_failures)
+            + f"); predicted anyway because of --override-gate. Look at {done.rejected_figure}."
         )
     return 0

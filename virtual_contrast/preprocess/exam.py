@@ -3,8 +3,8 @@
 ``virtual-contrast predict --t1 --flair --dwi --bval --low`` uses this for an exam that arrives after the
 models were trained: the same step functions as the workflow's rules (``register`` checks the exam, then
 ``adc``, ``skull_strip``, ``register``, ``crop``, ``normalize``), in the same order, with the same
-:class:`~virtual_contrast.preprocess.options.PreprocessOptions` (read from the models, which store the options
-of the workflow run that trained them), written under one folder. There is no full-dose T1c, so the chain
+:class:`~virtual_contrast.preprocess.options.PreprocessOptions` (those the models store, with the tools of
+this installation: ``virtual_contrast.model.predict_exam.exam_options``), written under one folder. There is no full-dose T1c, so the chain
 handles the four input sequences only.
 """
 
@@ -90,12 +90,15 @@ def preprocess_exam(
     rejected_figure: Path | None = None,
     device: str = "cpu",
     override_gate: bool = False,
+    tools_check: dict | None = None,
 ) -> PreparedExam:
     """Pre-process one raw exam into ``out_dir`` (step folders named like the workflow's); see the module
     docstring. Every input problem is an :class:`InputError` naming the subject and the file, raised before
     any work; a registration rejected by the quality gate (the models' ``options.register.gate``, coverage of
     the atlas brain by every sequence included) draws ``rejected_figure`` and raises, unless
-    ``override_gate``: the exam then goes on, and the provenance's ``register.gate`` says ``overridden``."""
+    ``override_gate``: the exam then goes on, and the provenance's ``register.gate`` says ``overridden``.
+    ``tools_check`` (how the tools compare with those the models were trained with) goes into the
+    provenance."""
     start = time.perf_counter()
     out = Path(out_dir)
     raw = {"t1": t1, "flair": flair, "dwi": dwi, "bval": bval, "low": low}
@@ -103,6 +106,7 @@ def preprocess_exam(
         "subject": subject,
         "inputs": {k: str(v) for k, v in raw.items()},
         "options": options.to_dict(),
+        **({"tools_check": tools_check} if tools_check is not None else {}),
         "checks": check_exam(
             {"t1": t1, "flair": flair, "low": low}, subject=subject, dwi=dwi, bval=bval
         ),

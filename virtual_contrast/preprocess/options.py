@@ -4,7 +4,9 @@
 (atlas, grid, backends, registration quality gate, normalisation percentiles). The workflow builds it from its
 config (:meth:`PreprocessOptions.from_config`) and hands each rule the part it uses, the ``train`` rule stores
 the whole object in every ``model.pt``, and ``predict`` reads it back from there, as nnU-Net stores its plans
-with the model: a model is always fed the way it was trained.
+with the model: a model is always fed the way it was trained. What in it names code (the backends, HD-BET 2's
+weights folder) ``predict`` compares with the tools of its own installation and command line, and never
+follows (``virtual_contrast.model.predict_exam.exam_options``): a model file is data.
 
 There are no default values here: they live in the config schema (``virtual_contrast/schemas/
 config.schema.yaml``), and :func:`default_options` builds the options of its defaults for callers without a
@@ -31,10 +33,12 @@ class BackendUnavailableError(InputError):
 
 @dataclass(frozen=True)
 class SkullStripOptions:
-    """Brain extraction on the native T1 (config ``preprocess.skull_strip_backend``, ``hdbet_weights``)."""
+    """Brain extraction on the native T1 (config ``preprocess.skull_strip_backend``, ``hdbet_mode``,
+    ``hdbet2_weights``)."""
 
-    backend: str  # auto | deepbet | hdbet
-    hdbet_weights: str  # HD-BET 2 weights folder; "" = none configured
+    backend: str  # auto | deepbet | hdbet (HD-BET v1) | hdbet2 (HD-BET 2)
+    hdbet_mode: str  # HD-BET v1: fast (fold 0, no mirroring) | accurate (5 folds x 8 mirrorings)
+    hdbet2_weights: str  # HD-BET 2 weights folder; "" = none configured
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,8 @@ class PreprocessOptions:
             crop_shape=tuple(int(s) for s in config["grid"]["crop_shape"]),
             skull_strip=SkullStripOptions(
                 backend=str(pre["skull_strip_backend"]),
-                hdbet_weights=str(pre["hdbet_weights"]),
+                hdbet_mode=str(pre["hdbet_mode"]),
+                hdbet2_weights=str(pre["hdbet2_weights"]),
             ),
             register=RegisterOptions(
                 backend=str(pre["register_backend"]),
@@ -119,6 +124,17 @@ def gate_options(values: dict) -> GateOptions:
 def register_options(values: dict) -> RegisterOptions:
     """:class:`RegisterOptions` from their ``to_dict`` form (a rule's params)."""
     return _build(RegisterOptions, values, "register options")
+
+
+def brain_extraction_label(provenance: dict) -> str:
+    """Which brain extraction ran, in a few words, from its provenance (``skull_strip.json``), for figures
+    and logs: ``deepbet``, ``hdbet (HD-BET v1, accurate)``, ``hdbet2 (HD-BET 2)``."""
+    backend = provenance["backend"]
+    if backend == "hdbet":
+        return f"hdbet (HD-BET v1, {provenance.get('mode', 'mode not recorded')})"
+    if backend == "hdbet2":
+        return "hdbet2 (HD-BET 2)"
+    return str(backend)
 
 
 @cache

