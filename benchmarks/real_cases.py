@@ -9,7 +9,7 @@ a subjects table with that split is written and the workflow runs (``config.yaml
 one working folder for every turn, so each exam is pre-processed, and its low dose simulated, once) up to the
 test patient's voxel metrics, montage and automated-reader overlay. Prints, per held-out patient, SSIM and
 PSNR of the simulated low-T1c and of vir-T1c against its full-dose T1c (brain voxels, the ``metrics`` rule's
-own numbers) and the time of each turn; writes ``<workdir>/real_cases.tsv`` and keeps each turn's figures in
+own numbers, on the paper's scale and on the full range) and the time of each turn; writes ``<workdir>/real_cases.tsv`` and keeps each turn's figures in
 ``<workdir>/turn-<subject>/``.
 """
 
@@ -116,13 +116,19 @@ def main(argv: list[str] | None = None) -> int:
                     "ssim_pct": 100 * row.ssim,
                     "psnr_db": row.psnr,
                     "auc_pct": 100 * row.auc,
+                    "ssim_full_range_pct": 100 * row.ssim_full_range,
+                    "psnr_full_range_db": row.psnr_full_range,
                     "turn_s": round(seconds),
                 }
             )
         print(f"{subject}: {seconds / 60:.1f} min", flush=True)
     table = pd.DataFrame(rows)
     table.to_csv(args.workdir / "real_cases.tsv", sep="\t", index=False)
-    wide = table.pivot(index="subject", columns="modality", values=["ssim_pct", "psnr_db"])
+    wide = table.pivot(
+        index="subject",
+        columns="modality",
+        values=["ssim_pct", "psnr_db", "auc_pct", "ssim_full_range_pct", "psnr_full_range_db"],
+    )
     print(wide.round(2).to_string())
     better = [
         s

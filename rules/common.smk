@@ -338,6 +338,13 @@ def register_alignment():
     }
 
 
+def register_features():
+    """What each channel's rigid alignment with the T1 compares: intensities, or the gradient magnitudes for
+    a contrast whose intensities mislead mutual information (the T2; virtual_contrast.sequences:
+    ``align_feature``)."""
+    return {c: BY_CHANNEL[c].align_feature for c in register_alignment()}
+
+
 def get_register_inputs(wildcards):
     """Native sequences, and the image each is aligned with (the DWI's mean b0 stands in for the ADC)."""
     raw = STUDY.raw_inputs(wildcards.subject)

@@ -99,6 +99,7 @@ rule register:
         backend=PREPROCESS_OPTIONS["register"]["backend"],
         channels=CHANNELS,
         alignment=register_alignment(),
+        align_features=register_features(),
     threads: 2
     resources:
         mem_mb=4000,

@@ -129,7 +129,3 @@ def test_override_gate_predicts_a_rejected_exam_and_says_so(raw_exam, tmp_path, 
     work = out / "sub-p04_work"
     gate = json.loads((work / "sub-p04_provenance.json").read_text())["register"]["gate"]
     assert gate["overridden"] and not gate["passed"] and "outside [1.6, 2]" in gate["failures"][0]
-    assert (
-        "registration_gate"
-        in json.loads((work / "overrides.json").read_text())["command_line_overrides"]
-    )

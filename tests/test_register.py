@@ -676,3 +676,36 @@ def test_register_command_missing_input_is_one_line(tmp_path, no_fsl, capsys):
     )  # fmt: skip
     assert rc == 2
     assert "nope.nii.gz" in capsys.readouterr().err and not (tmp_path / "o.nii.gz").exists()
+
+
+def _rigid_error(transform: np.ndarray, points: np.ndarray) -> float:
+    """Largest displacement (mm) of ``points`` (world, n x 3) under ``transform`` (identity: 0)."""
+    moved = points @ transform[:3, :3].T + transform[:3, 3]
+    return float(np.linalg.norm(moved - points, axis=1).max())
+
+
+def test_t2_aligns_on_edges_where_intensities_mislead(tiny_run: Path):
+    """The cohort's T2 is acquired in the T1's pose (the truth is the identity). Mutual information of the
+    intensities within the T1's brain moves it by centimetres; on gradient magnitudes it stays within a
+    voxel or two, and the workflow registers the T2 that way (the sequence table's ``align_feature``)."""
+    from virtual_contrast import layout
+    from virtual_contrast.sequences import BY_CHANNEL
+
+    subject = "vc001"
+    anat = tiny_run / layout.COHORT_DIR / f"sub-{subject}" / "ses-01" / "anat"
+    t1 = load_image(anat / f"sub-{subject}_ses-01_T1w.nii.gz")
+    t2 = load_image(anat / f"sub-{subject}_ses-01_T2w.nii.gz")
+    mask = load_image(tiny_run / layout.skull_strip_files(subject)["mask"])
+    brain = np.argwhere(np.asanyarray(mask.dataobj) > 0.5)
+    points = nib.affines.apply_affine(mask.affine, brain)
+    engine = select_backend("simpleitk", threads=1)
+    voxel = float(reg.voxel_sizes(t1.affine).max())
+
+    on_edges = reg.register_rigid(t2, t1, mask, engine, feature="gradient")
+    on_intensity = reg.register_rigid(t2, t1, mask, engine, feature="intensity")
+    assert _rigid_error(on_edges.transform, points) < 2 * voxel
+    assert _rigid_error(on_intensity.transform, points) > 4 * voxel  # why the T2 row asks for edges
+    assert BY_CHANNEL["T2w"].align_feature == "gradient"
+    assert {BY_CHANNEL[c].align_feature for c in ("FLAIR", "lowT1c", "refT1c")} == {"intensity"}
+    with pytest.raises(ValueError, match="feature"):
+        reg.register_rigid(t2, t1, mask, engine, feature="edges")

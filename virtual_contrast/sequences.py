@@ -45,6 +45,10 @@ class Sequence:
     #: The image its alignment is estimated on, when not the sequence itself (the ADC map is aligned
     #: through its DWI's mean b0, which has the anatomy): a key of the ``adc`` rule's outputs.
     align_on: str = ""
+    #: What its rigid alignment with the T1 compares: "intensity" (mutual information of the images) or
+    #: "gradient" (of their gradient magnitudes, edges against edges), for a contrast whose intensities
+    #: within the T1's brain mislead mutual information (see ``virtual_contrast.preprocess.register``).
+    align_feature: str = "intensity"
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -55,7 +59,7 @@ class Sequence:
 #: Every sequence, in the paper's order of inputs and then the target.
 SEQUENCES: tuple[Sequence, ...] = (
     Sequence("t1", "T1w", "T1w", "anat", "T1w", brats=("t1n", "t1"), registered_to=ATLAS),
-    Sequence("t2", "T2w", "T2w", "anat", "T2w", brats=("t2w", "t2")),
+    Sequence("t2", "T2w", "T2w", "anat", "T2w", brats=("t2w", "t2"), align_feature="gradient"),
     Sequence("flair", "FLAIR", "FLAIR", "anat", "FLAIR", brats=("t2f", "flair")),
     Sequence(
         "dwi",

@@ -27,6 +27,7 @@ provenance = register_subject(
     out_mask=Path(out.mask),
     backend=params.backend,
     subject=subject,
+    align_features=params.align_features,
 )
 write_json({**provenance, "checks": checks}, out.provenance)
 log.info("registered with %s", provenance["backend"])
