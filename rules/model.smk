@@ -69,11 +69,12 @@ rule predict:
         low_transform=lambda wc: registration_transform(wc.subject, LOW_DOSE),
         t1_transform=lambda wc: registration_transform(wc.subject, ANCHOR),
         native_mask=rules.skull_strip.output.mask,
-        native=lambda wc: STUDY.raw_inputs(wc.subject)["low"],
+        native=lambda wc: STUDY.raw_inputs(wc.subject)[BY_CHANNEL[LOW_DOSE].key],
     output:
         **layout.predict_files("{subject}"),
     params:
         channels=INPUT_CHANNELS,
+        low_dose=LOW_DOSE,
         device=config["predict"]["device"],
         flips="all8" if config["predict"]["tta"] else "none",
     threads: 2

@@ -14,6 +14,7 @@ import pytest
 from virtual_contrast.cli import main as cli_main
 from virtual_contrast.io import InputError
 from virtual_contrast.model import predict_exam as pe
+from virtual_contrast.model.config import DEFAULT_CHANNELS
 from virtual_contrast.preprocess.options import default_options
 from virtual_contrast.preprocess.registration import fsl
 
@@ -170,7 +171,7 @@ def _crafted_model(folder: Path, preprocess: dict) -> Path:
 
 def _raw_exam_args(tmp_path: Path) -> list[str]:
     args = []
-    for key in pe.RAW_EXAM:
+    for key in pe.raw_exam_files(list(DEFAULT_CHANNELS)):
         (tmp_path / key).write_text("not read before the tools are checked")
         args += [f"--{key}", str(tmp_path / key)]
     return args
@@ -250,7 +251,7 @@ def test_accepted_mismatch_runs_this_installations_tools_and_says_so(
     subject = study.test_subjects[0]
     raw = study.raw_inputs(subject)
     command = ["predict", "--models", str(models), "--device", "cpu", "--subject", "p03"]
-    for key in pe.RAW_EXAM:
+    for key in pe.raw_exam_files(list(DEFAULT_CHANNELS)):
         command += [
             f"--{key}",
             str(shutil.copy(tiny_run / raw[key], tmp_path / Path(raw[key]).name)),

@@ -70,3 +70,34 @@ def test_a_standard_dose_study_trains_and_predicts_without_dwi(standard_dose_run
     assert table3.startswith("| | simulated low-T1c | vir-T1c |")
     exams = pd.read_csv(work / layout.table("exams"), sep="\t", dtype=str)
     assert sorted(exams["subject"]) == sorted(study.subjects)
+
+
+def test_the_command_predicts_a_raw_exam_without_dwi(standard_dose_run, tmp_path, capsys):
+    """`virtual-contrast predict --raw` with models of T2w, FLAIR, T1w and lowT1c: the exam is the T1, T2,
+    FLAIR and low dose (no DWI); without its T2 it is one line naming the missing flag, before any work."""
+    from virtual_contrast.cli import main as cli_main
+
+    work, study, _ = standard_dose_run
+    subject = study.test_subjects[0]
+    table = pd.read_csv(work / "subjects.tsv", sep="\t", dtype=str).set_index("subject")
+    exam = {key: table.loc[subject, key] for key in ("t1", "t2", "flair")}
+    exam["low"] = str(work / layout.simulated_low_dose(subject))
+    command = ["predict", "--models", str(work / "results" / "models"), "--device", "cpu"]
+    command += ["--raw", "--subject", "p01", "--no-tta"]
+    without_t2 = [a for k, v in exam.items() if k != "t2" for a in (f"--{k}", v)]
+    assert cli_main([*command, *without_t2, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs --t2 as well" in err
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "out"
+    given = [a for k, v in exam.items() for a in (f"--{k}", v)]
+    assert cli_main([*command, *given, "--out", str(out)]) == 0
+    native = nib.load(out / layout.predicted_name("p01", layout.NATIVE_SPACE))
+    low = nib.load(exam["low"])
+    assert native.shape == low.shape and np.allclose(native.affine, low.affine)
+    work_dir = out / layout.exam_work_name("p01")
+    provenance = json.loads((work_dir / layout.exam_provenance_name("p01")).read_text())
+    assert provenance["channels"] == ["T1w", "T2w", "FLAIR", "lowT1c"]
+    assert provenance["register"]["channels"]["T2w"]["aligned_on"] == "gradient"
+    assert "adc" not in provenance

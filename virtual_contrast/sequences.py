@@ -45,6 +45,9 @@ class Sequence:
     #: The image its alignment is estimated on, when not the sequence itself (the ADC map is aligned
     #: through its DWI's mean b0, which has the anatomy): a key of the ``adc`` rule's outputs.
     align_on: str = ""
+    #: The channel is a map computed from the series (the ADC from the DWI, rule adc), not the series
+    #: itself resampled: a normalised volume of it is given by the channel's name (``--adc``).
+    computed: bool = False
     #: What its rigid alignment with the T1 compares: "intensity" (mutual information of the images) or
     #: "gradient" (of their gradient magnitudes, edges against edges), for a contrast whose intensities
     #: within the T1's brain mislead mutual information (see ``virtual_contrast.preprocess.register``).
@@ -70,6 +73,7 @@ SEQUENCES: tuple[Sequence, ...] = (
         companions=("bval",),
         extra_files=("bvec",),
         align_on="b0",
+        computed=True,
     ),  # the ADC map is computed from it (rule adc)
     Sequence("low", "lowT1c", "low-dose T1c", "anat", "T1w", entities=(("ce", "low"),)),
     Sequence(
@@ -145,3 +149,16 @@ def channel_of(key: str) -> str:
 def key_of(channel: str) -> str:
     """The raw key of ``channel`` (``"ADC"`` -> ``"dwi"``)."""
     return BY_CHANNEL[channel].key
+
+
+def exam_channels(inputs: Iterable[str]) -> tuple[str, ...]:
+    """The channels a new exam is pre-processed into for a model taking ``inputs``: the inputs, the anchor
+    and the low dose (vir-T1c is mapped back onto its grid), without the target, which a new exam lacks."""
+    return tuple(c for c in study_channels(inputs) if c != TARGET)
+
+
+def normalised_flag(channel: str) -> str:
+    """The command-line flag of ``channel`` given as a normalised volume: the raw key's (``--t1``), or the
+    channel's own name when the channel is a map computed from its series (``--adc``, from the DWI)."""
+    sequence = BY_CHANNEL[channel]
+    return f"--{channel.lower() if sequence.computed else sequence.key}"

@@ -17,7 +17,7 @@ predict_subject(
     mask_path=snakemake.input.mask,
     subject=subject,
 )
-low = json.loads(Path(snakemake.input.normalize).read_text())["lowT1c"]
+low = json.loads(Path(snakemake.input.normalize).read_text())[snakemake.params.low_dose]
 export_native(
     snakemake.output.atlas,
     snakemake.input.native,

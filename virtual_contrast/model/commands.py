@@ -214,13 +214,16 @@ def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None
     p = subparsers.add_parser(
         "predict",
         help="predict vir-T1c for one exam with trained fold models",
-        description="Three ways to give the exam: (1) a raw exam (--t1 --flair --dwi --bval --low), "
+        description="Three ways to give the exam: (1) a raw exam (--raw and the models' input sequences, "
+        "the T1 and the low-dose T1c: --t1 --flair --dwi --bval --low for the paper's inputs, where --dwi "
+        "implies --raw; --raw --t1 --t2 --flair --low for models of T2w, FLAIR, T1w and lowT1c), "
         "pre-processed first exactly as the workflow that trained the models did (with the options stored "
         "in model.pt and this installation's tools, which must be those the models record), which also "
         "writes vir-T1c on the native low-dose T1c grid; (2) --channels-dir with "
         f"the normalised volumes ({normalized_name('{s}', '{channel}')}); (3) the normalised files one by one "
-        "(--adc --flair --t1 --low). All fold models' 8 mirror configurations are averaged. Every input "
-        "is checked before any work; outputs appear in --out only when everything succeeded.",
+        "(--adc --flair --t1 --low, or the models' channels). All fold models' 8 mirror configurations are "
+        "averaged. Every input is checked before any work; outputs appear in --out only when everything "
+        "succeeded.",
     )
     p.add_argument(
         "--models",
@@ -230,18 +233,37 @@ def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None
         help="model.pt files or folders searched for them",
     )
     p.add_argument("--channels-dir", type=Path, help="folder with normalised volumes")
-    p.add_argument("--adc", type=Path, help="normalised ADC")
-    p.add_argument("--flair", type=Path, help="FLAIR (raw with --dwi, else normalised)")
-    p.add_argument("--t1", type=Path, help="pre-contrast T1 (raw with --dwi, else normalised)")
-    p.add_argument("--low", type=Path, help="low-dose T1c (raw with --dwi, else normalised)")
     p.add_argument(
-        "--dwi", type=Path, help="raw DWI (b=0 and b=1000 volumes): selects the raw-exam mode"
+        "--raw",
+        action="store_true",
+        help="the files are a raw exam, pre-processed first (implied by --dwi or --bval)",
     )
-    p.add_argument("--bval", type=Path, help="b-values of --dwi")
+    from virtual_contrast import sequences
+
+    # One flag per sequence of the table (and per file that comes with one), then the computed channels.
+    for key in sequences.COLUMNS:
+        if key == sequences.key_of(sequences.TARGET):
+            continue
+        sequence = sequences.BY_KEY.get(key)
+        if sequence is None:  # a companion file (the DWI's b-values)
+            p.add_argument(f"--{key}", type=Path, help=f"{sequences.COLUMN_LABELS[key]} (raw exam)")
+        elif sequence.computed:
+            p.add_argument(
+                f"--{key}", type=Path, help=f"raw {sequence.label}: selects the raw-exam mode"
+            )
+        else:
+            p.add_argument(
+                f"--{key}", type=Path, help=f"{sequence.label} (raw with --raw, else normalised)"
+            )
+    for channel in sequences.INPUT_CHANNELS:
+        if sequences.BY_CHANNEL[channel].computed:
+            p.add_argument(
+                sequences.normalised_flag(channel), type=Path, help=f"normalised {channel}"
+            )
     p.add_argument("--mask", type=Path, help="brain mask: prediction set to 0 outside")
     pre = defaults["preprocess"]
     raw = p.add_argument_group(
-        "raw exam (with --dwi)",
+        "raw exam (--raw, or --dwi)",
         "The tools come from these flags (and this installation), never from the model files; they must "
         "be those the models record, which is checked before any work.",
     )
@@ -306,11 +328,20 @@ def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from virtual_contrast.model.predict_exam import ExamFiles, PreprocessTools, predict_exam
+    from virtual_contrast.model.predict_exam import (
+        CHANNEL_FLAGS,
+        RAW_FILES,
+        ExamFiles,
+        PreprocessTools,
+        predict_exam,
+    )
 
+    flags = dict.fromkeys([*RAW_FILES, *(f[2:] for f in CHANNEL_FLAGS.values())])
     files = ExamFiles(
-        **{k: getattr(args, k) for k in ("t1", "flair", "low", "adc", "dwi", "bval", "mask")},
+        images={k: getattr(args, k) for k in flags if getattr(args, k) is not None},
+        raw_exam=args.raw,
         channels_dir=args.channels_dir,
+        mask=args.mask,
     )
     tools = PreprocessTools(
         skull_strip_backend=args.skull_strip_backend,

@@ -1,8 +1,11 @@
 """``virtual-contrast predict`` for one exam, outside the workflow (as nnU-Net's predict_from_raw_data).
 
-Three ways to give the exam (:class:`ExamFiles`): a raw exam (T1, FLAIR, DWI + b-values, low-dose T1c),
-pre-processed first exactly as the workflow that trained the models did, then predicted and mapped back onto
-the native low-dose T1c grid; a folder of normalised volumes; or the normalised volumes one by one. Every input
+Three ways to give the exam (:class:`ExamFiles`): a raw exam (the models' input sequences, the pre-contrast
+T1 and the low-dose T1c; for models taking the ADC, the DWI and its b-values), pre-processed first exactly as
+the workflow that trained the models did, then predicted and mapped back onto the native low-dose T1c grid; a
+folder of normalised volumes; or the normalised volumes one by one. The flags are the sequence table's
+(:mod:`virtual_contrast.sequences`): a raw series by its key (``--t1``, ``--t2``, ``--dwi``), a normalised
+channel by :func:`~virtual_contrast.sequences.normalised_flag` (``--adc``). Every input
 is checked before any work and the outputs appear in the output folder only when everything succeeded.
 
 A model file is data, never configuration of code. ``model.pt`` records the pre-processing options of the run
@@ -19,11 +22,12 @@ tools, unless ``--accept-preprocess-mismatch`` says to go on, which the log and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from virtual_contrast import sequences
 from virtual_contrast.io import InputError, staged_folder
 from virtual_contrast.layout import (
     ATLAS_SPACE,
@@ -39,30 +43,36 @@ from virtual_contrast.preprocess.options import PreprocessOptions, brain_extract
 
 log = logging.getLogger(__name__)
 
-#: The flag of each normalised channel (the command line's).
-CHANNEL_FLAGS = {"ADC": "--adc", "FLAIR": "--flair", "T1w": "--t1", "lowT1c": "--low"}
-#: The files of a raw exam (the command line's flags, without "--").
-RAW_EXAM = ("t1", "flair", "dwi", "bval", "low")
+#: The flag of each channel given as a normalised volume (the command line's).
+CHANNEL_FLAGS = {c: sequences.normalised_flag(c) for c in sequences.INPUT_CHANNELS}
+#: The files a raw exam may hold (the command line's flags, without "--"): every sequence and companion
+#: but the full-dose T1c, which a new exam lacks.
+RAW_FILES = tuple(c for c in sequences.COLUMNS if c != sequences.key_of(sequences.TARGET))
+#: Files that exist only raw: giving one makes the exam raw (the DWI and its b-values).
+ONLY_RAW = tuple(c for c in RAW_FILES if c not in {f[2:] for f in CHANNEL_FLAGS.values()})
 ACCEPT_FLAG = "--accept-preprocess-mismatch"
+
+
+def raw_exam_files(channels: list[str]) -> tuple[str, ...]:
+    """The files of a raw exam for models taking ``channels`` (flags without "--"): ``t1 flair dwi bval
+    low`` for the paper's four inputs."""
+    return sequences.raw_columns(sequences.exam_channels(channels))
 
 
 @dataclass(frozen=True)
 class ExamFiles:
-    """The exam as given on the command line (None: not given); which way it was given is told by the
-    files: ``dwi``/``bval`` make it a raw exam (then ``t1``, ``flair`` and ``low`` are raw too)."""
+    """The exam as given on the command line: ``images`` by flag without "--" (``t1``, ``t2``, ``adc``,
+    ``dwi``, ...; only those given). It is a raw exam when ``raw`` is set or a file that exists only raw
+    (the DWI, its b-values) is given; then every image is raw."""
 
-    t1: Path | None = None
-    flair: Path | None = None
-    low: Path | None = None
-    adc: Path | None = None
-    dwi: Path | None = None
-    bval: Path | None = None
+    images: dict[str, Path] = field(default_factory=dict)
+    raw_exam: bool = False
     channels_dir: Path | None = None
     mask: Path | None = None  # brain mask: prediction set to 0 outside
 
     @property
     def raw(self) -> bool:
-        return self.dwi is not None or self.bval is not None
+        return self.raw_exam or any(key in self.images for key in ONLY_RAW)
 
 
 @dataclass(frozen=True)
@@ -251,8 +261,8 @@ def predict_exam(
     options = check = None
     if tools.override_gate and not files.raw:
         raise InputError(
-            "--override-gate applies to a raw exam (--dwi and --bval): the registration quality gate "
-            "runs when predict pre-processes the exam"
+            "--override-gate applies to a raw exam (--raw): the registration quality gate runs when "
+            "predict pre-processes the exam"
         )
     if files.raw:
         options, check = exam_options(recorded_options(models), tools, source=models[0])
@@ -264,7 +274,7 @@ def predict_exam(
         mask, to_native = files.mask, None
         if files.raw:
             prepared = _preprocess_raw_exam(
-                files, stage / work_dir, out, subject, options, check, tools
+                files, channels, stage / work_dir, out, subject, options, check, tools
             )
             channel_paths = dict(prepared["channels"])
             mask = mask or prepared["mask"]
@@ -312,23 +322,30 @@ def _exam_inputs(
     channel (when given one by one)."""
     from virtual_contrast.subjects import check_subject_id
 
-    given = {"ADC": files.adc, "FLAIR": files.flair, "T1w": files.t1, "lowT1c": files.low}
+    given = {c: files.images.get(flag[2:]) for c, flag in CHANNEL_FLAGS.items()}
     if files.raw:
-        if files.adc or files.channels_dir:
+        needed = raw_exam_files(channels)
+        extra = sorted(set(files.images) - set(needed))
+        if extra or files.channels_dir:
+            not_raw = [f"--{k}" for k in extra] + (["--channels-dir"] if files.channels_dir else [])
             raise InputError(
-                "--dwi/--bval (raw exam) cannot be combined with --adc or --channels-dir"
+                f"a raw exam for models taking {channels} is --{' --'.join(needed)}: "
+                f"{' '.join(not_raw)} cannot be part of it"
             )
-        missing = [n for n in RAW_EXAM if getattr(files, n) is None]
+        missing = [k for k in needed if k not in files.images]
         if missing:
-            raise InputError(f"a raw exam needs --{' --'.join(missing)} as well")
+            raise InputError(
+                f"a raw exam for models taking {channels} needs --{' --'.join(missing)} as well"
+            )
         return subject or "exam", given
     if files.channels_dir:
         if any(given.values()):
             raise InputError(
-                "give either --channels-dir or the files --adc --flair --t1 --low, not both"
+                "give either --channels-dir or the normalised volumes "
+                f"{' '.join(CHANNEL_FLAGS[c] for c in channels)}, not both"
             )
         return check_subject_id(subject or subject_in_dir(files.channels_dir)), given
-    if "ADC" in channels and files.adc is None and any(given.values()):
+    if "ADC" in channels and given["ADC"] is None and any(given.values()):
         raise InputError(
             "no ADC: a raw exam needs --dwi and --bval (the ADC is computed from the DWI); to "
             "predict from normalised volumes, give the normalised ADC with --adc"
@@ -337,7 +354,7 @@ def _exam_inputs(
     if missing:
         raise InputError(
             f"the models take {channels}: pass {' '.join(missing)} (or --channels-dir, or a raw "
-            "exam with --dwi and --bval)"
+            f"exam with --raw --{' --'.join(raw_exam_files(channels))})"
         )
     subject = subject or "exam"
     check_normalised({c: given[c] for c in channels}, subject)
@@ -346,6 +363,7 @@ def _exam_inputs(
 
 def _preprocess_raw_exam(
     files: ExamFiles,
+    channels: list[str],
     work_dir: Path,
     out: Path,
     subject: str,
@@ -358,11 +376,8 @@ def _preprocess_raw_exam(
     from virtual_contrast.preprocess.exam import preprocess_exam
 
     return preprocess_exam(
-        t1=files.t1,
-        flair=files.flair,
-        dwi=files.dwi,
-        bval=files.bval,
-        low=files.low,
+        exam=files.images,
+        channels=channels,
         out_dir=work_dir,
         subject=subject,
         options=options,
@@ -394,8 +409,8 @@ def check_normalised(paths: dict[str, Path], subject: str) -> None:
         problem = range_problem(np.asanyarray(load_image(path, subject=subject).dataobj))
         if problem is not None:
             raise InputError(
-                f"{channel} is not a normalised volume: {problem}; for a raw exam give --dwi and --bval "
-                "too (it is then pre-processed first)",
+                f"{channel} is not a normalised volume: {problem}; for a raw exam pass --raw (it is then "
+                "pre-processed first)",
                 subject=subject,
                 path=path,
             )

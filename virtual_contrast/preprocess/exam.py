@@ -1,22 +1,23 @@
 """One raw exam through the whole pre-processing chain, outside Snakemake.
 
-``virtual-contrast predict --t1 --flair --dwi --bval --low`` uses this for an exam that arrives after the
-models were trained: the same step functions as the workflow's rules (``register`` checks the exam, then
-``adc``, ``skull_strip``, ``register``, ``crop``, ``normalize``), in the same order, with the same
-:class:`~virtual_contrast.preprocess.options.PreprocessOptions` (those the models store, with the tools of
-this installation: ``virtual_contrast.model.predict_exam.exam_options``), written under one folder. There is no full-dose T1c, so the chain
-handles the four input sequences only.
+``virtual-contrast predict --raw`` (or ``--dwi --bval``) uses this for an exam that arrives after the models
+were trained: the same step functions as the workflow's rules (``register`` checks the exam, then ``adc``
+when the ADC is a channel, ``skull_strip``, ``register``, ``crop``, ``normalize``), in the same order, with
+the same :class:`~virtual_contrast.preprocess.options.PreprocessOptions` (those the models store, with the
+tools of this installation: ``virtual_contrast.model.predict_exam.exam_options``), written under one folder.
+The exam holds the models' input sequences, the pre-contrast T1 and the low-dose T1c
+(:func:`virtual_contrast.sequences.exam_channels`); there is no full-dose T1c.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TypedDict
 
-from virtual_contrast import layout
+from virtual_contrast import layout, sequences
 from virtual_contrast.atlas import ATLAS_FILES, load_atlas, prepare_atlas
 from virtual_contrast.io import InputError, write_json
 from virtual_contrast.preprocess.adc import adc_from_files
@@ -31,8 +32,7 @@ from virtual_contrast.preprocess.skull_strip import skull_strip
 
 log = logging.getLogger(__name__)
 
-#: Channels of a raw exam, in the workflow's names (virtual_contrast.model.config.INPUT_CHANNELS).
-EXAM_CHANNELS = ("T1w", "FLAIR", "ADC", "lowT1c")
+ANCHOR, LOW_DOSE = sequences.ANCHOR, sequences.LOW_DOSE
 
 
 class PreparedExam(TypedDict):
@@ -78,11 +78,8 @@ def exam_atlas(
 
 def preprocess_exam(
     *,
-    t1: Path | str,
-    flair: Path | str,
-    dwi: Path | str,
-    bval: Path | str,
-    low: Path | str,
+    exam: Mapping[str, Path | str],
+    channels: Iterable[str],
     out_dir: Path | str,
     subject: str,
     options: PreprocessOptions,
@@ -92,8 +89,10 @@ def preprocess_exam(
     override_gate: bool = False,
     tools_check: dict | None = None,
 ) -> PreparedExam:
-    """Pre-process one raw exam into ``out_dir`` (step folders named like the workflow's); see the module
-    docstring. Every input problem is an :class:`InputError` naming the subject and the file, raised before
+    """Pre-process one raw exam into ``out_dir`` (step folders named like the workflow's) for a model taking
+    ``channels``; see the module docstring. ``exam`` maps raw keys (subjects-table columns: ``t1``,
+    ``flair``, ``dwi``, ``bval``, ``low``, ...) to files and holds those the channels need
+    (:func:`virtual_contrast.sequences.raw_columns`). Every input problem is an :class:`InputError` naming the subject and the file, raised before
     any work; a registration rejected by the quality gate (the models' ``options.register.gate``, coverage of
     the atlas brain by every sequence included) draws ``rejected_figure`` and raises, unless
     ``override_gate``: the exam then goes on, and the provenance's ``register.gate`` says ``overridden``.
@@ -101,23 +100,39 @@ def preprocess_exam(
     provenance."""
     start = time.perf_counter()
     out = Path(out_dir)
-    raw = {"t1": t1, "flair": flair, "dwi": dwi, "bval": bval, "low": low}
+    exam_channels = sequences.exam_channels(channels)
+    needed = sequences.raw_columns(exam_channels)
+    missing = [key for key in needed if exam.get(key) is None]
+    if missing:
+        labels = ", ".join(sequences.COLUMN_LABELS[key] for key in missing)
+        raise InputError(
+            f"the raw exam lacks {labels} (needed for {list(exam_channels)})", subject=subject
+        )
+    raw = {key: Path(exam[key]) for key in needed}
+    # The images checked as images; the DWI is checked with its b-values.
+    images = {
+        k: p for k, p in raw.items() if k in sequences.BY_KEY and not sequences.BY_KEY[k].computed
+    }
     provenance: dict = {
         "subject": subject,
+        "channels": list(exam_channels),
         "inputs": {k: str(v) for k, v in raw.items()},
         "options": options.to_dict(),
         **({"tools_check": tools_check} if tools_check is not None else {}),
-        "checks": check_exam(
-            {"t1": t1, "flair": flair, "low": low}, subject=subject, dwi=dwi, bval=bval
-        ),
+        "checks": check_exam(images, subject=subject, dwi=raw.get("dwi"), bval=raw.get("bval")),
     }
 
     def files(names: dict[str, str]) -> dict[str, Path]:
         return {key: Path(path) for key, path in names.items()}
 
-    adc_outputs = files(layout.adc_files(subject, out))
-    adc, b0 = adc_outputs["adc"], adc_outputs["b0"]
-    provenance["adc"] = adc_from_files(dwi, bval, adc, b0, subject=subject)
+    # Each channel's image to resample and the image its alignment with the T1 is estimated on.
+    alignment = {c: (raw[sequences.key_of(c)],) * 2 for c in exam_channels if c != ANCHOR}
+    if "ADC" in exam_channels:  # computed from the DWI on its grid, aligned through its mean b0
+        adc_outputs = files(layout.adc_files(subject, out))
+        adc, b0 = adc_outputs["adc"], adc_outputs["b0"]
+        provenance["adc"] = adc_from_files(raw["dwi"], raw["bval"], adc, b0, subject=subject)
+        alignment["ADC"] = (adc, b0)
+    t1, low = raw[sequences.key_of(ANCHOR)], raw[sequences.key_of(LOW_DOSE)]
 
     native_mask = files(layout.skull_strip_files(subject, out))["mask"]
     provenance["skull_strip"] = skull_strip(
@@ -125,26 +140,27 @@ def preprocess_exam(
     )
 
     atlas_folder = exam_atlas(atlas_dir, options, out)
-    registered = files(layout.register_files(subject, EXAM_CHANNELS, out))
+    registered = files(layout.register_files(subject, exam_channels, out))
     brain = registered.pop("mask")
     del registered["provenance"]  # the exam's provenance is one file (below)
-    transforms = {c: Path(layout.transform_file(subject, c, out)) for c in EXAM_CHANNELS}
+    transforms = {c: Path(layout.transform_file(subject, c, out)) for c in exam_channels}
     register = register_subject(
-        Path(t1),
+        t1,
         native_mask,
-        {"FLAIR": (Path(flair), Path(flair)), "ADC": (adc, b0), "lowT1c": (Path(low), Path(low))},
+        alignment,
         load_atlas(atlas_folder),
-        out_images={"T1": registered["T1w"], **{c: registered[c] for c in EXAM_CHANNELS[1:]}},
-        out_transforms={"T1": transforms["T1w"], **{c: transforms[c] for c in EXAM_CHANNELS[1:]}},
+        out_images={"T1": registered[ANCHOR], **{c: registered[c] for c in alignment}},
+        out_transforms={"T1": transforms[ANCHOR], **{c: transforms[c] for c in alignment}},
         out_mask=brain,
         backend=options.register.backend,
         subject=subject,
+        align_features={c: sequences.BY_CHANNEL[c].align_feature for c in alignment},
     )
     register["gate"] = gate_subject(
         register["quality"],
         options.register.gate,
         subject=subject,
-        t1_atlas=registered["T1w"],
+        t1_atlas=registered[ANCHOR],
         mask_atlas=brain,
         atlas_brain_mask=atlas_folder / ATLAS_FILES["brain_mask"],
         rejected_figure=rejected_figure,
@@ -154,7 +170,7 @@ def preprocess_exam(
     provenance["register"] = register
 
     atlas_mask = atlas_folder / ATLAS_FILES["brain_mask"]
-    cropped = files(layout.crop_files(subject, EXAM_CHANNELS, out))
+    cropped = files(layout.crop_files(subject, exam_channels, out))
     provenance["crop"] = crop_images(
         {**registered, "mask": brain},
         cropped,
@@ -163,10 +179,10 @@ def preprocess_exam(
         subject=subject,
     )
 
-    normalized = files(layout.normalize_files(subject, EXAM_CHANNELS, out))
-    normalized = {c: normalized[c] for c in EXAM_CHANNELS}  # the mask stays with the crop
+    normalized = files(layout.normalize_files(subject, exam_channels, out))
+    normalized = {c: normalized[c] for c in exam_channels}  # the mask stays with the crop
     ranges = normalize_images(
-        {c: cropped[c] for c in EXAM_CHANNELS},
+        {c: cropped[c] for c in exam_channels},
         cropped["mask"],
         normalized,
         percentiles=options.normalize_percentiles,
@@ -182,16 +198,16 @@ def preprocess_exam(
         provenance["skull_strip"]["backend"],
         register["backend"],
     )
-    low_range = (ranges["lowT1c"]["low_value"], ranges["lowT1c"]["high_value"])
+    low_range = (ranges[LOW_DOSE]["low_value"], ranges[LOW_DOSE]["high_value"])
 
     def to_native(atlas_image: Path, out_path: Path) -> Path:
         return export_native(
             atlas_image,
             low,
-            transforms["lowT1c"],
+            transforms[LOW_DOSE],
             out_path,
             t1_mask=native_mask,
-            t1_transform=transforms["T1w"],
+            t1_transform=transforms[ANCHOR],
             intensity_range=low_range,
             subject=subject,
         )
