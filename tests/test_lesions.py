@@ -491,3 +491,35 @@ def test_detections_export_to_slicer_markups_and_back(tmp_path):
         det.loc[0, ["x_mm", "y_mm", "z_mm"]].to_numpy(float), abs=1e-3
     )
     assert back.loc[0, "long_axis_mm"] == pytest.approx(det.loc[0, "long_axis_mm"], abs=1e-3)
+
+
+def test_the_overlay_title_stays_clear_of_the_column_titles(tmp_path, monkeypatch):
+    """A tall overlay (many detection rows, three narrow columns): the figure's title drew over the column
+    titles of the first row, because tight_layout leaves it no room."""
+    from virtual_contrast.evaluate import overlays
+
+    figures = []
+    monkeypatch.setattr(overlays.plt, "close", figures.append)
+    shape = (48, 48, 48)
+    image = np.zeros(shape, np.float32)
+    label = np.zeros(shape, np.int32)
+    rows = []
+    for k in range(8):  # small detections far apart, one per row of the figure
+        at = 4 + 5 * k
+        label[at : at + 2, at : at + 2, at] = k + 1
+        rows.append(
+            {"lesion_id": k + 1, "x_mm": at + 0.5, "y_mm": at + 0.5, "z_mm": float(at),
+             "long_axis_mm": 3.0, "short_axis_mm": 2.0, "volume_mm3": 4.0 + k}
+        )  # fmt: skip
+    table = pd.DataFrame(rows)
+    names = ("ref", "low", "vir")
+    overlays.plot_detection_overlay(
+        dict.fromkeys(names, image), dict.fromkeys(names, label), dict.fromkeys(names, table),
+        np.eye(4), tmp_path / "overlay.png",
+        title="sub-BraTSMET00110: lesions found by the automated reader, with a long title",
+    )  # fmt: skip
+    (fig,) = figures
+    renderer = fig.canvas.get_renderer()
+    heading = fig._suptitle.get_window_extent(renderer)
+    column_titles = [ax.title.get_window_extent(renderer) for ax in fig.axes[:3]]
+    assert all(heading.y0 >= box.y1 for box in column_titles)

@@ -145,8 +145,12 @@ def plot_detection_overlay(
         )
         axes[r][0].set_ylabel(label, fontsize=8)
     suffix = f" (+{more} more sites not shown)" if more else ""
-    fig.suptitle(textwrap.fill(f"{title}{suffix}", width=int(12 * width)), fontsize=9)
-    fig.tight_layout()
+    heading = textwrap.fill(f"{title}{suffix}", width=int(12 * width))
+    fig.suptitle(heading, fontsize=9)
+    # tight_layout does not make room for the suptitle: keep its lines (and a gap) above the first row,
+    # where they covered the column titles of a tall figure.
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.17 * (heading.count("\n") + 1) + 0.12) / height))
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -255,15 +255,15 @@ def predict_exam(
 
     if subject is not None:
         check_subject_id(subject)
-    models = find_models(model_paths)
-    channels = list(load_checkpoint(models[0])["channels"])
-    subject, given = _exam_inputs(files, channels, subject)
-    options = check = None
     if tools.override_gate and not files.raw:
         raise InputError(
             "--override-gate applies to a raw exam (--raw): the registration quality gate runs when "
             "predict pre-processes the exam"
         )
+    models = find_models(model_paths)
+    channels = list(load_checkpoint(models[0])["channels"])
+    subject, given = _exam_inputs(files, channels, subject)
+    options = check = None
     if files.raw:
         options, check = exam_options(recorded_options(models), tools, source=models[0])
 
@@ -335,7 +335,7 @@ def _exam_inputs(
         missing = [k for k in needed if k not in files.images]
         if missing:
             raise InputError(
-                f"a raw exam for models taking {channels} needs --{' --'.join(missing)} as well"
+                f"a raw exam needs --{' --'.join(missing)} as well (the models take {channels})"
             )
         return subject or "exam", given
     if files.channels_dir:
