@@ -8,6 +8,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -194,3 +195,81 @@ def test_the_cli_writes_the_map_with_the_calibration_beside_the_folds(trained, t
     assert "expected |vir - ref|" in said and layout.UNCERTAINTY_CALIBRATION_NAME in said
     calibrated = nib.load(tmp_path / "b" / layout.uncertainty_name(sv.subject)).get_fdata()
     assert not np.allclose(calibrated, nib.load(unc).get_fdata())
+
+
+# --- evaluation: calibration scores, reliability, per lesion ------------------------------------------
+
+
+def test_calibration_scores_rank_the_largest_errors():
+    from virtual_contrast.evaluate.uncertainty import calibration_scores, reliability_table
+
+    rng = np.random.default_rng(0)
+    scale = rng.random(20000) * 0.1
+    error = np.abs(rng.normal(0, scale))
+    good = calibration_scores(scale, error)
+    assert good["spearman"] > 0.4 and good["auc_top1"] > 0.85
+    blind = calibration_scores(rng.random(20000), error)
+    assert abs(blind["spearman"]) < 0.05 and 0.4 < blind["auc_top1"] < 0.6
+    assert np.isnan(calibration_scores(np.ones(100), rng.random(100))["spearman"])
+    # E|N(0, s)| = s * sqrt(2 / pi): a map of that is calibrated, bin by bin.
+    table = reliability_table(scale * np.sqrt(2 / np.pi), error, n_bins=5)
+    assert len(table) == 5 and table["n_voxels"].sum() == 20000
+    np.testing.assert_allclose(table["observed"], table["predicted"], rtol=0.1)
+
+
+def test_false_positives_and_misses_are_told_from_true_positives_with_their_uncertainty():
+    from virtual_contrast.evaluate.uncertainty import (
+        lesion_uncertainty,
+        outcome_summary,
+        uncertainty_by_outcome,
+    )
+
+    labels = np.zeros((10, 10, 10), int)
+    labels[1:3, 1:3, 1:3] = 1
+    labels[6:8, 6:8, 6:8] = 2
+    unc = np.full(labels.shape, 0.01)
+    unc[6:8, 6:8, 6:8] = 0.2
+    unc[4, 8, 2] = 0.5  # where a true lesion lies that no detection found
+    np.testing.assert_allclose(lesion_uncertainty(labels, unc, [2, 1]), [0.2, 0.01])
+    affine = np.eye(4)  # 1 mm voxels, world = voxel indices
+    lesion = dict(long_axis_mm=2.0, short_axis_mm=2.0)
+    detections = pd.DataFrame(
+        [dict(x_mm=1.5, y_mm=1.5, z_mm=1.5, mean_uncertainty=0.01, **lesion),
+         dict(x_mm=6.5, y_mm=6.5, z_mm=6.5, mean_uncertainty=0.2, **lesion)]
+    )  # fmt: skip
+    truth = pd.DataFrame(
+        [dict(x_mm=1.5, y_mm=1.5, z_mm=1.5, **lesion), dict(x_mm=4, y_mm=8, z_mm=2, **lesion)]
+    )
+    table = uncertainty_by_outcome("s1", detections, truth, unc, affine)
+    assert list(table["outcome"]) == ["true_positive", "false_positive", "missed"]
+    np.testing.assert_allclose(table["mean_uncertainty"][:2], [0.01, 0.2])
+    assert table["mean_uncertainty"][2] > 0.05  # the ball around the missed lesion holds the 0.5
+    summary = outcome_summary(table.assign(group="test")).set_index("outcome")
+    assert summary.loc["false_positive", "p_higher_than_tp"] == 1.0
+    assert summary.loc["missed", "p_higher_than_tp"] == 1.0
+    assert summary.loc["true_positive", "n"] == 1
+
+
+def test_the_montage_and_the_overlay_show_the_map(tmp_path):
+    from virtual_contrast.evaluate.figures import plot_montage
+    from virtual_contrast.evaluate.overlays import plot_detection_overlay
+
+    rng = np.random.default_rng(0)
+    shape = (12, 14, 10)
+    images = {k: rng.random(shape).astype(np.float32) for k in ("t1", "low", "vir", "ref")}
+    mask = np.ones(shape, bool)
+    unc = rng.random(shape).astype(np.float32) * 0.1
+    plain = plot_montage(images, tmp_path / "plain.png", mask=mask)
+    with_map = plot_montage(images, tmp_path / "map.png", mask=mask, uncertainty=unc)
+    from matplotlib.image import imread
+
+    assert imread(with_map).shape[0] > 1.5 * imread(plain).shape[0]  # a second row
+    labels = {m: np.zeros(shape, np.int16) for m in ("ref", "vir")}
+    table = pd.DataFrame(columns=["lesion_id", "x_mm", "y_mm", "z_mm", "long_axis_mm",
+                                  "short_axis_mm", "volume_mm3"])  # fmt: skip
+    args = ({m: images[m] for m in ("ref", "vir")}, labels, {"ref": table, "vir": table}, np.eye(4))
+    two = plot_detection_overlay(*args, tmp_path / "two.png")
+    three = plot_detection_overlay(*args, tmp_path / "three.png", uncertainty=unc)
+    assert imread(three).shape[1] > 1.3 * imread(two).shape[1]  # a column more
+    with pytest.raises(InputError, match="grid"):
+        plot_detection_overlay(*args, tmp_path / "x.png", uncertainty=unc[:-1])

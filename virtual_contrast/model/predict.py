@@ -5,6 +5,10 @@ The paper averages 40 predictions per exam (5 fold models × the 8 subsets of th
 chunks of it, to bound memory), in bf16 on GPUs; the outputs are mirrored back and summed in fp32. The result
 equals the one-at-a-time fp32 loop up to the precision of the arithmetic
 (:func:`tta_predict_naive`, kept as the reference for tests and benchmarks).
+
+:func:`tta_ensemble` runs the same passes and also keeps their spread (over all passes, over the fold models'
+means, over each model's mirrors: :class:`Ensemble`), at the cost of one sum of squares per pass; from it and
+the images :func:`predict_subject` writes vir-T1c's uncertainty map (:mod:`virtual_contrast.model.uncertainty`).
 """
 
 from __future__ import annotations
