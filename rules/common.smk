@@ -275,6 +275,13 @@ def uncertainty_map_of(subject):
     return rules.out_of_fold_uncertainty.output.uncertainty.format(subject=subject)
 
 
+def spread_of(subject):
+    """The raw spreads of the passes behind a subject's vir-T1c (out of fold for a training subject)."""
+    if subject in STUDY.test_subjects:
+        return rules.predict.output.spread.format(subject=subject)
+    return rules.predict_out_of_fold.output.spread.format(subject=subject)
+
+
 def get_uncertainty(wildcards):
     """The uncertainty map of the subject's vir-T1c, for its detections (dict for unpack())."""
     return {"uncertainty": uncertainty_map_of(wildcards.subject)}

@@ -216,7 +216,9 @@ rule uncertainty_calibration:
 rule uncertainty_lesions:
     input:
         detections=expand(rules.detect_lesions.output.detections, subject=SUBJECTS),
+        labels=expand(rules.detect_lesions.output.labels, subject=SUBJECTS),
         uncertainty=[uncertainty_map_of(s) for s in SUBJECTS],
+        spread=[spread_of(s) for s in SUBJECTS],
         transforms=[registration_transform(s, TARGET) for s in SUBJECTS],
         truth=rules.cohort_truth.output.lesions,
     output:

@@ -294,6 +294,7 @@ def test_the_uncertainty_map_is_written_beside_vir_t1c_calibrated_out_of_fold(ti
     assert (summary["n_subjects"] == len(study.test_subjects)).all()
     lesions = pd.read_csv(results / "tables/uncertainty_lesions_summary.tsv", sep="\t")
     assert set(lesions["group"]) <= {"test", "train (out of fold)"}
+    assert set(lesions["map"]) == {"calibrated", "std_passes"}
     assert (results / "figures/uncertainty_reliability.png").exists()
 
 

@@ -20,6 +20,8 @@ table, summary = lesions_from_files(
     detections=inp.detections,
     uncertainty=inp.uncertainty,
     truth=truth_in_atlas(truth, transforms),
+    labels=inp.labels,
+    spread=inp.spread,
 )
 write_table(table, snakemake.output.table)
 write_table(summary, snakemake.output.summary)

@@ -219,16 +219,18 @@ def _higher(a: pd.Series, b: pd.Series) -> tuple[float, float]:
 
 
 def outcome_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per ``group`` (training subjects out of fold, test patients) and outcome: count, median and mean
-    uncertainty; and whether false positives and misses carry more uncertainty than true positives:
+    """Per ``group`` (training subjects out of fold, test patients), ``map`` (when the table has one) and
+    outcome: count, median and mean uncertainty; and whether false positives and misses carry more uncertainty than true positives:
     P(FP > TP) on the detections' own means, P(missed > found) on the true lesions' balls, with
     Mann-Whitney p-values."""
     rows = []
-    for group, g in table.groupby("group", sort=False):
+    keys = ["group", "map"] if "map" in table.columns else ["group"]
+    for key, g in table.groupby(keys, sort=False):
         tp = g[g["outcome"] == "true_positive"]
         for outcome in OUTCOMES:
             sel = g[g["outcome"] == outcome]["mean_uncertainty"]
-            row = {"group": group, "outcome": outcome, "n": int(sel.notna().sum()),
+            row = {**dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True)),
+                   "outcome": outcome, "n": int(sel.notna().sum()),
                    "median_uncertainty": sel.median(), "mean_uncertainty": sel.mean(),
                    "p_higher_than_tp": np.nan, "p_value": np.nan}  # fmt: skip
             if outcome == "false_positive":
@@ -277,10 +279,15 @@ def lesions_from_files(
     detections: list[Path],
     uncertainty: list[Path],
     truth: pd.DataFrame,
+    labels: list[Path] | None = None,
+    spread: list[Path] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The per-lesion table of every subject's vir-T1c detections and misses (:func:`uncertainty_by_outcome`,
-    with ``group``: each subject's, e.g. train (out of fold) or test) and its :func:`outcome_summary`.
-    ``truth`` holds the true lesions in atlas world mm."""
+    with ``group``: each subject's, e.g. train (out of fold) or test, and ``map``) and its
+    :func:`outcome_summary`. ``truth`` holds the true lesions in atlas world mm. With the detections' label
+    images (``labels``, 4D: ref, low, vir) and the spread files (``spread``) the same comparison is made on
+    the raw standard deviation over the passes (map ``std_passes``), beside the calibrated map's
+    (``calibrated``)."""
     rows = []
     for i, subject in enumerate(subjects):
         table = pd.read_csv(detections[i], sep="\t", dtype={"subject": str})
@@ -294,7 +301,19 @@ def lesions_from_files(
         u, affine = load_array(uncertainty[i], subject=subject)
         t = truth[truth["subject"].astype(str) == subject]
         found = uncertainty_by_outcome(subject, vir, t, u, affine)
+        found.insert(0, "map", "calibrated")
         found.insert(0, "group", groups[subject])
         rows.append(found)
+        if labels is not None and spread is not None:
+            raw = load_array(spread[i], subject=subject, ndim=4)[0][
+                ..., MAPS.index("std_passes") - 1
+            ]
+            # The label image's volumes are ref, low, vir (evaluate.lesions.READ_MODALITIES).
+            vir_labels = load_array(labels[i], subject=subject, ndim=4)[0][..., 2].astype(int)
+            vir = vir.assign(mean_uncertainty=lesion_uncertainty(vir_labels, raw, vir["lesion_id"]))
+            found = uncertainty_by_outcome(subject, vir, t, raw, affine)
+            found.insert(0, "map", "std_passes")
+            found.insert(0, "group", groups[subject])
+            rows.append(found)
     table = pd.concat(rows, ignore_index=True)
     return table, outcome_summary(table)
