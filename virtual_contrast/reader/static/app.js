@@ -287,7 +287,7 @@ async function openCase(caseId) {
     nv.clearMeasurements();
     try {
       const volumes = [{ url: `image/${caseId}/${series}.nii`, name: `${series}.nii` }];
-      // A review of a closed phase (never a blinded reading): vir-T1c's uncertainty map over the image.
+      // A review session (a closed phase, never a blinded reading): the uncertainty map over the image.
       if (series === "post" && state.session.review) {
         const overlay = `image/${caseId}/uncertainty.nii`;
         if ((await fetch(overlay, { method: "HEAD" })).ok) {
