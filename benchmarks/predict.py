@@ -5,6 +5,9 @@ Compares, in the same run and on the same random weights and input:
 - tta_predict (the library's path) in bf16 (fp16 on GPUs without bf16), mirrors batched, NDHWC, and variants.
 Prints seconds per exam, the speed-up over naive, achieved TFLOP/s (FLOPs from torch's counter), the fraction
 of the GPU's dense bf16 peak and the largest difference to the fp32 result.
+Then the cost of the uncertainty map's spreads: tta_ensemble (the same passes plus a sum of squares per model)
+and the calibrated map from them (features, bins; a calibration fitted on random numbers: the same cost) against
+tta_predict with the default settings, timed alternately, as a ratio (goal: at most 1.10).
 
 On a CUDA GPU the grid is 160×192×160 (the paper's). Without one it runs the same code on a reduced grid
 (default 32×48×32) and says so; use --shape to force a size. Goal: ≤ 1 s per exam on one H100 (the paper: 16 s on a V100).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 from _common import (
     CPU_GRID,
@@ -28,8 +32,14 @@ from _common import (
 )
 from torch import nn
 
-from virtual_contrast.model.predict import flip_configs, tta_predict, tta_predict_naive
+from virtual_contrast.model.predict import (
+    flip_configs,
+    tta_ensemble,
+    tta_predict,
+    tta_predict_naive,
+)
 from virtual_contrast.model.runtime import resolve_amp
+from virtual_contrast.model.uncertainty import FEATURES, fit_calibration, uncertainty_map
 from virtual_contrast.model.unet import UNet3D, UNetSpec, count_flops, count_parameters
 
 
@@ -43,6 +53,45 @@ def make_models(spec: UNetSpec, n: int, device: torch.device) -> list[nn.Module]
         )  # a non-constant output, so the accuracy check means something
         models.append(m.to(device).eval())
     return models
+
+
+def time_spread(models, x, kw: dict, device: torch.device, repeats: int) -> float:
+    """Median time of tta_ensemble over that of tta_predict, the two timed alternately (a busy machine's
+    drift falls on both)."""
+    if device.type == "cuda":
+        fmt = torch.channels_last_3d if kw.get("channels_last") else torch.contiguous_format
+        for m in models:
+            m.to(memory_format=fmt)
+    rng = np.random.default_rng(0)
+    calibration = fit_calibration(
+        [(rng.random((20000, len(FEATURES))), rng.random(20000))], ["random"]
+    )
+
+    def with_map():
+        ens = tta_ensemble(models, x, **kw)
+        mean = ens.mean[0, 0].cpu().numpy()
+        channels = x[0].cpu().numpy()
+        uncertainty_map(
+            calibration,
+            vir=mean,
+            low=channels[-1],
+            pre=channels[-2],
+            std_passes=ens.std_passes[0, 0].cpu().numpy(),
+            std_mirrors=ens.std_mirrors[0, 0].cpu().numpy(),
+            mask=channels[0] > 0.2,
+        )
+
+    plain, spread = [], []
+    for _ in range(repeats):
+        plain.append(timed(lambda: tta_predict(models, x, **kw), device, 1, warmup=0))
+        spread.append(timed(with_map, device, 1, warmup=0))
+    ratio = float(np.median(spread) / np.median(plain))
+    print(
+        f"\nuncertainty map (tta_ensemble + calibrated map vs tta_predict, {repeats} alternate runs): "
+        f"{np.median(spread):.3f} s vs {np.median(plain):.3f} s per exam, ratio {ratio:.3f} "
+        f"(goal <= 1.10: {'MET' if ratio <= 1.10 else 'NOT MET'})"
+    )
+    return ratio
 
 
 def main() -> None:
@@ -149,6 +198,8 @@ def main() -> None:
         print(f"{name:55s} {s:8.3f} {speedup:7.1f} {tflops:8.2f} {pct:>6s} {mem_s} {err:8.1e}")
         results["variants"][name] = {"seconds_per_exam": s, "speedup_vs_naive": speedup,
                                      "tflops": tflops, "peak_gb": mem, "max_abs_diff_vs_fp32": err}  # fmt: skip
+    spread_ratio = time_spread(models, x, variants[0][1], device, max(repeats, 3))
+    results["spread_time_ratio"] = spread_ratio
     if device.type == "cuda" and shape == FULL_GRID:
         best = min(s for _, s, _, _ in rows)
         print(

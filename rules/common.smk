@@ -172,13 +172,16 @@ def get_final_outputs():
         rules.reading_lists.output.key,
         rules.demographics.output.table,
     ]
+    outputs.append(rules.uncertainty_calibration.output.figure)
     if STUDY.embedded:
         outputs.append(rules.detector_validation.output.table)
         outputs.append(rules.detector_froc.output.froc)
         outputs.append(rules.reader_stats_truth.output.detection)
+        outputs.append(rules.uncertainty_lesions.output.summary)
     outputs += expand(rules.detection_overlay.output.figure, subject=STUDY.test_subjects)
     outputs += expand(rules.predict.output.atlas, subject=STUDY.test_subjects)
     outputs += expand(rules.predict.output.native, subject=STUDY.test_subjects)
+    outputs += expand(rules.predict.output.uncertainty_native, subject=STUDY.test_subjects)
     if STUDY.dicom_manifests:
         outputs += expand(rules.export_dicom.output.series, subject=STUDY.test_subjects)
     return outputs
@@ -252,14 +255,36 @@ def registration_transform(subject, channel):
 
 
 def get_detection_images(wildcards):
-    """Post-contrast images to search for lesions: ref and low for every subject, vir for test subjects."""
+    """Post-contrast images to search for lesions: ref and low for every subject; vir for test subjects, and
+    for training subjects their out-of-fold vir (the per-lesion comparison of the uncertainty map)."""
     images = {
         "ref": normalized(wildcards.subject)[TARGET],
         "low": normalized(wildcards.subject)[LOW_DOSE],
     }
     if wildcards.subject in STUDY.test_subjects:
         images["vir"] = rules.predict.output.atlas.format(subject=wildcards.subject)
+    elif wildcards.subject in STUDY.train_subjects:
+        images["vir"] = rules.predict_out_of_fold.output.atlas.format(subject=wildcards.subject)
     return images
+
+
+def uncertainty_map_of(subject):
+    """vir-T1c's uncertainty map (atlas space) of a subject: out of fold for a training subject."""
+    if subject in STUDY.test_subjects:
+        return rules.predict.output.uncertainty.format(subject=subject)
+    return rules.out_of_fold_uncertainty.output.uncertainty.format(subject=subject)
+
+
+def spread_of(subject):
+    """The raw spreads of the passes behind a subject's vir-T1c (out of fold for a training subject)."""
+    if subject in STUDY.test_subjects:
+        return rules.predict.output.spread.format(subject=subject)
+    return rules.predict_out_of_fold.output.spread.format(subject=subject)
+
+
+def get_uncertainty(wildcards):
+    """The uncertainty map of the subject's vir-T1c, for its detections (dict for unpack())."""
+    return {"uncertainty": uncertainty_map_of(wildcards.subject)}
 
 
 def get_operating_point(wildcards):

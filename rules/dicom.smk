@@ -23,10 +23,12 @@ rule import_dicom:
 rule export_dicom:
     input:
         image=rules.predict.output.native,
+        uncertainty=rules.predict.output.uncertainty_native,
         manifest=get_dicom_manifest,
         models=expand(rules.train.output.model, fold=FOLDS),
     output:
         series=directory(layout.export_dicom_dir("{subject}")),
+        uncertainty=directory(layout.export_dicom_uncertainty_dir("{subject}")),
     params:
         tta=config["predict"]["tta"],
     log:

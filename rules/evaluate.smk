@@ -9,6 +9,7 @@ rule metrics:
         **{c: rules.normalize.output[c] for c in CHANNELS if c not in ALWAYS_NEEDED},
         low=rules.normalize.output[LOW_DOSE],
         vir=rules.predict.output.atlas,
+        uncertainty=rules.predict.output.uncertainty,
         ref=rules.normalize.output[TARGET],
         pre=rules.normalize.output[ANCHOR],
         mask=rules.normalize.output.mask,
@@ -115,6 +116,7 @@ rule detect_lesions:
     input:
         unpack(get_detection_images),
         unpack(get_operating_point),
+        unpack(get_uncertainty),
         pre=rules.normalize.output[ANCHOR],
         mask=rules.normalize.output.mask,
         prior=rules.enhancement_prior.output.mask,
@@ -156,6 +158,7 @@ rule detection_overlay:
     input:
         unpack(get_detection_images),
         unpack(get_subject_truth),
+        unpack(get_uncertainty),
         detections=rules.detect_lesions.output.detections,
         labels=rules.detect_lesions.output.labels,
     output:
@@ -174,3 +177,63 @@ rule detection_overlay:
         "../envs/stats.yaml"
     script:
         "../workflow_scripts/detection_overlay.py"
+
+
+# The uncertainty map (rule predict) on the held-out patients: how well it ranks vir-T1c's voxel errors against
+# the raw spreads of the passes, and a reliability figure. Its calibration saw training subjects only.
+rule uncertainty_calibration:
+    input:
+        vir=expand(rules.predict.output.atlas, subject=STUDY.test_subjects),
+        uncertainty=expand(rules.predict.output.uncertainty, subject=STUDY.test_subjects),
+        spread=expand(rules.predict.output.spread, subject=STUDY.test_subjects),
+        ref=[normalized(s)[TARGET] for s in STUDY.test_subjects],
+        mask=[normalized(s)["mask"] for s in STUDY.test_subjects],
+    output:
+        table=layout.table("uncertainty_calibration"),
+        summary=report(
+            layout.table("uncertainty_calibration_summary"),
+            caption="report/uncertainty_calibration.rst",
+            category="6. Uncertainty",
+        ),
+        reliability=layout.table("uncertainty_reliability"),
+        figure=report(
+            layout.figure("uncertainty_reliability"),
+            caption="report/uncertainty_reliability.rst",
+            category="6. Uncertainty",
+        ),
+    params:
+        subjects=STUDY.test_subjects,
+    log:
+        layout.log("uncertainty_calibration"),
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../workflow_scripts/uncertainty_calibration.py"
+
+
+# Per lesion (embedded cohort: true lesions known): do vir-T1c's false positives and the lesions it missed carry
+# more uncertainty than its true positives? Training subjects out of fold and test patients, separately.
+rule uncertainty_lesions:
+    input:
+        detections=expand(rules.detect_lesions.output.detections, subject=SUBJECTS),
+        labels=expand(rules.detect_lesions.output.labels, subject=SUBJECTS),
+        uncertainty=[uncertainty_map_of(s) for s in SUBJECTS],
+        spread=[spread_of(s) for s in SUBJECTS],
+        transforms=[registration_transform(s, TARGET) for s in SUBJECTS],
+        truth=rules.cohort_truth.output.lesions,
+    output:
+        table=layout.table("uncertainty_lesions"),
+        summary=report(
+            layout.table("uncertainty_lesions_summary"),
+            caption="report/uncertainty_lesions.rst",
+            category="6. Uncertainty",
+        ),
+    params:
+        subjects=SUBJECTS,
+        split=STUDY.split,
+    log:
+        layout.log("uncertainty_lesions"),
+    conda:
+        "../envs/stats.yaml"
+    script:
+        "../workflow_scripts/uncertainty_lesions.py"

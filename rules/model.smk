@@ -1,5 +1,6 @@
 # The model (paper, "Deep learning method"): folds of the training patients, one training job per fold on a
-# GPU, and test-time-augmented prediction (8 mirror configurations x K fold models) per test patient.
+# GPU, and test-time-augmented prediction (8 mirror configurations x K fold models) per test patient, with its
+# uncertainty map calibrated on the training subjects' out-of-fold predictions (not in the paper).
 
 
 rule split:
@@ -60,9 +61,79 @@ rule train:
         "../workflow_scripts/train.py"
 
 
+# Each training subject predicted by the one fold model that tuned on it (out of fold): what the uncertainty
+# calibration is fitted on, and the training subjects' side of the per-lesion comparison.
+rule predict_out_of_fold:
+    input:
+        models=expand(rules.train.output.model, fold=FOLDS),
+        folds=rules.split.output.folds,
+        channels=[rules.normalize.output[c] for c in INPUT_CHANNELS],
+        mask=rules.normalize.output.mask,
+    output:
+        atlas=layout.out_of_fold_files("{subject}")["atlas"],
+        spread=layout.out_of_fold_files("{subject}")["spread"],
+    params:
+        channels=INPUT_CHANNELS,
+        folds=FOLDS,
+        device=config["predict"]["device"],
+        flips="all8" if config["predict"]["tta"] else "none",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=30,
+    log:
+        layout.log("predict_out_of_fold", "{subject}"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/predict_out_of_fold.py"
+
+
+rule calibrate_uncertainty:
+    input:
+        vir=expand(rules.predict_out_of_fold.output.atlas, subject=STUDY.train_subjects),
+        spread=expand(rules.predict_out_of_fold.output.spread, subject=STUDY.train_subjects),
+        low=[normalized(s)[LOW_DOSE] for s in STUDY.train_subjects],
+        pre=[normalized(s)[ANCHOR] for s in STUDY.train_subjects],
+        ref=[normalized(s)[TARGET] for s in STUDY.train_subjects],
+        mask=[normalized(s)["mask"] for s in STUDY.train_subjects],
+    output:
+        calibration=layout.UNCERTAINTY_CALIBRATION,
+    params:
+        subjects=STUDY.train_subjects,
+    log:
+        layout.log("calibrate_uncertainty"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/calibrate_uncertainty.py"
+
+
+rule out_of_fold_uncertainty:
+    input:
+        calibration=rules.calibrate_uncertainty.output.calibration,
+        vir=rules.predict_out_of_fold.output.atlas,
+        spread=rules.predict_out_of_fold.output.spread,
+        low=rules.normalize.output[LOW_DOSE],
+        pre=rules.normalize.output[ANCHOR],
+        mask=rules.normalize.output.mask,
+    output:
+        uncertainty=layout.out_of_fold_files("{subject}")["uncertainty"],
+    log:
+        layout.log("out_of_fold_uncertainty", "{subject}"),
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/out_of_fold_uncertainty.py"
+
+
 rule predict:
     input:
         models=expand(rules.train.output.model, fold=FOLDS),
+        calibration=rules.calibrate_uncertainty.output.calibration,
+        low=rules.normalize.output[LOW_DOSE],
+        pre=rules.normalize.output[ANCHOR],
         channels=[rules.normalize.output[c] for c in INPUT_CHANNELS],
         mask=rules.normalize.output.mask,
         normalize=rules.normalize.output.provenance,

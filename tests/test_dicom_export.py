@@ -231,3 +231,29 @@ def test_export_refuses_a_folder_with_several_series_without_a_uid_and_a_filled_
     (tmp_path / "full" / "file").write_text("x")
     with pytest.raises(InputError, match="not empty"):
         export_series(image, qa / "siemens_e11_t1_sag", tmp_path / "full")
+
+
+def test_the_uncertainty_map_is_its_own_series_that_says_what_it_is(shared_data, tmp_path, capsys):
+    from virtual_contrast.cli import main as cli_main
+    from virtual_contrast.dicom.export import UNCERTAINTY_DESCRIPTION
+
+    reference = shared_data / "dicom_dcm_qa" / "siemens_e11_t1_sag"
+    acquired = _convert(reference, tmp_path / "acquired")
+    rng = np.random.default_rng(1)
+    spread = np.abs(rng.normal(0, 20, acquired.shape)).astype(np.float32)
+    image = save_image(spread, acquired.affine, tmp_path / "unc.nii.gz")
+    vir = export_series(image, reference, tmp_path / "vir_dcm")
+    args = ["export-dicom", "--image", str(image), "--like", str(reference), "--uncertainty"]
+    assert cli_main([*args, "--out", str(tmp_path / "unc_dcm")]) == 0
+    written = sorted((tmp_path / "unc_dcm").glob("*.dcm"))
+    ds, first_vir = _read_strict(written[0]), pydicom.dcmread(vir[0])
+    assert (
+        ds.SeriesDescription == UNCERTAINTY_DESCRIPTION == "vir-T1c UNCERTAINTY - NOT FOR DIAGNOSIS"
+    )
+    assert "Uncertainty map" in ds.ImageComments and "Not for diagnostic use" in ds.ImageComments
+    # Beside vir-T1c in the same study: another series number and UID.
+    assert ds.StudyInstanceUID == first_vir.StudyInstanceUID
+    assert ds.SeriesNumber != first_vir.SeriesNumber
+    assert ds.SeriesInstanceUID != first_vir.SeriesInstanceUID
+    back = _convert(tmp_path / "unc_dcm", tmp_path / "back")
+    assert np.abs(back.get_fdata() - spread).max() <= 0.5 + 1e-3

@@ -37,7 +37,15 @@ def test_the_layout_of_one_subject():
     assert layout.predict_files("vc001") == {
         "atlas": "results/sub-vc001/predict/sub-vc001_space-ICBM09a_desc-virtual_T1c.nii.gz",
         "native": "results/sub-vc001/predict/sub-vc001_space-native_desc-virtual_T1c.nii.gz",
+        "uncertainty": "results/sub-vc001/predict/sub-vc001_space-ICBM09a_desc-uncertainty_T1c.nii.gz",
+        "uncertainty_native": (
+            "results/sub-vc001/predict/sub-vc001_space-native_desc-uncertainty_T1c.nii.gz"
+        ),
+        "spread": "results/sub-vc001/predict/sub-vc001_space-ICBM09a_desc-spread_T1c.nii.gz",
     }
+    assert layout.out_of_fold_files("vc002")["atlas"] == (
+        "results/sub-vc002/out_of_fold/sub-vc002_space-ICBM09a_desc-virtual_T1c.nii.gz"
+    )
     assert layout.transform_file("vc001", "lowT1c") == (
         "results/sub-vc001/register/sub-vc001_from-lowT1c_to-ICBM09a_xfm.txt"
     )

@@ -472,3 +472,57 @@ def test_a_full_disk_is_answered_not_dropped(server, study, monkeypatch) -> None
     status, raw = _get(server.url + f"image/{server.session.cases[1].case_id}/post.nii")
     reply = json.loads(raw)
     assert status == 500 and "cannot be read" in reply["error"] and "/" not in reply["error"], reply
+
+
+def _uncertainty_maps(study) -> dict:
+    folder = study["out"].parent / "maps"
+    folder.mkdir(exist_ok=True)
+    maps = {}
+    for patient in PATIENTS:
+        data = np.random.default_rng(7).random((8, 8, 8), np.float32) * 0.1 + 0.01
+        maps[patient] = folder / f"{patient}_uncertainty.nii.gz"
+        nib.save(nib.Nifti1Image(data, AFFINE), maps[patient])
+    return maps
+
+
+def _served(session, study) -> dict[str, int]:
+    """The status of image/<case>/uncertainty.nii for every case of the session, through a live server."""
+    from virtual_contrast.reader.server import serve
+
+    srv = serve(session, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert _get(srv.url + "api/session")[0] == 200
+        return {c.case_id: _get(srv.url + f"image/{c.case_id}/uncertainty.nii")[0]
+                for c in session.cases}  # fmt: skip
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_the_uncertainty_map_is_never_served_in_a_blinded_phase_only_in_a_review(study) -> None:
+    if not viewer.VIEWER_PATH.exists():
+        pytest.skip(f"the NiiVue viewer is not installed ({viewer.VIEWER_PATH}: make viewer)")
+    maps = _uncertainty_maps(study)
+    blinded = _session(study, reader="R2", phase=1)
+    assert blinded.blinded and not blinded.review
+    assert {c.modality for c in blinded.cases} >= {"vir"}
+    # The blinded reading: no route serves the map, for any case (vir-T1c's included).
+    assert set(_served(blinded, study).values()) == {404}
+    assert not blinded.summary()["review"]
+    # A review cannot open while the phase is read: the reader has not closed it.
+    with pytest.raises(InputError, match="has not closed phase 1"):
+        ReadingSession(study["lists"], study["key_path"], "R2", study["out"], phase=1,
+                       review_maps=maps)  # fmt: skip
+    # Closed, it opens as a review: the map on vir-T1c cases only, as a reading copy; no read is saved.
+    blinded.close()
+    review = ReadingSession(study["lists"], study["key_path"], "R2", study["out"], phase=1,
+                            review_maps=maps)  # fmt: skip
+    assert review.summary()["review"]
+    served = _served(review, study)
+    for case in review.cases:
+        assert served[case.case_id] == (200 if case.modality == "vir" else 404), case.modality
+    with pytest.raises(InputError, match="closed"):
+        review.save_read(review.cases[0].case_id, [], 3, 1.0)
+    # The next blinded phase of the same reader still never serves it.
+    assert set(_served(_session(study, reader="R2", phase=2), study).values()) == {404}

@@ -241,9 +241,61 @@ def test_predict_command_on_a_raw_exam_repeats_the_workflow(tiny_run, tmp_path):
         [
             f"sub-{subject}_space-ICBM09a_desc-virtual_T1c.nii.gz",
             f"sub-{subject}_space-native_desc-virtual_T1c.nii.gz",
+            f"sub-{subject}_space-ICBM09a_desc-uncertainty_T1c.nii.gz",
+            f"sub-{subject}_space-native_desc-uncertainty_T1c.nii.gz",
+            f"sub-{subject}_space-ICBM09a_desc-spread_T1c.nii.gz",
             f"sub-{subject}_work",
         ]
     )
+    # The workflow's calibration (beside the fold folders) was found: the same uncertainty map, but for the
+    # few voxels whose features (vir-T1c agrees within 1e-3) fall on the other side of a bin edge.
+    for space in ("ICBM09a", NATIVE_SPACE):
+        name = f"sub-{subject}_space-{space}_desc-uncertainty_T1c.nii.gz"
+        got, expected = nib.load(out / name).get_fdata(), nib.load(workflow / name).get_fdata()
+        assert got.shape == expected.shape and expected.max() > 0
+        close = np.isclose(got, expected, rtol=1e-2, atol=1e-3 if space == "ICBM09a" else 1.0)
+        assert close.mean() > 0.995, f"{space}: {close.mean():.4f} of the voxels agree"
+
+
+def test_the_uncertainty_map_is_written_beside_vir_t1c_calibrated_out_of_fold(tiny_run):
+    study = tiny_study()
+    results = tiny_run / "results"
+    calibration = json.loads((results / "models/uncertainty_calibration.json").read_text())
+    # Fitted on the training subjects' out-of-fold predictions only, never on a test subject.
+    assert sorted(calibration["subjects"]) == sorted(study.train_subjects)
+    assert not set(calibration["subjects"]) & set(study.test_subjects)
+    for subject in study.test_subjects:
+        base = results / f"sub-{subject}" / "predict"
+        vir = nib.load(base / f"sub-{subject}_space-ICBM09a_desc-virtual_T1c.nii.gz").get_fdata()
+        unc = nib.load(base / f"sub-{subject}_space-ICBM09a_desc-uncertainty_T1c.nii.gz")
+        spread = nib.load(base / f"sub-{subject}_space-ICBM09a_desc-spread_T1c.nii.gz")
+        mask = nib.load(results / f"sub-{subject}/normalize/sub-{subject}_desc-brain_mask.nii.gz")
+        brain = mask.get_fdata() > 0.5
+        u = unc.get_fdata()
+        assert u.shape == vir.shape and (u[~brain] == 0).all() and (u[brain] > 0).all()
+        assert spread.shape == (*vir.shape, 3) and spread.get_fdata()[..., 1][brain].max() > 0
+        native = nib.load(base / f"sub-{subject}_space-native_desc-uncertainty_T1c.nii.gz")
+        native_vir = nib.load(base / f"sub-{subject}_space-native_desc-virtual_T1c.nii.gz")
+        assert native.shape == native_vir.shape
+        np.testing.assert_allclose(native.affine, native_vir.affine, atol=1e-4)
+        n = native.get_fdata()
+        # Masked to the same native brain as vir-T1c, in its intensity units (not the normalised ones).
+        assert (n[native_vir.get_fdata() == 0] == 0).all() and n.min() >= 0
+        assert np.median(n[n > 0]) > 10 * np.median(u[brain])
+        detections = pd.read_csv(
+            results / f"sub-{subject}/lesions/sub-{subject}_detections.tsv", sep="\t"
+        )
+        assert "mean_uncertainty" in detections.columns
+    for subject in study.train_subjects:
+        folder = results / f"sub-{subject}" / "out_of_fold"
+        assert (folder / f"sub-{subject}_space-ICBM09a_desc-uncertainty_T1c.nii.gz").exists()
+    summary = pd.read_csv(results / "tables/uncertainty_calibration_summary.tsv", sep="\t")
+    assert set(summary["map"]) == {"calibrated", "std_passes", "std_folds", "std_mirrors"}
+    assert (summary["n_subjects"] == len(study.test_subjects)).all()
+    lesions = pd.read_csv(results / "tables/uncertainty_lesions_summary.tsv", sep="\t")
+    assert set(lesions["group"]) <= {"test", "train (out of fold)"}
+    assert set(lesions["map"]) == {"calibrated", "std_passes"}
+    assert (results / "figures/uncertainty_reliability.png").exists()
 
 
 def _max_concurrent_gpu_jobs(log: str) -> tuple[int, int]:
@@ -268,9 +320,9 @@ def _max_concurrent_gpu_jobs(log: str) -> tuple[int, int]:
 def test_a_workstation_with_one_gpu_never_runs_two_gpu_jobs_at_once(tiny_run):
     log = (tiny_run / "snakemake_run.log").read_text()
     most, seen = _max_concurrent_gpu_jobs(log)
-    assert seen == 2 + len(
-        tiny_study().test_subjects
-    )  # 2 train folds + one predict per test subject
+    study = tiny_study()
+    # 2 train folds, one predict per test subject, one out-of-fold prediction per training subject.
+    assert seen == 2 + len(study.test_subjects) + len(study.train_subjects)
     assert most == 1
 
 

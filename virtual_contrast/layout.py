@@ -235,12 +235,42 @@ def predicted_name(subject: str, space: str = ATLAS_SPACE) -> str:
     return bids_name(subject, space=space, desc="virtual", suffix="T1c", extension=NIFTI)
 
 
+def uncertainty_name(subject: str, space: str = ATLAS_SPACE) -> str:
+    """File name of vir-T1c's uncertainty map in ``space`` (its expected |vir − ref|), beside vir-T1c."""
+    return bids_name(subject, space=space, desc="uncertainty", suffix="T1c", extension=NIFTI)
+
+
+def spread_name(subject: str) -> str:
+    """File name of the raw spreads of the ensemble's passes (4D, atlas space), beside vir-T1c."""
+    return bids_name(subject, space=ATLAS_SPACE, desc="spread", suffix="T1c", extension=NIFTI)
+
+
 def predict_files(subject: str) -> dict[str, str]:
-    """vir-T1c on the atlas grid and on the native low-dose T1c's grid (rule predict)."""
+    """vir-T1c and its uncertainty on the atlas grid and on the native low-dose T1c's grid, and the raw
+    spreads of the passes (rule predict)."""
     folder = f"{subject_dir(subject)}/predict"
     return {
         "atlas": f"{folder}/{predicted_name(subject, ATLAS_SPACE)}",
         "native": f"{folder}/{predicted_name(subject, NATIVE_SPACE)}",
+        "uncertainty": f"{folder}/{uncertainty_name(subject, ATLAS_SPACE)}",
+        "uncertainty_native": f"{folder}/{uncertainty_name(subject, NATIVE_SPACE)}",
+        "spread": f"{folder}/{spread_name(subject)}",
+    }
+
+
+def out_of_fold_files(subject: str) -> dict[str, str]:
+    """A training subject's vir-T1c by the one fold model it tuned (out of fold), the spread of that model's
+    mirror passes (rule predict_out_of_fold) and its calibrated uncertainty (rule out_of_fold_uncertainty)."""
+    return {
+        "atlas": subject_file(
+            subject, "out_of_fold", space=ATLAS_SPACE, desc="virtual", suffix="T1c"
+        ),
+        "spread": subject_file(
+            subject, "out_of_fold", space=ATLAS_SPACE, desc="spread", suffix="T1c"
+        ),
+        "uncertainty": subject_file(
+            subject, "out_of_fold", space=ATLAS_SPACE, desc="uncertainty", suffix="T1c"
+        ),
     }
 
 
@@ -257,6 +287,11 @@ def exam_provenance_name(subject: str) -> str:
 def export_dicom_dir(subject: str) -> str:
     """The folder of the DICOM series of vir-T1c (rule export_dicom)."""
     return subject_file(subject, "export_dicom", desc="virtual", suffix="T1c", extension="")
+
+
+def export_dicom_uncertainty_dir(subject: str) -> str:
+    """The folder of the DICOM series of vir-T1c's uncertainty map (rule export_dicom)."""
+    return subject_file(subject, "export_dicom", desc="uncertainty", suffix="T1c", extension="")
 
 
 def metrics_files(subject: str) -> dict[str, str]:
@@ -404,6 +439,10 @@ def checkpoint_dir(fold: int | str) -> str:
 TRAINING_CACHE = f"{MODELS_DIR}/cache"
 #: Where physiological enhancement is expected (atlas grid, from the training subjects).
 ENHANCEMENT_PRIOR = f"{MODELS_DIR}/normal_enhancement_mask{NIFTI}"
+#: The uncertainty map's calibration (virtual_contrast.model.uncertainty.Calibration), fitted on the training
+#: subjects' out-of-fold predictions; ``virtual-contrast predict`` finds it beside the fold folders.
+UNCERTAINTY_CALIBRATION_NAME = "uncertainty_calibration.json"
+UNCERTAINTY_CALIBRATION = f"{MODELS_DIR}/{UNCERTAINTY_CALIBRATION_NAME}"
 
 
 # --- study-level tables and figures ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ table, labels, affine = detect_subject_reads(
     prior=inp.prior,
     settings=settings,
     subject=subject,
+    uncertainty=inp.uncertainty if "uncertainty" in inp.keys() else None,
 )
 write_table(table, snakemake.output.detections)
 save_image(labels, affine, snakemake.output.labels, dtype="int16")

@@ -25,4 +25,5 @@ plot_detection_overlay(
     truth=truth,
     title=f"sub-{subject}: automated reader",
     titles=snakemake.params.labels,
+    uncertainty=load_array(inp.uncertainty, subject=subject)[0],
 )

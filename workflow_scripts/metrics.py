@@ -28,4 +28,5 @@ plot_montage(
     mask=load_array(inp.mask, subject=subject)[0],
     title=f"sub-{subject}",
     labels=snakemake.params.labels,
+    uncertainty=load_array(inp.uncertainty, subject=subject)[0],
 )

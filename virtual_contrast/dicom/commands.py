@@ -35,7 +35,7 @@ def _import_dicom(args: argparse.Namespace) -> int:
 
 def _export_dicom(args: argparse.Namespace) -> int:
     from virtual_contrast import __version__
-    from virtual_contrast.dicom.export import SYNTHETIC_DESCRIPTION, export_series
+    from virtual_contrast.dicom.export import export_series
 
     derivation = f"virtual-contrast {__version__}: {args.model}"
     written = export_series(
@@ -43,8 +43,9 @@ def _export_dicom(args: argparse.Namespace) -> int:
         args.like,
         args.out,
         series_uid=args.series_uid,
-        description=args.description or SYNTHETIC_DESCRIPTION,
+        description=args.description,
         derivation=derivation,
+        kind="uncertainty" if args.uncertainty else "synthetic",
     )
     print(f"wrote {len(written)} DICOM files to {args.out}")
     return 0
@@ -89,7 +90,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--series-uid", help="the reference series' UID when --like holds several series"
     )
     p.add_argument(
-        "--description", help="series description (default: says synthetic, not for diagnosis)"
+        "--description",
+        help="series description (default: says synthetic, or uncertainty, and not for diagnosis)",
+    )
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="--image is vir-T1c's uncertainty map (desc-uncertainty, native grid): its own series, "
+        "described 'vir-T1c UNCERTAINTY - NOT FOR DIAGNOSIS'",
     )
     p.add_argument(
         "--model",

@@ -43,6 +43,22 @@ log = logging.getLogger(__name__)
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # NIfTI world is RAS, DICOM's is LPS
 SYNTHETIC_DESCRIPTION = "vir-T1c SYNTHETIC - NOT FOR DIAGNOSIS"
+UNCERTAINTY_DESCRIPTION = "vir-T1c UNCERTAINTY - NOT FOR DIAGNOSIS"
+#: What each kind of derived series is: its default description, its ImageComments and the offset of its
+#: SeriesNumber from the reference's (vir-T1c and its uncertainty map are two series of one study).
+DERIVED_KINDS = {
+    "synthetic": (
+        SYNTHETIC_DESCRIPTION,
+        "Synthetic image computed by a neural network from a reduced-dose exam. Not for diagnostic use.",
+        1000,
+    ),
+    "uncertainty": (
+        UNCERTAINTY_DESCRIPTION,
+        "Uncertainty map of the synthetic vir-T1c series: its expected absolute error, in its intensity "
+        "units, from the ensemble of the neural network. Not for diagnostic use.",
+        2000,
+    ),
+}
 #: Reference attributes copied into the derived series: patient, study, frame of reference, acquisition.
 COPIED = (
     "SpecificCharacterSet",
@@ -265,7 +281,9 @@ def slice_datasets(
 
 
 @strict_writing()
-def _derived_base(ref: Reference, description: str, derivation: str) -> Dataset:
+def _derived_base(
+    ref: Reference, description: str, derivation: str, kind: str = "synthetic"
+) -> Dataset:
     header = ref.header
     base = Dataset()
     for keyword in COPIED:
@@ -293,7 +311,8 @@ def _derived_base(ref: Reference, description: str, derivation: str) -> Dataset:
     base.ImageType = ["DERIVED", "SECONDARY"]
     base.SeriesDescription = description[:64]
     number = header.get("SeriesNumber")
-    base.SeriesNumber = (int(number) if number not in (None, "") else 0) + 1000
+    _, comments, offset = DERIVED_KINDS[kind]
+    base.SeriesNumber = (int(number) if number not in (None, "") else 0) + offset
     now = datetime.datetime.now()
     base.SeriesDate, base.SeriesTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     base.InstanceCreationDate, base.InstanceCreationTime = base.SeriesDate, base.SeriesTime
@@ -301,7 +320,7 @@ def _derived_base(ref: Reference, description: str, derivation: str) -> Dataset:
     base.ManufacturerModelName = "vir-T1c"
     base.SoftwareVersions = f"virtual-contrast {__version__}"
     base.DerivationDescription = derivation[:1024]
-    base.ImageComments = "Synthetic image computed by a neural network from a reduced-dose exam. Not for diagnostic use."
+    base.ImageComments = comments
     base.BurnedInAnnotation = "NO"
     base.LossyImageCompression = "00"
     sources = []
@@ -323,12 +342,18 @@ def export_series(
     out: Path | str,
     *,
     series_uid: str | None = None,
-    description: str = SYNTHETIC_DESCRIPTION,
+    description: str | None = None,
     derivation: str = f"virtual-contrast {__version__}",
+    kind: str = "synthetic",
 ) -> list[Path]:
     """Write ``image`` (NIfTI, 3D) as a derived DICOM series in ``out`` over the reference series ``like`` (a
     folder holding it, or a scanned :class:`Series`). Refuses (before writing anything) an image that is not
-    on the reference's grid (see the module docstring) and an output folder that is not empty."""
+    on the reference's grid (see the module docstring) and an output folder that is not empty. ``kind``
+    (:data:`DERIVED_KINDS`): vir-T1c itself, or its uncertainty map (its own series, description
+    :data:`UNCERTAINTY_DESCRIPTION` by default)."""
+    if kind not in DERIVED_KINDS:
+        raise InputError(f"unknown kind of derived series {kind!r}: {sorted(DERIVED_KINDS)}")
+    description = description or DERIVED_KINDS[kind][0]
     if Path(out).exists() and any(Path(out).iterdir()):
         raise InputError("output folder exists and is not empty", path=out)
     ref = read_reference(like, series_uid)
@@ -345,7 +370,7 @@ def export_series(
             path=image,
         )
     data, affine_lps = placed
-    base = _derived_base(ref, description, derivation)
+    base = _derived_base(ref, description, derivation, kind)
     written = []
     with new_folder(out) as scratch, strict_writing():
         for name, ds in slice_datasets(data, affine_lps, base, series_uid=generate_uid()):

@@ -148,8 +148,13 @@ def plot_montage(
     mask: np.ndarray | None = None,
     title: str | None = None,
     labels: Mapping[str, str] | None = None,
+    uncertainty: np.ndarray | None = None,
 ) -> Path:
     """Figure 4 for one subject: one axial slice of T1, FLAIR, ADC, low, vir and ref side by side.
+
+    With ``uncertainty`` (vir-T1c's uncertainty map, an expected |vir − ref|) a second row shows it under
+    vir-T1c and the observed |vir − ref| under ref-T1c (when both are shown), on one colour scale: where the
+    map is bright, vir-T1c should not be trusted.
 
     ``images`` maps keys of :data:`MONTAGE_COLUMNS` (t1, t2w, flair, adc, low, vir, ref) to 3D arrays on one grid;
     missing keys are left out. Intensities are shown on [0, 1] (normalised images); ADC on its own 1st-99th
@@ -181,7 +186,11 @@ def plot_montage(
         )
     else:
         crop = (slice(None), slice(None))
-    fig, axes = plt.subplots(1, len(present), figsize=(2.2 * len(present), 2.8), squeeze=False)
+    second_row = uncertainty is not None and "vir" in images
+    n_rows = 2 if second_row else 1
+    fig, axes = plt.subplots(
+        n_rows, len(present), figsize=(2.2 * len(present), 2.8 * n_rows), squeeze=False
+    )
     for ax, (key, label) in zip(axes[0], present, strict=True):
         # Transpose so rows run posterior→anterior; flip x so the subject's right is on the viewer's left.
         plane = np.asarray(images[key][crop[0], crop[1], slice_index], dtype=np.float32).T[
@@ -197,8 +206,38 @@ def plot_montage(
         ax.set_title(label, fontsize=9)
         ax.axis("off")
     axes[0][0].text(0.02, 0.5, "R", color="yellow", transform=axes[0][0].transAxes, fontsize=8)
+    if second_row:
+        _uncertainty_row(axes[1], present, images, uncertainty, crop, slice_index, mask)
     fig.suptitle(f"{title + ': ' if title else ''}axial slice {slice_index}", fontsize=10)
     return _save(fig, path)
+
+
+def _uncertainty_row(axes, present, images, uncertainty, crop, slice_index, mask) -> None:
+    """The montage's second row: the uncertainty map under vir, |vir − ref| under ref, one colour scale."""
+    panels = {"vir": ("uncertainty (expected |vir − ref|)", np.asarray(uncertainty, np.float32))}
+    if "ref" in images:
+        error = np.abs(
+            np.asarray(images["vir"], np.float32) - np.asarray(images["ref"], np.float32)
+        )
+        panels["ref"] = ("observed |vir − ref|", np.where(np.asarray(mask) > 0, error, 0.0))
+    in_brain = np.asarray(mask)[:, :, slice_index] > 0
+    top = max(
+        float(np.percentile(v[:, :, slice_index][in_brain], 99)) if in_brain.any() else 0.0
+        for _, v in panels.values()
+    )
+    top = top if top > 0 else 1.0
+    shown = None
+    for ax, (key, _) in zip(axes, present, strict=True):
+        ax.axis("off")
+        if key not in panels:
+            continue
+        label, volume = panels[key]
+        plane = volume[crop[0], crop[1], slice_index].T[::-1, ::-1]
+        shown = ax.imshow(plane, cmap="magma", vmin=0.0, vmax=top, origin="upper")
+        ax.set_title(label, fontsize=8)
+    if shown is not None:
+        bar = plt.colorbar(shown, ax=list(axes), fraction=0.02, pad=0.01)
+        bar.ax.tick_params(labelsize=7)
 
 
 def plot_froc(froc: pd.DataFrame, path: Path | str, *, operating_point: dict | None = None) -> Path:

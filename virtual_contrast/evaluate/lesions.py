@@ -42,6 +42,7 @@ import pandas as pd
 
 from virtual_contrast.annotations import LESION_COLUMNS, READ_COLUMNS
 from virtual_contrast.evaluate import candidates as cand
+from virtual_contrast.evaluate.uncertainty import lesion_uncertainty
 from virtual_contrast.intensity import range_problem
 from virtual_contrast.io import InputError, load_array
 
@@ -297,16 +298,20 @@ def detect_subject_reads(
     settings: DetectorSettings,
     prior: Path | None = None,
     subject: str | None = None,
+    uncertainty: Path | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """Detections on each post-contrast image of one subject (modality -> file, of :data:`READ_MODALITIES`).
 
     Returns the detections (:data:`DETECTION_COLUMNS` with ``subject`` and ``modality``), a 4D label image
-    whose volumes follow :data:`READ_MODALITIES` (a modality not read stays empty) and the affine.
+    whose volumes follow :data:`READ_MODALITIES` (a modality not read stays empty) and the affine. With
+    ``uncertainty`` (vir-T1c's uncertainty map, on the same grid) every detection also gets
+    ``mean_uncertainty``: the map's mean over its core (on a ref or low detection: how uncertain vir-T1c is
+    where that image shows a lesion).
     """
     unknown = sorted(set(posts) - set(READ_MODALITIES))
     if unknown:
         raise InputError(f"unknown modalities {unknown}; expected some of {READ_MODALITIES}")
-    tables, labels, affine = [], None, None
+    tables, labels, affine, unc_map = [], None, None, None
     for index, modality in enumerate(READ_MODALITIES):
         if modality not in posts:
             continue
@@ -325,6 +330,20 @@ def detect_subject_reads(
         if labels is None:
             labels = np.zeros((*arrays["post"].shape, len(READ_MODALITIES)), np.int16)
         labels[..., index] = found.lesion_labels(settings.threshold)
+        if uncertainty is not None:
+            if unc_map is None:
+                unc_map, unc_affine = load_array(uncertainty, subject=subject)
+                if unc_map.shape != arrays["post"].shape or not np.allclose(
+                    unc_affine, affine, atol=1e-3
+                ):
+                    raise InputError(
+                        "the uncertainty map is not on the post-contrast image's grid",
+                        subject=subject,
+                        path=uncertainty,
+                    )
+            table["mean_uncertainty"] = lesion_uncertainty(
+                labels[..., index], unc_map, table["lesion_id"]
+            )
         table.insert(0, "modality", modality)
         table.insert(0, "subject", subject or "")
         tables.append(table)

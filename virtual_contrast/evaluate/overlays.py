@@ -91,26 +91,37 @@ def plot_detection_overlay(
     truth: pd.DataFrame | None = None,
     title: str = "",
     titles: Mapping[str, str] | None = None,
+    uncertainty: np.ndarray | None = None,
 ) -> Path:
     """Write the overlay figure (PNG) of the images read (name -> 3D array on one grid, normalised to [0, 1]),
     their detection label images (name -> lesion_id image) and tables (name -> rows with ``lesion_id``, centre
     and axes in world mm), with the true lesions (world mm of the same grid) when known. ``titles`` renames
-    the images (a simulated low dose says so)."""
+    the images (a simulated low dose says so). With ``uncertainty`` (vir-T1c's uncertainty map on the same
+    grid) and a vir image, a last column shows the map at each site with vir-T1c's detections outlined, on one
+    colour scale for the figure (0 to the map's 99.5th percentile)."""
     if not images:
         raise InputError("no image to show")
     shapes = {np.shape(a) for a in [*images.values(), *labels.values()]}
     if len(shapes) != 1:
         raise InputError(f"images and labels must share one grid, got shapes {sorted(shapes)}")
     names = list(images)
+    unc_column = uncertainty is not None and "vir" in names
+    if unc_column and np.shape(uncertainty) != np.shape(images["vir"]):
+        raise InputError("the uncertainty map is not on the images' grid")
     ras = {n: _to_ras(np.asarray(images[n], np.float32), affine)[0] for n in names}
+    if unc_column:
+        unc_ras = _to_ras(np.asarray(uncertainty, np.float32), affine)[0]
+        positive = unc_ras[unc_ras > 0]
+        unc_top = float(np.percentile(positive, 99.5)) if positive.size else 1.0
     lab = {n: _to_ras(np.asarray(labels[n]), affine)[0] for n in names}
     ras_affine = _to_ras(np.asarray(images[names[0]]), affine)[1]
     sites, matched = _sites({n: detections[n] for n in names}, truth)
     more = max(len(sites) - MAX_ROWS, 0)
     sites = sites.head(MAX_ROWS)
     rows = max(len(sites), 1)
-    width = max(2.6 * len(names), 4.0)
-    fig, axes = plt.subplots(rows, len(names), figsize=(width, 2.7 * rows + 0.4), squeeze=False)
+    n_columns = len(names) + int(unc_column)
+    width = max(2.6 * n_columns, 4.0)
+    fig, axes = plt.subplots(rows, n_columns, figsize=(width, 2.7 * rows + 0.4), squeeze=False)
     inverse = np.linalg.inv(ras_affine)
     voxel = np.linalg.norm(ras_affine[:3, :3], axis=0)
     shape = next(iter(ras.values())).shape
@@ -136,6 +147,21 @@ def plot_detection_overlay(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title({**TITLES, **(titles or {})}.get(name, name), fontsize=9)
+        if unc_column:
+            ax = axes[r][-1]
+            plane = unc_ras[:, :, k].T[::-1, ::-1]
+            ax.imshow(plane, cmap="magma", vmin=0, vmax=unc_top if unc_top > 0 else 1.0)
+            _outline(
+                ax, lab["vir"][:, :, k].T[::-1, ::-1], detections["vir"], matched["vir"], truth
+            )
+            if truth is not None:
+                _circle_truth(ax, truth, inverse, voxel, k, shape)
+            if site is not None:
+                _box_site(ax, site, inverse, voxel, shape)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"vir-T1c uncertainty (0-{unc_top:.2g})", fontsize=9)
         label = (
             "no detection"
             if site is None

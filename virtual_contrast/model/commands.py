@@ -9,7 +9,12 @@ from pathlib import Path
 import pandas as pd
 
 from virtual_contrast.io import InputError, write_table
-from virtual_contrast.layout import atlas_dir, brain_mask_name, normalized_name
+from virtual_contrast.layout import (
+    UNCERTAINTY_CALIBRATION_NAME,
+    atlas_dir,
+    brain_mask_name,
+    normalized_name,
+)
 from virtual_contrast.model.config import UNET_OUTPUTS
 
 log = logging.getLogger(__name__)
@@ -324,6 +329,13 @@ def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None
     p.add_argument(
         "--batch", type=int, help="mirrored copies per forward pass (default 8 on GPU, 1 on CPU)"
     )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help="the uncertainty map's calibration (default: the workflow's "
+        f"{UNCERTAINTY_CALIBRATION_NAME} beside the fold folders; without one the map is the standard "
+        "deviation over the passes, which the output says)",
+    )
     p.set_defaults(func=_run_predict)
 
 
@@ -361,10 +373,19 @@ def _run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         tta=args.tta,
         batch=args.batch,
+        calibration=args.calibration,
     )
     print(f"vir-T1c (atlas space): {done.atlas_space}")
     if done.native is not None:
         print(f"vir-T1c (native low-dose T1c grid): {done.native}")
+    what = (
+        f"expected |vir - ref|, calibration {done.calibration}"
+        if done.calibration
+        else "UNCALIBRATED: standard deviation over the passes (no calibration found)"
+    )
+    print(f"uncertainty ({what}): {done.uncertainty}")
+    if done.uncertainty_native is not None:
+        print(f"uncertainty (native low-dose T1c grid): {done.uncertainty_native}")
         print(f"pre-processing (every intermediate, provenance): {done.work_dir}")
     if done.gate_overridden:
         print(

@@ -5,6 +5,10 @@ The paper averages 40 predictions per exam (5 fold models × the 8 subsets of th
 chunks of it, to bound memory), in bf16 on GPUs; the outputs are mirrored back and summed in fp32. The result
 equals the one-at-a-time fp32 loop up to the precision of the arithmetic
 (:func:`tta_predict_naive`, kept as the reference for tests and benchmarks).
+
+:func:`tta_ensemble` runs the same passes and also keeps their spread (over all passes, over the fold models'
+means, over each model's mirrors: :class:`Ensemble`), at the cost of one sum of squares per pass; from it and
+the images :func:`predict_subject` writes vir-T1c's uncertainty map (:mod:`virtual_contrast.model.uncertainty`).
 """
 
 from __future__ import annotations
@@ -13,17 +17,25 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from virtual_contrast.io import InputError, save_image
+from virtual_contrast.io import InputError, load_image, save_image
 from virtual_contrast.model import runtime
 from virtual_contrast.model.checkpoint import load_model
 from virtual_contrast.model.data import SubjectVolumes, load_subject_arrays
+from virtual_contrast.model.uncertainty import (
+    SPREAD_VOLUMES,
+    Calibration,
+    spread_volumes,
+    uncertainty_map,
+)
 from virtual_contrast.model.unet import check_grid
+from virtual_contrast.sequences import ANCHOR, LOW_DOSE
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +61,25 @@ def _dims(config: tuple[int, ...]) -> list[int]:
     return [2 + a for a in config]
 
 
+@dataclass(frozen=True)
+class Ensemble:
+    """The passes of a test-time-augmented ensemble summarised voxel by voxel, in fp32.
+
+    ``mean``: the prediction (mean over every model × mirror configuration). ``std_passes``: standard deviation
+    over all passes. ``std_folds``: standard deviation of the models' own means (their disagreement; 0 with
+    one model). ``std_mirrors``: the root mean of each model's variance over its mirror configurations (the
+    disagreement of a model with itself). ``std_passes² = std_folds² + std_mirrors²`` (population variances,
+    the law of total variance), so the three cost one extra sum of squares per pass.
+    """
+
+    mean: torch.Tensor
+    std_passes: torch.Tensor
+    std_folds: torch.Tensor
+    std_mirrors: torch.Tensor
+    n_models: int
+    n_mirrors: int
+
+
 @torch.inference_mode()
 def tta_predict(
     models: Sequence[nn.Module],
@@ -66,6 +97,33 @@ def tta_predict(
     ``amp`` follows :func:`~virtual_contrast.model.runtime.resolve_amp` (bf16 on a GPU and on CPUs with native
     bf16, else fp32).
     """
+    return _run_passes(models, x, flips, amp, batch, channels_last, spread=False).mean
+
+
+@torch.inference_mode()
+def tta_ensemble(
+    models: Sequence[nn.Module],
+    x: torch.Tensor,
+    flips: FlipSpec = "all8",
+    amp: bool | str = True,
+    batch: int | None = None,
+    channels_last: bool | str = "auto",
+) -> Ensemble:
+    """:func:`tta_predict` that also keeps the spread of the passes (:class:`Ensemble`): the same forward
+    passes, plus a running sum of squares per model."""
+    return _run_passes(models, x, flips, amp, batch, channels_last, spread=True)
+
+
+def _run_passes(
+    models: Sequence[nn.Module],
+    x: torch.Tensor,
+    flips: FlipSpec,
+    amp: bool | str,
+    batch: int | None,
+    channels_last: bool | str,
+    *,
+    spread: bool,
+) -> Ensemble:
     if not models:
         raise ValueError("tta_predict needs at least one model")
     squeeze = x.ndim == 4
@@ -78,21 +136,47 @@ def tta_predict(
     cl = runtime.use_channels_last(channels_last, device)
     configs = flip_configs(flips)
     batch = batch or auto_batch(models, x, amp_dtype, len(configs))
-    acc: torch.Tensor | None = None
+    # One sum per model (its mean: the fold disagreement), and with `spread` one sum of squares per model of
+    # the passes' deviation from the model's first pass (a shift that keeps the fp32 variance exact when the
+    # spread is small against the intensities).
+    sums: list[torch.Tensor | None] = [None] * len(models)
+    squares: list[torch.Tensor | None] = [None] * len(models)
+    shifts: list[torch.Tensor | None] = [None] * len(models)
     for start in range(0, len(configs), batch):
         chunk = configs[start : start + batch]
         xb = torch.cat([x.flip(_dims(c)) if c else x for c in chunk])
         if cl:
             xb = xb.contiguous(memory_format=torch.channels_last_3d)
-        for model in models:
+        for m, model in enumerate(models):
             with runtime.autocast(device, amp_dtype):
                 yb = model(xb)
             for j, c in enumerate(chunk):
                 y = yb[j : j + 1].float()
                 y = y.flip(_dims(c)) if c else y
-                acc = y.clone() if acc is None else acc.add_(y)
-    out = acc / (len(models) * len(configs))
-    return out[0] if squeeze else out
+                sums[m] = y.clone() if sums[m] is None else sums[m].add_(y)
+                if spread:
+                    if shifts[m] is None:
+                        shifts[m] = y.clone()
+                        squares[m] = torch.zeros_like(y)
+                    else:
+                        squares[m].add_((y - shifts[m]).square_())
+    n_mirrors = len(configs)
+    total = torch.stack(sums).sum(0)
+    mean = total / (len(models) * n_mirrors)
+    if spread:
+        model_means = torch.stack(sums) / n_mirrors
+        # Var over a model's mirrors = E[(y - s)^2] - (E[y] - s)^2 with s its first pass.
+        within = torch.stack(squares) / n_mirrors - (model_means - torch.stack(shifts)).square()
+        std_mirrors = within.clamp_min(0).mean(0).sqrt()
+        std_folds = (model_means - mean).square().mean(0).sqrt()
+        std_passes = (std_folds.square() + std_mirrors.square()).sqrt()
+    else:
+        std_passes = std_folds = std_mirrors = torch.zeros(0)
+    if squeeze:
+        mean = mean[0]
+        if spread:
+            std_passes, std_folds, std_mirrors = std_passes[0], std_folds[0], std_mirrors[0]
+    return Ensemble(mean, std_passes, std_folds, std_mirrors, len(models), n_mirrors)
 
 
 def auto_batch(
@@ -166,14 +250,35 @@ def predict_subject(
     mask_path: Path | str | None = None,
     subject: str | None = None,
     batch: int | None = None,
+    uncertainty_path: Path | str | None = None,
+    spread_path: Path | str | None = None,
+    calibration: Calibration | None = None,
+    pre_path: Path | str | None = None,
 ) -> Path:
     """Predict vir-T1c for one subject on its normalised atlas-space grid and write it with the input affine.
 
     ``channel_paths`` maps channel names to normalised NIfTIs (extra channels are ignored; the models'
     channels are required). With ``mask_path`` the prediction is set to 0 outside the brain mask.
     Runs on the GPU when there is one (``device="auto"``), otherwise on the CPU, much more slowly.
+
+    With ``uncertainty_path`` the same passes also give the uncertainty map
+    (:func:`virtual_contrast.model.uncertainty.uncertainty_map`: the ``calibration``'s expected |vir − ref|,
+    which needs the low-dose T1c among ``channel_paths`` and the pre-contrast T1 (``pre_path``, or ``T1w``
+    among ``channel_paths``); without a calibration the standard deviation over all passes, said in the log),
+    masked like vir-T1c; with ``spread_path`` the raw spreads as a 4D image
+    (:data:`~virtual_contrast.model.uncertainty.SPREAD_VOLUMES`).
     """
     t0 = time.perf_counter()
+    want_spread = uncertainty_path is not None or spread_path is not None
+    feature_paths: dict[str, Path] = {}
+    if uncertainty_path is not None and calibration is not None:
+        pre_path = pre_path or channel_paths.get(ANCHOR)
+        if LOW_DOSE not in channel_paths or pre_path is None:
+            raise InputError(
+                f"the calibrated uncertainty map needs the normalised {LOW_DOSE} and {ANCHOR}",
+                subject=subject,
+            )
+        feature_paths = {"low": Path(channel_paths[LOW_DOSE]), "pre": Path(pre_path)}
     dev = runtime.resolve_device(device)
     models, channels, ckpts = load_models(model_paths, dev)
     sv = SubjectVolumes(
@@ -182,6 +287,16 @@ def predict_subject(
         mask=Path(mask_path) if mask_path is not None else None,
     )
     inputs, _, mask, affine = load_subject_arrays(sv, channels, with_target=False)
+    features = {}
+    for name, path in feature_paths.items():
+        data = np.asanyarray(load_image(path, subject=subject).dataobj, dtype=np.float32)
+        if data.shape != inputs.shape[1:]:
+            raise InputError(
+                f"grid {data.shape} differs from the channels' {inputs.shape[1:]}",
+                subject=subject,
+                path=path,
+            )
+        features[name] = data
     grid = inputs.shape[1:]
     for p, ck in zip(model_paths, ckpts, strict=True):
         try:
@@ -198,11 +313,17 @@ def predict_subject(
             )
     x = torch.from_numpy(inputs).to(dev)
     t1 = time.perf_counter()
-    y = tta_predict(models, x, flips=flips, amp=amp, batch=batch)
+    ensemble = None
+    if want_spread:
+        ensemble = tta_ensemble(models, x, flips=flips, amp=amp, batch=batch)
+        y = ensemble.mean
+    else:
+        y = tta_predict(models, x, flips=flips, amp=amp, batch=batch)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t2 = time.perf_counter()
-    out = y[0].cpu().numpy().astype(np.float32)
+    vir = y[0].cpu().numpy().astype(np.float32)
+    out = vir
     if mask is not None:
         out = np.where(mask > 0.5, out, 0.0).astype(np.float32)
     save_image(out, affine, out_path)
@@ -216,4 +337,31 @@ def predict_subject(
         time.perf_counter() - t0,
         out_path,
     )
+    if ensemble is not None:
+        t3 = time.perf_counter()
+        if spread_path is not None:
+            spreads = [getattr(ensemble, k)[0].cpu().numpy() for k in SPREAD_VOLUMES]
+            save_image(spread_volumes(*spreads, mask), affine, spread_path)
+        if uncertainty_path is not None:
+            # On the prediction's device: the features of the calibration are a few convolutions.
+            unc, kind = uncertainty_map(
+                calibration,
+                vir=torch.from_numpy(out).to(dev),
+                low=features.get("low"),
+                pre=features.get("pre"),
+                std_passes=ensemble.std_passes[0],
+                std_mirrors=ensemble.std_mirrors[0],
+                mask=mask,
+            )
+            save_image(unc, affine, uncertainty_path)
+            log.info(
+                "sub-%s: uncertainty map (%s%s) in %.2f s → %s",
+                subject,
+                kind,
+                ""
+                if calibration
+                else ": no calibration given, the standard deviation over all passes",
+                time.perf_counter() - t3,
+                uncertainty_path,
+            )
     return Path(out_path)

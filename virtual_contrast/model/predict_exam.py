@@ -33,11 +33,14 @@ from virtual_contrast.layout import (
     ATLAS_SPACE,
     MODEL_FILES,
     NATIVE_SPACE,
+    UNCERTAINTY_CALIBRATION_NAME,
     bids_name,
     exam_work_name,
     normalized_name,
     parse_name,
     predicted_name,
+    spread_name,
+    uncertainty_name,
 )
 from virtual_contrast.preprocess.options import PreprocessOptions, brain_extraction_label
 
@@ -106,6 +109,9 @@ class Prediction:
     rejected_figure: Path | None = (
         None  # raw exam only, gate overridden: the registration to look at
     )
+    uncertainty: Path | None = None  # atlas space: the expected |vir - ref| (or the passes' spread)
+    uncertainty_native: Path | None = None  # raw exam only
+    calibration: Path | None = None  # the calibration applied; None: the map is the passes' std
 
     @property
     def gate_overridden(self) -> bool:
@@ -126,6 +132,19 @@ def find_models(paths: list[Path]) -> list[Path]:
         else:
             raise InputError("model not found", path=p)
     return found
+
+
+def find_calibration(models: list[Path], given: Path | None) -> Path | None:
+    """The uncertainty calibration: ``given``, else the workflow's file beside the fold folders
+    (``models/uncertainty_calibration.json`` next to ``models/fold-*/model.pt``), else None."""
+    if given is not None:
+        if not given.exists():
+            raise InputError("uncertainty calibration not found", path=given)
+        return given
+    folders = {m.resolve().parent.parent for m in models}
+    found = [f / UNCERTAINTY_CALIBRATION_NAME for f in folders]
+    found = [f for f in found if f.exists()]
+    return found[0] if len(found) == 1 else None
 
 
 def recorded_options(models: list[Path]) -> PreprocessOptions:
@@ -245,12 +264,18 @@ def predict_exam(
     device: str = "auto",
     tta: bool = True,
     batch: int | None = None,
+    calibration: Path | None = None,
 ) -> Prediction:
     """vir-T1c of one exam with the fold models (``model.pt`` files or folders holding them): the exam
     checked (:func:`_exam_inputs`), a raw one pre-processed (:func:`_preprocess_raw_exam`), every fold
-    model's 8 mirror configurations averaged (none with ``tta=False``), all written to ``out`` at once."""
+    model's 8 mirror configurations averaged (none with ``tta=False``), all written to ``out`` at once.
+
+    Beside vir-T1c, in both spaces: its uncertainty map, the expected |vir - ref| of ``calibration`` (default:
+    the workflow's, found beside the fold folders, :func:`find_calibration`), or without one the standard
+    deviation over the passes (the log says which); and the raw spreads of the passes (atlas space)."""
     from virtual_contrast.model.checkpoint import load_checkpoint
     from virtual_contrast.model.predict import predict_subject
+    from virtual_contrast.model.uncertainty import Calibration
     from virtual_contrast.subjects import check_subject_id
 
     if subject is not None:
@@ -262,6 +287,8 @@ def predict_exam(
         )
     models = find_models(model_paths)
     channels = list(load_checkpoint(models[0])["channels"])
+    calibration = find_calibration(models, calibration)
+    fitted = Calibration.load(calibration) if calibration is not None else None
     subject, given = _exam_inputs(files, channels, subject)
     options = check = None
     if files.raw:
@@ -269,6 +296,9 @@ def predict_exam(
 
     atlas_name = predicted_name(subject, ATLAS_SPACE)
     native_name = predicted_name(subject, NATIVE_SPACE)
+    uncertainty_names = {
+        space: uncertainty_name(subject, space) for space in (ATLAS_SPACE, NATIVE_SPACE)
+    }
     work_dir = exam_work_name(subject)
     with staged_folder(out) as stage:
         mask, to_native = files.mask, None
@@ -295,11 +325,19 @@ def predict_exam(
             mask_path=mask,
             subject=subject,
             batch=batch,
+            uncertainty_path=stage / uncertainty_names[ATLAS_SPACE],
+            spread_path=stage / spread_name(subject),
+            calibration=fitted,
+            pre_path=channel_paths.get("T1w") or given.get("T1w"),
         )
         if to_native is not None:
             to_native(stage / atlas_name, stage / native_name)
+            prepared["uncertainty_to_native"](
+                stage / uncertainty_names[ATLAS_SPACE], stage / uncertainty_names[NATIVE_SPACE]
+            )
+    uncertainty = {"uncertainty": out / uncertainty_names[ATLAS_SPACE], "calibration": calibration}
     if to_native is None:
-        return Prediction(out / atlas_name)
+        return Prediction(out / atlas_name, **uncertainty)
     gate = prepared["gate"]
     overridden = tuple(gate["failures"]) if gate.get("overridden") else ()
     return Prediction(
@@ -308,6 +346,8 @@ def predict_exam(
         out / work_dir,
         gate_failures=overridden,
         rejected_figure=_rejected_figure(out, subject) if overridden else None,
+        uncertainty_native=out / uncertainty_names[NATIVE_SPACE],
+        **uncertainty,
     )
 
 

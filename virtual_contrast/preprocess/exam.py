@@ -23,7 +23,7 @@ from virtual_contrast.io import InputError, write_json
 from virtual_contrast.preprocess.adc import adc_from_files
 from virtual_contrast.preprocess.crop import crop_images
 from virtual_contrast.preprocess.inputs import check_exam
-from virtual_contrast.preprocess.native import export_native
+from virtual_contrast.preprocess.native import export_native, export_native_uncertainty
 from virtual_contrast.preprocess.normalize import normalize_images
 from virtual_contrast.preprocess.options import PreprocessOptions
 from virtual_contrast.preprocess.quality import gate_subject
@@ -39,6 +39,7 @@ class PreparedExam(TypedDict):
     channels: dict[str, Path]  # channel name -> normalised, cropped atlas-space NIfTI
     mask: Path  # brain mask on the same grid
     to_native: Callable[[Path, Path], Path]  # atlas-space image -> the native low-dose T1c grid
+    uncertainty_to_native: Callable[[Path, Path], Path]  # its uncertainty map, the same way
     provenance: Path
     gate: dict  # the registration quality gate's verdict (``overridden`` when predicted despite it)
 
@@ -212,10 +213,23 @@ def preprocess_exam(
             subject=subject,
         )
 
+    def uncertainty_to_native(atlas_image: Path, out_path: Path) -> Path:
+        return export_native_uncertainty(
+            atlas_image,
+            low,
+            transforms["lowT1c"],
+            out_path,
+            t1_mask=native_mask,
+            t1_transform=transforms["T1w"],
+            intensity_range=low_range,
+            subject=subject,
+        )
+
     return PreparedExam(
         channels=normalized,
         mask=cropped["mask"],
         to_native=to_native,
+        uncertainty_to_native=uncertainty_to_native,
         provenance=provenance_path,
         gate=register["gate"],
     )

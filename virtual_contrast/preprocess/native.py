@@ -115,3 +115,33 @@ def export_native(
         hi,
     )
     return save_image(out_data, native.affine, out)
+
+
+def export_native_uncertainty(
+    uncertainty: Path | str,
+    native_reference: Path | str,
+    low_transform: Path | str,
+    out: Path | str,
+    *,
+    t1_mask: Path | str,
+    t1_transform: Path | str,
+    intensity_range: tuple[float, float],
+    subject: str | None = None,
+) -> Path:
+    """vir-T1c's uncertainty map (atlas space, an expected |error| in normalised units) on the native low-dose
+    T1c's grid, in the native vir-T1c's intensity units: resampled linearly (a spread has no edges worth a
+    spline's overshoot, and stays >= 0), scaled by the width of ``intensity_range`` (the factor that maps
+    vir-T1c's normalised scale onto the native one, :func:`export_native`), zero outside the same native brain
+    mask."""
+    lo, hi = (float(v) for v in intensity_range)
+    if not hi > lo:
+        raise InputError(f"empty intensity range [{lo:g}, {hi:g}]", subject=subject)
+    image = load_image(uncertainty, subject=subject)
+    native = load_image(native_reference, subject=subject)
+    matrix = load_transform(low_transform, subject=subject)
+    brain = native_brain_mask(
+        t1_mask, t1_transform, low_transform, native_reference, subject=subject
+    )
+    data = np.clip(resample_to_native(image, native, matrix, order=1), 0.0, None)
+    out_data = np.where(brain, data * (hi - lo), 0.0).astype(np.float32)
+    return save_image(out_data, native.affine, out)

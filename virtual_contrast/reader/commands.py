@@ -120,6 +120,15 @@ def _reading_lists(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review_maps(workdir: Path, lists: Path, key: Path) -> dict[str, Path]:
+    """Each test patient's vir-T1c uncertainty map (atlas space) in the workflow directory ``workdir``."""
+    from virtual_contrast.layout import predict_files
+    from virtual_contrast.reader.protocol import load_key
+
+    patients = sorted(set(load_key(key)["patient"].astype(str)))
+    return {p: workdir / predict_files(p)["uncertainty"] for p in patients}
+
+
 def _read(args: argparse.Namespace) -> int:
     from virtual_contrast.layout import default_readings_folder
     from virtual_contrast.reader.protocol import KEY_NAME
@@ -134,6 +143,9 @@ def _read(args: argparse.Namespace) -> int:
         args.out or default_readings_folder(lists),
         phase=args.phase,
         allow_changed_images=args.allow_changed_images,
+        review_maps=_review_maps(args.review, lists, args.key or lists.parent / KEY_NAME)
+        if args.review
+        else None,
     )
     with session_lock(session):
         try:
@@ -315,6 +327,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="go on although the session's images changed since its first opening (their SHA-256 is "
         "recorded then): its earlier reads were made on other images",
+    )
+    p.add_argument(
+        "--review",
+        type=Path,
+        metavar="WORKDIR",
+        help="a non-blinded review of a CLOSED phase: vir-T1c cases also show vir-T1c's uncertainty map "
+        "(from the workflow directory WORKDIR, results/sub-*/predict/); refused on a phase not yet closed",
     )
     p.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
     p.add_argument(

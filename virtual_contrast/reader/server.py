@@ -21,7 +21,8 @@ Routes (relative to ``/s/<token>/``)::
     GET  app.js, app.css, niivue.js   the page's script, style, the NiiVue viewer
     GET  api/session                  progress: case ids, read or not, closed
     GET  api/case/<case_id>           the saved read of a case (for review), or null
-    GET  image/<case_id>/<series>.nii
+    GET  image/<case_id>/<series>.nii      post, t1, flair; in a review session (a closed phase) also
+                                          uncertainty (vir-T1c cases only), never in a blinded reading
     POST api/case/<case_id>           {"lesions": [{"long": line, "short": line}], "quality": 1-5, "elapsed_s": s}
     POST api/close                    close the session
 """
@@ -43,13 +44,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from virtual_contrast.io import InputError
-from virtual_contrast.reader.session import ReadingSession
+from virtual_contrast.reader.session import REVIEW_IMAGE, ReadingSession
 from virtual_contrast.reader.viewer import STATIC_DIR, viewer_path
 from virtual_contrast.reading_copy import load_reading_copy, reading_nifti_bytes
 
 log = logging.getLogger(__name__)
 
 SERIES = {"post": "post", "t1": "T1", "flair": "FLAIR"}  # URL name -> the session's image key
+#: Served in a review session only (ReadingSession.review: a closed phase, vir-T1c cases), never while a
+#: phase is read blinded.
+REVIEW_SERIES = {"uncertainty": REVIEW_IMAGE}
 STATIC_FILES = {
     "": ("index.html", "text/html; charset=utf-8"),
     "app.js": ("app.js", "text/javascript; charset=utf-8"),
@@ -113,8 +117,9 @@ class ImageCache:
         return job
 
     def _encode(self, case_id: str, series: str) -> bytes:
-        path = self.session.case(case_id).images[SERIES[series]]
-        return reading_nifti_bytes(load_reading_copy(path, seed=f"{case_id}/{SERIES[series]}"))
+        key = {**SERIES, **REVIEW_SERIES}[series]
+        path = self.session.case(case_id).images[key]
+        return reading_nifti_bytes(load_reading_copy(path, seed=f"{case_id}/{key}"))
 
 
 class ReadingServer(ThreadingHTTPServer):
@@ -263,7 +268,8 @@ class ReadingHandler(BaseHTTPRequestHandler):
             if not self._case_or_refuse(case_id):
                 return
             case = session.case(case_id)
-            if series not in SERIES or SERIES[series] not in case.images:
+            served = {**SERIES, **REVIEW_SERIES} if session.review else SERIES
+            if series not in served or served[series] not in case.images:
                 self._error(HTTPStatus.NOT_FOUND, "no such image for this case")
                 return
             self._send(

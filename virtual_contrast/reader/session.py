@@ -31,8 +31,8 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 LESIONS_FILE = "lesions.csv"
 READS_FILE = "reads.csv"
 SESSIONS_FOLDER = "sessions"
+#: The image key of vir-T1c's uncertainty map, which only a review session's vir-T1c cases hold.
+REVIEW_IMAGE = "uncertainty"
 QUALITY_GRADES = (1, 2, 3, 4, 5)
 MAX_READING_TIME_S = 24 * 3600.0
 #: The longest line a reader can draw on a head (its diagonal is under 300 mm), and the farthest a line's end may
@@ -91,6 +93,7 @@ class ReadingSession:
         phase: int | None = None,
         *,
         allow_changed_images: bool = False,
+        review_maps: Mapping[str, Path] | None = None,
     ):
         self.lists_dir = Path(lists_dir)
         self.out_dir = Path(out_dir)
@@ -123,6 +126,28 @@ class ReadingSession:
         self.blinded = any(case.modality != "ref" for case in self.cases)
         self._check_same_cases(allow_changed_images)
         self.repair_tables()
+        self.review = review_maps is not None
+        if self.review:
+            self._open_review(review_maps)
+
+    def _open_review(self, maps: Mapping[str, Path]) -> None:
+        """A non-blinded review of a finished phase: each vir-T1c case also shows vir-T1c's uncertainty map
+        (``maps``: patient -> atlas-space map, the grid of the reading lists' images). Never in a study phase:
+        only once the reader has closed it (a closed phase records no more reads, and what the map reveals,
+        which cases are vir-T1c, can no longer change them)."""
+        if not self.closed:
+            raise InputError(
+                f"reader {self.reader!r} has not closed phase {self.phase}: a review (with vir-T1c's "
+                "uncertainty map) opens on a closed phase only, never during the blinded reading"
+            )
+        for index, case in enumerate(self.cases):
+            path = maps.get(case.patient)
+            if case.modality != "vir" or path is None:
+                continue
+            if not Path(path).exists():
+                raise InputError(f"case {case.case_id}: uncertainty map not found", path=path)
+            self.cases[index] = replace(case, images={**case.images, REVIEW_IMAGE: Path(path)})
+        self._by_id = {case.case_id: case for case in self.cases}
 
     # ---------------------------------------------------------------------------------------------- state
     @property
@@ -183,6 +208,7 @@ class ReadingSession:
             if self.blinded
             else "Full-dose post-contrast T1 (reference reading)",
             "closed": self.closed,
+            "review": self.review,
             "cases": [
                 {"case_id": c.case_id, "order": c.order, "read": c.case_id in done}
                 for c in self.cases

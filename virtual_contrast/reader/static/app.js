@@ -286,7 +286,15 @@ async function openCase(caseId) {
     const nv = viewers[series];
     nv.clearMeasurements();
     try {
-      await nv.loadVolumes([{ url: `image/${caseId}/${series}.nii`, name: `${series}.nii` }]);
+      const volumes = [{ url: `image/${caseId}/${series}.nii`, name: `${series}.nii` }];
+      // A review session (a closed phase, never a blinded reading): the uncertainty map over the image.
+      if (series === "post" && state.session.review) {
+        const overlay = `image/${caseId}/uncertainty.nii`;
+        if ((await fetch(overlay, { method: "HEAD" })).ok) {
+          volumes.push({ url: overlay, name: "uncertainty.nii", colormap: "warm", opacity: 0.45 });
+        }
+      }
+      await nv.loadVolumes(volumes);
       box.querySelector(".absent")?.setAttribute("hidden", "");
       showWindow(series);
     } catch (error) {

@@ -1,0 +1,275 @@
+"""The uncertainty map beside vir-T1c: the spread of the ensemble's passes, its calibration (fitted on
+out-of-fold predictions), the files of the workflow and of `virtual-contrast predict`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from toy_subjects import make_toy_subjects
+
+from virtual_contrast import layout
+from virtual_contrast.cli import main as cli_main
+from virtual_contrast.io import InputError
+from virtual_contrast.model.config import TrainConfig
+from virtual_contrast.model.out_of_fold import (
+    fit_from_files,
+    predict_out_of_fold,
+    uncertainty_from_files,
+)
+from virtual_contrast.model.predict import _dims, flip_configs, predict_subject, tta_ensemble
+from virtual_contrast.model.train import train_fold
+from virtual_contrast.model.uncertainty import (
+    FEATURES,
+    Calibration,
+    expected_error,
+    fit_calibration,
+)
+from virtual_contrast.model.unet import UNet3D, UNetSpec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _all_passes(models, x):
+    """Every pass, un-mirrored, as (models, mirrors, ...): the reference of the running sums."""
+    return torch.stack(
+        [
+            torch.stack([m(x.flip(_dims(c)) if c else x).flip(_dims(c)) for c in flip_configs()])
+            for m in models
+        ]
+    )
+
+
+def test_the_ensembles_spreads_are_those_of_its_passes():
+    torch.manual_seed(0)
+    models = []
+    for _ in range(3):
+        m = UNet3D(UNetSpec(in_channels=2, width=4, depth=3)).eval()
+        nn.init.normal_(m.head.weight, std=5.0)
+        models.append(m)
+    x = torch.rand(1, 2, 8, 12, 8) + 3.0  # an offset: the fp32 variance must not cancel
+    with torch.inference_mode():
+        passes = _all_passes(models, x)
+    ens = tta_ensemble(models, x, amp=False, batch=3)
+    flat = passes.reshape(-1, *passes.shape[2:])
+    torch.testing.assert_close(ens.mean, flat.mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ens.std_passes, flat.std(0, correction=0), atol=2e-5, rtol=1e-3)
+    torch.testing.assert_close(
+        ens.std_folds, passes.mean(1).std(0, correction=0), atol=2e-5, rtol=1e-3
+    )
+    within = passes.var(1, correction=0).mean(0).sqrt()
+    torch.testing.assert_close(ens.std_mirrors, within, atol=2e-5, rtol=1e-3)
+    assert float(ens.std_folds.mean()) > 1e-3 and float(ens.std_mirrors.mean()) > 1e-3
+    # One model: no fold disagreement, all of the spread is the mirrors'.
+    one = tta_ensemble(models[:1], x, amp=False)
+    assert float(one.std_folds.abs().max()) == 0.0
+    torch.testing.assert_close(one.std_passes, one.std_mirrors)
+
+
+def _synthetic_samples(rng, n_subjects=3, n=4000):
+    """Voxel features with an error that grows with the 'enhancement' feature (and noise)."""
+    samples = []
+    for _ in range(n_subjects):
+        features = rng.random((n, len(FEATURES))).astype(np.float32)
+        scale = 0.01 + 0.2 * features[:, FEATURES.index("enhancement")] ** 2
+        samples.append((features, np.abs(rng.normal(0, scale))))
+    return samples
+
+
+def test_the_calibration_learns_which_voxels_err_and_on_which_scale(tmp_path):
+    rng = np.random.default_rng(0)
+    cal = fit_calibration(_synthetic_samples(rng), ["a", "b", "c"])
+    features, error = _synthetic_samples(rng, 1)[0]
+    predicted = expected_error(cal, features)
+    from scipy.stats import spearmanr
+
+    assert spearmanr(predicted, error)[0] > 0.5
+    # On the scale of |error| (Duan's smearing), not of its geometric mean.
+    assert 0.8 < predicted.mean() / error.mean() < 1.25
+    # Stored as JSON and read back to the same map.
+    path = cal.save(tmp_path / "cal.json")
+    np.testing.assert_allclose(expected_error(Calibration.load(path), features), predicted)
+    raw = json.loads(path.read_text())
+    raw["values"][0] = raw["values"][0][:-1]
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="bad.json"):
+        Calibration.load(tmp_path / "bad.json")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two tiny fold models (1 epoch) of toy subjects 0-3 (fold f tuned on subject f), subject 4 held out."""
+    root = tmp_path_factory.mktemp("unc")
+    subjects = make_toy_subjects(root / "data", 5, (16, 16, 8), seed=3)
+    cfg = TrainConfig(width=4, depth=2, epochs=1, threads=1, progress=False)
+    models = {}
+    for fold in range(2):
+        tune = [subjects[fold], subjects[fold + 2]]
+        train = [s for s in subjects[:4] if s not in tune]
+        models[fold] = train_fold(
+            train, tune, root / "models" / f"fold-{fold}", dataclasses.replace(cfg, seed=fold)
+        )
+    folds = root / "folds.tsv"
+    folds.write_text("subject\tfold\n" + "".join(f"toy{i:02d}\t{i % 2}\n" for i in range(4)))
+    return root, models, subjects, folds
+
+
+def test_out_of_fold_calibration_and_the_maps_of_predict(trained, tmp_path):
+    root, models, subjects, folds = trained
+    items = []
+    for sv in subjects[:4]:
+        vir, spread = (
+            tmp_path / f"{sv.subject}_vir.nii.gz",
+            tmp_path / f"{sv.subject}_spread.nii.gz",
+        )
+        fold = predict_out_of_fold(
+            models, folds, sv.subject, sv.channels, vir, spread, mask_path=sv.mask, device="cpu"
+        )
+        assert fold == int(sv.subject[-2:]) % 2
+        # One model: its own passes only, so no fold disagreement in the spread file.
+        spreads = nib.load(spread).get_fdata()
+        assert spreads.shape[-1] == 3 and np.abs(spreads[..., 1]).max() == 0
+        items.append(
+            dict(subject=sv.subject, vir=vir, spread=spread, low=sv.channels["lowT1c"],
+                 pre=sv.channels["T1w"], ref=sv.target, mask=sv.mask)
+        )  # fmt: skip
+    cal_path = tmp_path / "uncertainty_calibration.json"
+    cal = fit_from_files(items, cal_path)
+    assert cal.subjects == ("toy00", "toy01", "toy02", "toy03")
+    unc = uncertainty_from_files(cal_path, **{k: items[0][k] for k in ("vir", "spread", "low", "pre", "mask")},
+                                 out=tmp_path / "oof_unc.nii.gz", subject="toy00")  # fmt: skip
+    assert nib.load(unc).get_fdata().max() > 0
+    with pytest.raises(InputError, match="not a training subject"):
+        predict_out_of_fold(models, folds, "toy04", subjects[4].channels, tmp_path / "x.nii.gz",
+                            tmp_path / "y.nii.gz", device="cpu")  # fmt: skip
+
+    # The held-out subject: the map beside vir-T1c, calibrated, zero outside the brain like vir-T1c.
+    sv = subjects[4]
+    out = predict_subject(
+        list(models.values()), sv.channels, tmp_path / "vir.nii.gz", device="cpu",
+        mask_path=sv.mask, uncertainty_path=tmp_path / "unc.nii.gz",
+        spread_path=tmp_path / "spread.nii.gz", calibration=cal,
+    )  # fmt: skip
+    brain = nib.load(sv.mask).get_fdata() > 0.5
+    vir = nib.load(out).get_fdata()
+    calibrated = nib.load(tmp_path / "unc.nii.gz").get_fdata()
+    spreads = nib.load(tmp_path / "spread.nii.gz").get_fdata()
+    assert calibrated.shape == vir.shape and (calibrated[~brain] == 0).all()
+    assert (calibrated[brain] > 0).all() and (spreads[~brain] == 0).all()
+    assert spreads[..., 1][brain].max() > 0  # two models disagree somewhere
+    # Without a calibration: the standard deviation over all passes, said so.
+    predict_subject(
+        list(models.values()), sv.channels, tmp_path / "vir2.nii.gz", device="cpu",
+        mask_path=sv.mask, uncertainty_path=tmp_path / "unc2.nii.gz",
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        nib.load(tmp_path / "unc2.nii.gz").get_fdata(), spreads[..., 0], atol=1e-6
+    )
+    np.testing.assert_allclose(nib.load(tmp_path / "vir2.nii.gz").get_fdata(), vir, atol=1e-6)
+
+
+def test_the_cli_writes_the_map_with_the_calibration_beside_the_folds(trained, tmp_path, capsys):
+    root, models, subjects, folds = trained
+    sv = subjects[4]
+    args = ["predict", "--models", str(root / "models"), "--channels-dir", str(sv.target.parent),
+            "--subject", sv.subject, "--device", "cpu"]  # fmt: skip
+    assert cli_main([*args, "--out", str(tmp_path / "a")]) == 0
+    said = capsys.readouterr().out
+    assert "UNCALIBRATED" in said
+    unc = tmp_path / "a" / layout.uncertainty_name(sv.subject)
+    assert unc.exists() and (tmp_path / "a" / layout.spread_name(sv.subject)).exists()
+    # The workflow's calibration file beside the fold folders is found and applied.
+    cal = fit_calibration(_synthetic_samples(np.random.default_rng(1)), ["x"])
+    cal.save(root / "models" / layout.UNCERTAINTY_CALIBRATION_NAME)
+    try:
+        assert cli_main([*args, "--out", str(tmp_path / "b")]) == 0
+    finally:
+        (root / "models" / layout.UNCERTAINTY_CALIBRATION_NAME).unlink()
+    said = capsys.readouterr().out
+    assert "expected |vir - ref|" in said and layout.UNCERTAINTY_CALIBRATION_NAME in said
+    calibrated = nib.load(tmp_path / "b" / layout.uncertainty_name(sv.subject)).get_fdata()
+    assert not np.allclose(calibrated, nib.load(unc).get_fdata())
+
+
+# --- evaluation: calibration scores, reliability, per lesion ------------------------------------------
+
+
+def test_calibration_scores_rank_the_largest_errors():
+    from virtual_contrast.evaluate.uncertainty import calibration_scores, reliability_table
+
+    rng = np.random.default_rng(0)
+    scale = rng.random(20000) * 0.1
+    error = np.abs(rng.normal(0, scale))
+    good = calibration_scores(scale, error)
+    assert good["spearman"] > 0.4 and good["auc_top1"] > 0.85
+    blind = calibration_scores(rng.random(20000), error)
+    assert abs(blind["spearman"]) < 0.05 and 0.4 < blind["auc_top1"] < 0.6
+    assert np.isnan(calibration_scores(np.ones(100), rng.random(100))["spearman"])
+    # E|N(0, s)| = s * sqrt(2 / pi): a map of that is calibrated, bin by bin.
+    table = reliability_table(scale * np.sqrt(2 / np.pi), error, n_bins=5)
+    assert len(table) == 5 and table["n_voxels"].sum() == 20000
+    np.testing.assert_allclose(table["observed"], table["predicted"], rtol=0.1)
+
+
+def test_false_positives_and_misses_are_told_from_true_positives_with_their_uncertainty():
+    from virtual_contrast.evaluate.uncertainty import (
+        lesion_uncertainty,
+        outcome_summary,
+        uncertainty_by_outcome,
+    )
+
+    labels = np.zeros((10, 10, 10), int)
+    labels[1:3, 1:3, 1:3] = 1
+    labels[6:8, 6:8, 6:8] = 2
+    unc = np.full(labels.shape, 0.01)
+    unc[6:8, 6:8, 6:8] = 0.2
+    unc[4, 8, 2] = 0.5  # where a true lesion lies that no detection found
+    np.testing.assert_allclose(lesion_uncertainty(labels, unc, [2, 1]), [0.2, 0.01])
+    affine = np.eye(4)  # 1 mm voxels, world = voxel indices
+    lesion = dict(long_axis_mm=2.0, short_axis_mm=2.0)
+    detections = pd.DataFrame(
+        [dict(x_mm=1.5, y_mm=1.5, z_mm=1.5, mean_uncertainty=0.01, **lesion),
+         dict(x_mm=6.5, y_mm=6.5, z_mm=6.5, mean_uncertainty=0.2, **lesion)]
+    )  # fmt: skip
+    truth = pd.DataFrame(
+        [dict(x_mm=1.5, y_mm=1.5, z_mm=1.5, **lesion), dict(x_mm=4, y_mm=8, z_mm=2, **lesion)]
+    )
+    table = uncertainty_by_outcome("s1", detections, truth, unc, affine)
+    assert list(table["outcome"]) == ["true_positive", "false_positive", "missed"]
+    np.testing.assert_allclose(table["mean_uncertainty"][:2], [0.01, 0.2])
+    assert table["mean_uncertainty"][2] > 0.05  # the ball around the missed lesion holds the 0.5
+    summary = outcome_summary(table.assign(group="test")).set_index("outcome")
+    assert summary.loc["false_positive", "p_higher_than_tp"] == 1.0
+    assert summary.loc["missed", "p_higher_than_tp"] == 1.0
+    assert summary.loc["true_positive", "n"] == 1
+
+
+def test_the_montage_and_the_overlay_show_the_map(tmp_path):
+    from virtual_contrast.evaluate.figures import plot_montage
+    from virtual_contrast.evaluate.overlays import plot_detection_overlay
+
+    rng = np.random.default_rng(0)
+    shape = (12, 14, 10)
+    images = {k: rng.random(shape).astype(np.float32) for k in ("t1", "low", "vir", "ref")}
+    mask = np.ones(shape, bool)
+    unc = rng.random(shape).astype(np.float32) * 0.1
+    plain = plot_montage(images, tmp_path / "plain.png", mask=mask)
+    with_map = plot_montage(images, tmp_path / "map.png", mask=mask, uncertainty=unc)
+    from matplotlib.image import imread
+
+    assert imread(with_map).shape[0] > 1.5 * imread(plain).shape[0]  # a second row
+    labels = {m: np.zeros(shape, np.int16) for m in ("ref", "vir")}
+    table = pd.DataFrame(columns=["lesion_id", "x_mm", "y_mm", "z_mm", "long_axis_mm",
+                                  "short_axis_mm", "volume_mm3"])  # fmt: skip
+    args = ({m: images[m] for m in ("ref", "vir")}, labels, {"ref": table, "vir": table}, np.eye(4))
+    two = plot_detection_overlay(*args, tmp_path / "two.png")
+    three = plot_detection_overlay(*args, tmp_path / "three.png", uncertainty=unc)
+    assert imread(three).shape[1] > 1.3 * imread(two).shape[1]  # a column more
+    with pytest.raises(InputError, match="grid"):
+        plot_detection_overlay(*args, tmp_path / "x.png", uncertainty=unc[:-1])
