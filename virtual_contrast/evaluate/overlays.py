@@ -172,11 +172,12 @@ def plot_detection_overlay(
         axes[r][0].set_ylabel(label, fontsize=8)
     suffix = f" (+{more} more sites not shown)" if more else ""
     heading = textwrap.fill(f"{title}{suffix}", width=int(12 * width))
-    fig.suptitle(heading, fontsize=9)
-    # tight_layout does not make room for the suptitle: keep its lines (and a gap) above the first row,
-    # where they covered the column titles of a tall figure.
+    # The title hangs from the top edge (the default height is a fraction of the figure, far down a tall
+    # one) and tight_layout keeps its lines and a gap free above the first row; it covered the column
+    # titles of a tall figure.
     height = fig.get_figheight()
-    fig.tight_layout(rect=(0, 0, 1, 1 - (0.17 * (heading.count("\n") + 1) + 0.12) / height))
+    fig.suptitle(heading, fontsize=9, y=1 - 0.06 / height, va="top")
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.17 * (heading.count("\n") + 1) + 0.15) / height))
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
