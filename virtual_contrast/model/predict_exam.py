@@ -65,7 +65,7 @@ def raw_exam_files(channels: list[str]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class ExamFiles:
     """The exam as given on the command line: ``images`` by flag without "--" (``t1``, ``t2``, ``adc``,
-    ``dwi``, ...; only those given). It is a raw exam when ``raw`` is set or a file that exists only raw
+    ``dwi``, ...; only those given). It is a raw exam when ``raw_exam`` is set or a file that exists only raw
     (the DWI, its b-values) is given; then every image is raw."""
 
     images: dict[str, Path] = field(default_factory=dict)
@@ -328,7 +328,7 @@ def predict_exam(
             uncertainty_path=stage / uncertainty_names[ATLAS_SPACE],
             spread_path=stage / spread_name(subject),
             calibration=fitted,
-            pre_path=channel_paths.get("T1w") or given.get("T1w"),
+            pre_path=channel_paths.get(sequences.ANCHOR) or given.get(sequences.ANCHOR),
         )
         if to_native is not None:
             to_native(stage / atlas_name, stage / native_name)
