@@ -5,7 +5,11 @@ from _common import setup
 
 from virtual_contrast.model.predict import predict_subject
 from virtual_contrast.model.uncertainty import Calibration
-from virtual_contrast.preprocess.native import export_native, export_native_uncertainty
+from virtual_contrast.preprocess.native import (
+    native_grid,
+    prediction_to_native,
+    uncertainty_to_native,
+)
 from virtual_contrast.sequences import LOW_DOSE
 
 log = setup(snakemake)
@@ -25,17 +29,13 @@ predict_subject(
     pre_path=snakemake.input.pre,
 )
 low = json.loads(Path(snakemake.input.normalize).read_text())[snakemake.params.low_dose]
-for export, atlas, native in (
-    (export_native, snakemake.output.atlas, snakemake.output.native),
-    (export_native_uncertainty, snakemake.output.uncertainty, snakemake.output.uncertainty_native),
-):
-    export(
-        atlas,
-        snakemake.input.native,
-        snakemake.input.low_transform,
-        native,
-        t1_mask=snakemake.input.native_mask,
-        t1_transform=snakemake.input.t1_transform,
-        intensity_range=(low["low_value"], low["high_value"]),
-        subject=subject,
-    )
+grid = native_grid(
+    snakemake.input.native,
+    snakemake.input.low_transform,
+    t1_mask=snakemake.input.native_mask,
+    t1_transform=snakemake.input.t1_transform,
+    intensity_range=(low["low_value"], low["high_value"]),
+    subject=subject,
+)
+prediction_to_native(snakemake.output.atlas, grid, snakemake.output.native)
+uncertainty_to_native(snakemake.output.uncertainty, grid, snakemake.output.uncertainty_native)

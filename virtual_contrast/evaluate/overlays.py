@@ -133,26 +133,23 @@ def plot_detection_overlay(
             site = sites.iloc[r]
             ijk = inverse @ [site.x_mm, site.y_mm, site.z_mm, 1.0]
             k = int(np.clip(np.round(ijk[2]), 0, shape[2] - 1))
-        for c, name in enumerate(names):
+        panels = [
+            (ras[name], name, "gray", 1.0, {**TITLES, **(titles or {})}.get(name, name))
+            for name in names
+        ]
+        if unc_column:
+            top = unc_top if unc_top > 0 else 1.0
+            panels.append((unc_ras, "vir", "magma", top, f"vir-T1c uncertainty (0-{unc_top:.2g})"))
+        for c, (volume, outlined, cmap, vmax, title) in enumerate(panels):
             ax = axes[r][c]
             # Rows run anterior -> posterior (top -> bottom), the subject's right on the viewer's left.
-            plane = ras[name][:, :, k].T[::-1, ::-1]
-            ax.imshow(plane, cmap="gray", vmin=0, vmax=1, origin="upper")
-            _outline(ax, lab[name][:, :, k].T[::-1, ::-1], detections[name], matched[name], truth)
-            if truth is not None:
-                _circle_truth(ax, truth, inverse, voxel, k, shape)
-            if site is not None:
-                _box_site(ax, site, inverse, voxel, shape)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title({**TITLES, **(titles or {})}.get(name, name), fontsize=9)
-        if unc_column:
-            ax = axes[r][-1]
-            plane = unc_ras[:, :, k].T[::-1, ::-1]
-            ax.imshow(plane, cmap="magma", vmin=0, vmax=unc_top if unc_top > 0 else 1.0)
+            ax.imshow(volume[:, :, k].T[::-1, ::-1], cmap=cmap, vmin=0, vmax=vmax, origin="upper")
             _outline(
-                ax, lab["vir"][:, :, k].T[::-1, ::-1], detections["vir"], matched["vir"], truth
+                ax,
+                lab[outlined][:, :, k].T[::-1, ::-1],
+                detections[outlined],
+                matched[outlined],
+                truth,
             )
             if truth is not None:
                 _circle_truth(ax, truth, inverse, voxel, k, shape)
@@ -161,7 +158,7 @@ def plot_detection_overlay(
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"vir-T1c uncertainty (0-{unc_top:.2g})", fontsize=9)
+                ax.set_title(title, fontsize=9)
         label = (
             "no detection"
             if site is None

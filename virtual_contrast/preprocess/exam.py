@@ -11,6 +11,7 @@ The exam holds the models' input sequences, the pre-contrast T1 and the low-dose
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,7 +24,12 @@ from virtual_contrast.io import InputError, write_json
 from virtual_contrast.preprocess.adc import adc_from_files
 from virtual_contrast.preprocess.crop import crop_images
 from virtual_contrast.preprocess.inputs import check_exam
-from virtual_contrast.preprocess.native import export_native, export_native_uncertainty
+from virtual_contrast.preprocess.native import (
+    NativeGrid,
+    native_grid,
+    prediction_to_native,
+    uncertainty_to_native,
+)
 from virtual_contrast.preprocess.normalize import normalize_images
 from virtual_contrast.preprocess.options import PreprocessOptions
 from virtual_contrast.preprocess.quality import gate_subject
@@ -201,26 +207,15 @@ def preprocess_exam(
     )
     low_range = (ranges[LOW_DOSE]["low_value"], ranges[LOW_DOSE]["high_value"])
 
-    def to_native(atlas_image: Path, out_path: Path) -> Path:
-        return export_native(
-            atlas_image,
+    @functools.cache
+    def grid() -> (
+        NativeGrid
+    ):  # once, and only when a prediction comes back (the gate may refuse first)
+        return native_grid(
             low,
             transforms[LOW_DOSE],
-            out_path,
             t1_mask=native_mask,
             t1_transform=transforms[ANCHOR],
-            intensity_range=low_range,
-            subject=subject,
-        )
-
-    def uncertainty_to_native(atlas_image: Path, out_path: Path) -> Path:
-        return export_native_uncertainty(
-            atlas_image,
-            low,
-            transforms["lowT1c"],
-            out_path,
-            t1_mask=native_mask,
-            t1_transform=transforms["T1w"],
             intensity_range=low_range,
             subject=subject,
         )
@@ -228,8 +223,10 @@ def preprocess_exam(
     return PreparedExam(
         channels=normalized,
         mask=cropped["mask"],
-        to_native=to_native,
-        uncertainty_to_native=uncertainty_to_native,
+        to_native=lambda atlas_image, out_path: prediction_to_native(atlas_image, grid(), out_path),
+        uncertainty_to_native=lambda atlas_image, out_path: uncertainty_to_native(
+            atlas_image, grid(), out_path
+        ),
         provenance=provenance_path,
         gate=register["gate"],
     )

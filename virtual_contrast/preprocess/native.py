@@ -24,8 +24,10 @@ was mapped to the low end of the range: thousands of isolated voxels around ever
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -72,6 +74,80 @@ def native_brain_mask(
     return largest_component(on_low)
 
 
+@dataclass(frozen=True)
+class NativeGrid:
+    """Where an atlas-space image of one subject goes back to: the native low-dose T1c (its grid and affine),
+    the atlas world → low-dose world transform, the native brain mask on that grid (:func:`native_brain_mask`)
+    and the low-dose T1c's normalisation range (its 1st and 99th brain percentiles). Built once per subject by
+    :func:`native_grid`, used by vir-T1c and its uncertainty map alike."""
+
+    reference: nib.Nifti1Image
+    transform: np.ndarray
+    brain: np.ndarray
+    intensity_range: tuple[float, float]
+    subject: str | None = None
+
+
+def native_grid(
+    native_reference: Path | str,
+    low_transform: Path | str,
+    *,
+    t1_mask: Path | str,
+    t1_transform: Path | str,
+    intensity_range: tuple[float, float],
+    subject: str | None = None,
+) -> NativeGrid:
+    """:class:`NativeGrid` from the files the registration and skull stripping wrote: ``low_transform`` maps
+    atlas world → low-dose world and ``t1_transform`` atlas world → T1 world; ``t1_mask`` is the native T1's
+    brain mask; ``intensity_range`` the low-dose T1c's normalisation range."""
+    lo, hi = (float(v) for v in intensity_range)
+    if not hi > lo:
+        raise InputError(f"empty intensity range [{lo:g}, {hi:g}]", subject=subject)
+    return NativeGrid(
+        reference=load_image(native_reference, subject=subject),
+        transform=load_transform(low_transform, subject=subject),
+        brain=native_brain_mask(
+            t1_mask, t1_transform, low_transform, native_reference, subject=subject
+        ),
+        intensity_range=(lo, hi),
+        subject=subject,
+    )
+
+
+def prediction_to_native(prediction: Path | str, grid: NativeGrid, out: Path | str) -> Path:
+    """Write ``prediction`` (atlas space, normalised scale) on the native grid: see the module docstring."""
+    lo, hi = grid.intensity_range
+    pred = load_image(prediction, subject=grid.subject)
+    atlas = np.asanyarray(pred.dataobj)
+    bottom, top = min(float(atlas.min()), 0.0), float(atlas.max())
+    data = np.clip(resample_to_native(pred, grid.reference, grid.transform, order=3), bottom, top)
+    out_data = np.where(grid.brain, lo + data * (hi - lo), 0.0).astype(np.float32)
+    inside = out_data[grid.brain]
+    log.info(
+        "vir-T1c on the native grid %s: %d brain voxels, intensities in [%g, %g] (the low-dose T1c's 1st-99th "
+        "brain percentiles: [%g, %g])",
+        grid.reference.shape,
+        int(grid.brain.sum()),
+        float(inside.min()),
+        float(inside.max()),
+        lo,
+        hi,
+    )
+    return save_image(out_data, grid.reference.affine, out)
+
+
+def uncertainty_to_native(uncertainty: Path | str, grid: NativeGrid, out: Path | str) -> Path:
+    """vir-T1c's uncertainty map (atlas space, an expected |error| in normalised units) on the native grid, in
+    the native vir-T1c's intensity units: resampled linearly (a spread has no edges worth a spline's
+    overshoot, and stays >= 0), scaled by the width of the intensity range (the factor that maps vir-T1c's
+    normalised scale onto the native one, :func:`prediction_to_native`), zero outside the same brain mask."""
+    lo, hi = grid.intensity_range
+    image = load_image(uncertainty, subject=grid.subject)
+    data = np.clip(resample_to_native(image, grid.reference, grid.transform, order=1), 0.0, None)
+    out_data = np.where(grid.brain, data * (hi - lo), 0.0).astype(np.float32)
+    return save_image(out_data, grid.reference.affine, out)
+
+
 def export_native(
     prediction: Path | str,
     native_reference: Path | str,
@@ -83,65 +159,13 @@ def export_native(
     intensity_range: tuple[float, float],
     subject: str | None = None,
 ) -> Path:
-    """Write ``prediction`` (atlas space, normalised scale) on ``native_reference``'s grid: see the module
-    docstring.
-
-    ``low_transform`` maps atlas world → low-dose world and ``t1_transform`` atlas world → T1 world (both as
-    written by the registration); ``t1_mask`` is the native T1's brain mask; ``intensity_range`` the low-dose
-    T1c's normalisation range.
-    """
-    lo, hi = (float(v) for v in intensity_range)
-    if not hi > lo:
-        raise InputError(f"empty intensity range [{lo:g}, {hi:g}]", subject=subject)
-    pred = load_image(prediction, subject=subject)
-    native = load_image(native_reference, subject=subject)
-    matrix = load_transform(low_transform, subject=subject)
-    brain = native_brain_mask(
-        t1_mask, t1_transform, low_transform, native_reference, subject=subject
+    """:func:`prediction_to_native` in one call, from the files (:func:`native_grid`)."""
+    grid = native_grid(
+        native_reference,
+        low_transform,
+        t1_mask=t1_mask,
+        t1_transform=t1_transform,
+        intensity_range=intensity_range,
+        subject=subject,
     )
-    atlas = np.asanyarray(pred.dataobj)
-    bottom, top = min(float(atlas.min()), 0.0), float(atlas.max())
-    data = np.clip(resample_to_native(pred, native, matrix, order=3), bottom, top)
-    out_data = np.where(brain, lo + data * (hi - lo), 0.0).astype(np.float32)
-    inside = out_data[brain]
-    log.info(
-        "vir-T1c on the native grid %s: %d brain voxels, intensities in [%g, %g] (the low-dose T1c's 1st-99th "
-        "brain percentiles: [%g, %g])",
-        native.shape,
-        int(brain.sum()),
-        float(inside.min()),
-        float(inside.max()),
-        lo,
-        hi,
-    )
-    return save_image(out_data, native.affine, out)
-
-
-def export_native_uncertainty(
-    uncertainty: Path | str,
-    native_reference: Path | str,
-    low_transform: Path | str,
-    out: Path | str,
-    *,
-    t1_mask: Path | str,
-    t1_transform: Path | str,
-    intensity_range: tuple[float, float],
-    subject: str | None = None,
-) -> Path:
-    """vir-T1c's uncertainty map (atlas space, an expected |error| in normalised units) on the native low-dose
-    T1c's grid, in the native vir-T1c's intensity units: resampled linearly (a spread has no edges worth a
-    spline's overshoot, and stays >= 0), scaled by the width of ``intensity_range`` (the factor that maps
-    vir-T1c's normalised scale onto the native one, :func:`export_native`), zero outside the same native brain
-    mask."""
-    lo, hi = (float(v) for v in intensity_range)
-    if not hi > lo:
-        raise InputError(f"empty intensity range [{lo:g}, {hi:g}]", subject=subject)
-    image = load_image(uncertainty, subject=subject)
-    native = load_image(native_reference, subject=subject)
-    matrix = load_transform(low_transform, subject=subject)
-    brain = native_brain_mask(
-        t1_mask, t1_transform, low_transform, native_reference, subject=subject
-    )
-    data = np.clip(resample_to_native(image, native, matrix, order=1), 0.0, None)
-    out_data = np.where(brain, data * (hi - lo), 0.0).astype(np.float32)
-    return save_image(out_data, native.affine, out)
+    return prediction_to_native(prediction, grid, out)
