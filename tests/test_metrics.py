@@ -238,6 +238,24 @@ def test_evaluate_subject_writes_metrics_and_roc(tmp_path) -> None:
     assert not list((tmp_path / "fig").glob(".*"))  # no temporary file left behind
 
 
+def test_the_montage_slice_avoids_the_skull_base_however_bright():
+    """A real head's most enhancing slices are at the skull base (sinuses, with little brain): the montage
+    shows the lesion in the brain's body instead."""
+    shape = (24, 24, 20)
+    pre = np.full(shape, 0.3, np.float32)
+    mask = np.zeros(shape, bool)
+    mask[4:20, 4:20, 6:18] = True  # the brain's body
+    mask[10:14, 10:14, 1:6] = True  # the skull base: a small cross-section
+    ref = pre.copy()
+    ref[10:14, 10:14, 2] = 1.0  # a venous sinus: the most enhancement of any slice
+    ref[8:11, 8:11, 11:13] = 0.8  # a lesion
+    assert (ref - pre)[:, :, 2].sum() > (ref - pre)[:, :, 11].sum()
+    assert figures.select_axial_slice(ref, pre, mask) in (11, 12)
+    # Nothing enhancing in the brain's body: its largest slice, not the sinus.
+    ref[8:11, 8:11, 11:13] = 0.3
+    assert figures.select_axial_slice(ref, pre, mask) in range(6, 18)
+
+
 def _write_case(tmp_path, *, scale: float = 1.0):
     rng = np.random.default_rng(6)
     shape = (20, 20, 16)

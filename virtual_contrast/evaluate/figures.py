@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
+from scipy import ndimage, stats  # noqa: E402
 
 from virtual_contrast.evaluate.metrics import display_decimals  # noqa: E402
 from virtual_contrast.io import InputError, atomic_path  # noqa: E402
@@ -126,18 +126,33 @@ def plot_mean_roc(
     return _save(fig, path)
 
 
+#: Slices whose brain cross-section is smaller than this fraction of the largest one's are not shown by
+#: default, and enhancement counts only this deep into the brain (a fraction of the deepest voxel's distance
+#: to the mask's edge, about 9 mm in an adult brain): on real heads the venous sinuses, the dura, the
+#: choroid plexus and the skull base enhance the most of a T1c, at the brain's surface or in small
+#: cross-sections (BraTS-MET-00110 and TCGA-FG-6692 both went there).
+MIN_SLICE_BRAIN_FRACTION = 0.5
+MIN_DEPTH_FRACTION = 0.15
+
+
 def select_axial_slice(ref: np.ndarray, pre: np.ndarray, mask: np.ndarray) -> int:
-    """Axial slice (last axis) with the most reference enhancement in the brain; the mask's largest slice
-    when nothing enhances."""
+    """Axial slice (last axis) with the most reference enhancement inside the brain (at least
+    :data:`MIN_DEPTH_FRACTION` deep), among the slices whose brain cross-section is at least
+    :data:`MIN_SLICE_BRAIN_FRACTION` of the largest; the largest slice when nothing enhances there."""
     mask = np.asarray(mask) > 0
+    area = mask.sum(axis=(0, 1))
+    if not area.any():
+        return mask.shape[2] // 2
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    inner = depth >= MIN_DEPTH_FRACTION * depth.max()
     enh = (
         np.clip(np.asarray(ref, dtype=np.float32) - np.asarray(pre, dtype=np.float32), 0, None)
-        * mask
+        * inner
     )
-    per_slice = enh.sum(axis=(0, 1))
+    per_slice = np.where(area >= MIN_SLICE_BRAIN_FRACTION * area.max(), enh.sum(axis=(0, 1)), 0)
     if per_slice.max() > 0:
         return int(np.argmax(per_slice))
-    return int(np.argmax(mask.sum(axis=(0, 1))))
+    return int(np.argmax(area))
 
 
 def plot_montage(
