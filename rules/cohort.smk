@@ -3,6 +3,8 @@
 
 
 rule exclusions:
+    # Tables from tables, seconds: on a cluster it runs beside Snakemake, not as a queued job.
+    localrule: True
     output:
         table=report(
             layout.table("exclusions"),
@@ -57,6 +59,8 @@ rule cohort:
 
 
 rule cohort_truth:
+    # Tables from tables, seconds: on a cluster it runs beside Snakemake, not as a queued job.
+    localrule: True
     input:
         STUDY.cohort_lesion_tables(),
     output:

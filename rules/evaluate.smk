@@ -34,6 +34,8 @@ rule metrics:
 
 
 rule voxel_metrics:
+    # Tables from tables, seconds: on a cluster it runs beside Snakemake, not as a queued job.
+    localrule: True
     input:
         metrics=expand(rules.metrics.output.metrics, subject=STUDY.test_subjects),
         roc=expand(rules.metrics.output.roc, subject=STUDY.test_subjects),

@@ -4,6 +4,8 @@
 
 
 rule split:
+    # Tables from tables, seconds: on a cluster it runs beside Snakemake, not as a queued job.
+    localrule: True
     output:
         folds=layout.table("folds"),
     params:

@@ -40,6 +40,8 @@ rule qc:
 # Every subject's figures with the verdict of the configured gate, rejected subjects included: it reads the
 # registrations, not the gate's jobs (which fail for a rejected subject).
 rule registration_quality:
+    # Tables from tables, seconds: on a cluster it runs beside Snakemake, not as a queued job.
+    localrule: True
     input:
         expand(rules.register.output.provenance, subject=SUBJECTS),
     output:

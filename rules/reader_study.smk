@@ -3,6 +3,8 @@
 
 
 rule reader_stats:
+    # Tables from tables, seconds: on a cluster it runs beside Snakemake, not as a queued job.
+    localrule: True
     input:
         unpack(get_reader_inputs),
     output:
@@ -46,6 +48,8 @@ rule reading_lists:
 
 
 rule demographics:
+    # Tables from tables, seconds: on a cluster it runs beside Snakemake, not as a queued job.
+    localrule: True
     output:
         table=report(
             layout.table("demographics"),
@@ -66,6 +70,8 @@ rule demographics:
 # Embedded cohort: the same statistics with the cohort's true lesions as the reference reader `truth`, so that
 # Table 5 shows `auto` reading low-T1c and vir-T1c against the truth beside the auto-vs-auto table above.
 rule reader_stats_truth:
+    # Tables from tables, seconds: on a cluster it runs beside Snakemake, not as a queued job.
+    localrule: True
     input:
         detections=expand(rules.detect_lesions.output.detections, subject=STUDY.test_subjects),
         transforms=[registration_transform(s, TARGET) for s in STUDY.test_subjects],

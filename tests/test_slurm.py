@@ -11,7 +11,7 @@ The workflow is a parameter: ``VC_SLURM_WORKFLOWS`` (comma-separated) picks amon
 tests/data/slurm_toy, 5 sbatch jobs in 4 rounds including the retry of a "preempted" train job,
 60-90 s on 2 cores, mostly the plugin's status polling: ~14 s per round) and ``tiny`` (the project's
 workflow with tests/tiny.yaml; 38 preprocessing jobs took 555 s with 2 at a time).
-``VC_SLURM_JOBS`` sets how many SLURM jobs run at once (default 2).
+``VC_SLURM_JOBS`` sets how many SLURM jobs run at once (default 3).
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ def test_workflow_runs_through_slurm_like_locally(case_name, slurm_cluster, tmp_
             case.timeout_s,
         )
     # Few jobs at once: the test node declares 16 CPUs it does not have (.ci/slurm_cluster.sh).
-    max_jobs = os.environ.get("VC_SLURM_JOBS", "2")
+    max_jobs = os.environ.get("VC_SLURM_JOBS", "3")
     slurm_s = run_snakemake(
         [
             "--profile",
