@@ -125,6 +125,14 @@ def plot_detection_overlay(
     inverse = np.linalg.inv(ras_affine)
     voxel = np.linalg.norm(ras_affine[:3, :3], axis=0)
     shape = next(iter(ras.values())).shape
+    # Each column: (volume, whose detections it outlines, colour map, top of the scale, title).
+    panels = [
+        (ras[name], name, "gray", 1.0, {**TITLES, **(titles or {})}.get(name, name))
+        for name in names
+    ]
+    if unc_column:
+        top = unc_top if unc_top > 0 else 1.0
+        panels.append((unc_ras, "vir", "magma", top, f"vir-T1c uncertainty (0-{unc_top:.2g})"))
     for r in range(rows):
         if sites.empty:
             k = shape[2] // 2
@@ -133,13 +141,6 @@ def plot_detection_overlay(
             site = sites.iloc[r]
             ijk = inverse @ [site.x_mm, site.y_mm, site.z_mm, 1.0]
             k = int(np.clip(np.round(ijk[2]), 0, shape[2] - 1))
-        panels = [
-            (ras[name], name, "gray", 1.0, {**TITLES, **(titles or {})}.get(name, name))
-            for name in names
-        ]
-        if unc_column:
-            top = unc_top if unc_top > 0 else 1.0
-            panels.append((unc_ras, "vir", "magma", top, f"vir-T1c uncertainty (0-{unc_top:.2g})"))
         for c, (volume, outlined, cmap, vmax, title) in enumerate(panels):
             ax = axes[r][c]
             # Rows run anterior -> posterior (top -> bottom), the subject's right on the viewer's left.
