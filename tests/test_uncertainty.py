@@ -250,7 +250,8 @@ def test_false_positives_and_misses_are_told_from_true_positives_with_their_unce
     assert summary.loc["true_positive", "n"] == 1
 
 
-def test_the_montage_and_the_overlay_show_the_map(tmp_path):
+def test_the_montage_and_the_overlay_show_the_map(tmp_path, monkeypatch):
+    from virtual_contrast.evaluate import overlays
     from virtual_contrast.evaluate.figures import plot_montage
     from virtual_contrast.evaluate.overlays import plot_detection_overlay
 
@@ -269,7 +270,19 @@ def test_the_montage_and_the_overlay_show_the_map(tmp_path):
                                   "short_axis_mm", "volume_mm3"])  # fmt: skip
     args = ({m: images[m] for m in ("ref", "vir")}, labels, {"ref": table, "vir": table}, np.eye(4))
     two = plot_detection_overlay(*args, tmp_path / "two.png")
-    three = plot_detection_overlay(*args, tmp_path / "three.png", uncertainty=unc)
+    figures = []
+    monkeypatch.setattr(overlays.plt, "close", figures.append)
+    three = plot_detection_overlay(
+        *args, tmp_path / "three.png", uncertainty=unc, title="sub-p01: automated reader"
+    )
     assert imread(three).shape[1] > 1.3 * imread(two).shape[1]  # a column more
+    # The figure keeps its own title; the map's column has its own (a loop variable once took the former).
+    (fig,) = figures
+    assert fig._suptitle.get_text().startswith("sub-p01: automated reader")
+    assert [ax.get_title() for ax in fig.axes][:3] == [
+        "ref-T1c",
+        "vir-T1c",
+        "vir-T1c uncertainty (0-0.1)",
+    ]
     with pytest.raises(InputError, match="grid"):
         plot_detection_overlay(*args, tmp_path / "x.png", uncertainty=unc[:-1])

@@ -141,7 +141,7 @@ def plot_detection_overlay(
             site = sites.iloc[r]
             ijk = inverse @ [site.x_mm, site.y_mm, site.z_mm, 1.0]
             k = int(np.clip(np.round(ijk[2]), 0, shape[2] - 1))
-        for c, (volume, outlined, cmap, vmax, title) in enumerate(panels):
+        for c, (volume, outlined, cmap, vmax, column_title) in enumerate(panels):
             ax = axes[r][c]
             # Rows run anterior -> posterior (top -> bottom), the subject's right on the viewer's left.
             ax.imshow(volume[:, :, k].T[::-1, ::-1], cmap=cmap, vmin=0, vmax=vmax, origin="upper")
@@ -159,7 +159,7 @@ def plot_detection_overlay(
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(title, fontsize=9)
+                ax.set_title(column_title, fontsize=9)
         label = (
             "no detection"
             if site is None
