@@ -207,10 +207,9 @@ def preprocess_exam(
     )
     low_range = (ranges[LOW_DOSE]["low_value"], ranges[LOW_DOSE]["high_value"])
 
+    # Built once, and only when a prediction comes back (the gate may refuse the exam first).
     @functools.cache
-    def grid() -> (
-        NativeGrid
-    ):  # once, and only when a prediction comes back (the gate may refuse first)
+    def grid() -> NativeGrid:
         return native_grid(
             low,
             transforms[LOW_DOSE],
