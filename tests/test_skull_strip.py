@@ -418,7 +418,7 @@ def deepbet_masks(shared_data, tmp_path_factory) -> dict[str, np.ndarray]:
 
 #: Least Dice of HD-BET v1's fast mode with deepbet, per head. BraTS-MET-00110 falls short of 0.92: there fold 0
 #: alone leaves out part of the occipital lobe of this skull-stripped image (measured 0.906, 1262 mL; the five
-#: folds of the accurate mode give 0.963 without mirroring; benchmarks/skull_strip.py measures the accurate mode).
+#: folds x 8 mirrors of the accurate mode give 0.964, in 1,440 CPU seconds; benchmarks/skull_strip.py measures it).
 LEAST_DICE_WITH_DEEPBET = {"TCGA-FG-6692": 0.92, "BraTS-MET-00110": 0.90, "BraTS-GLI-00001": 0.92}
 
 
