@@ -34,6 +34,8 @@ def test_every_name_of_a_sequence_comes_from_the_table():
     assert set(layout.BIDS_SEQUENCES) == set(sequences.exam_files(sequences.KEYS))
     assert sequences.INPUT_CHANNELS == ("T1w", "T2w", "FLAIR", "ADC", "lowT1c")
     assert sequences.TARGET == "refT1c"
+    # Each sequence's alignment feature is one that preprocess.register knows (its default included).
+    assert {s.align_feature for s in sequences.SEQUENCES} <= set(sequences.ALIGN_FEATURES)
 
 
 def test_a_study_needs_its_channels_the_t1_the_low_dose_and_the_target():

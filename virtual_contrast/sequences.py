@@ -18,6 +18,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+#: What a sequence's rigid alignment with the T1 may compare (:attr:`Sequence.align_feature`); the first is
+#: the default.
+ALIGN_FEATURES = ("intensity", "gradient")
+
 #: ``registered_to`` of the sequence that is registered to the atlas (12 DOF); every other sequence is
 #: registered rigidly to that one.
 ATLAS = "atlas"
@@ -51,7 +55,7 @@ class Sequence:
     #: What its rigid alignment with the T1 compares: "intensity" (mutual information of the images) or
     #: "gradient" (of their gradient magnitudes, edges against edges), for a contrast whose intensities
     #: within the T1's brain mislead mutual information (see ``virtual_contrast.preprocess.register``).
-    align_feature: str = "intensity"
+    align_feature: str = ALIGN_FEATURES[0]
 
     @property
     def columns(self) -> tuple[str, ...]:

@@ -53,6 +53,7 @@ from virtual_contrast.preprocess.options import GateOptions
 from virtual_contrast.preprocess.registration import select_backend
 from virtual_contrast.preprocess.registration.base import Backend, Registration
 from virtual_contrast.preprocess.transforms import carry_mask, resample, save_transform, voxel_sizes
+from virtual_contrast.sequences import ALIGN_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,6 @@ def gate_registration(
 #: Scale (mm) of the Gaussian derivative in :func:`gradient_magnitude`: a few voxels of the usual 1 mm
 #: grids, the thickness of cortex and ventricle walls, above the noise's scale.
 GRADIENT_SIGMA_MM = 2.0
-ALIGN_FEATURES = ("intensity", "gradient")
 
 
 def gradient_magnitude(
@@ -307,7 +307,7 @@ def register_rigid(
     reference_brain: np.ndarray | nib.Nifti1Image,
     engine: Backend,
     *,
-    feature: str = "intensity",
+    feature: str = ALIGN_FEATURES[0],
 ) -> Registration:
     """6 DOF, two sequences of one exam: the whole moving image aligned with the reference within the
     reference's brain grown by :data:`BRAIN_MARGIN_MM`, started from the scanner's own alignment.
@@ -418,7 +418,7 @@ def register_subject(
         est = img if same else load_image(estimate_from, subject=subject)
         try:
             rigid = register_rigid(
-                est, t1_img, mask_img, engine, feature=features.get(name, "intensity")
+                est, t1_img, mask_img, engine, feature=features.get(name, ALIGN_FEATURES[0])
             )
         except InputError as exc:
             raise InputError(
@@ -438,7 +438,7 @@ def register_subject(
         )
         provenance["channels"][name] = {
             "registration": rigid.summary(),
-            "aligned_on": features.get(name, "intensity"),
+            "aligned_on": features.get(name, ALIGN_FEATURES[0]),
             "source": str(image),
             "estimated_from": str(estimate_from),
             "composed_transform": np.round(composed, 8).tolist(),
