@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 CORES ?= $(shell nproc 2>/dev/null || echo 2)
 # Extra arguments for snakemake, e.g. make demo SNAKEMAKE_ARGS="--resources gpu=1"
 SNAKEMAKE_ARGS ?=
+# pytest-xdist workers for make test (tests/conftest.py hands them the longest modules first)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint format report clean venv viewer hdbet
 
@@ -41,7 +43,7 @@ demo: venv
 
 test: venv viewer hdbet
 	$(BIN)/ruff check --no-cache .
-	$(BIN)/python -m pytest -x --timeout 1200 tests
+	$(BIN)/python -m pytest -x --timeout 1200 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder tests
 
 lint:
 	$(BIN)/ruff check --no-cache .

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VC_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+# `make test` runs the suite on two pytest-xdist workers that take whole modules in this order
+# (--dist loadscope --no-loadscope-reorder): the longest first, so that none of them starts last. The SLURM run
+# waits on its cluster most of the time; the other worker makes the shared tiny run meanwhile.
+LONGEST_MODULES_FIRST = (
+    "test_slurm.py",
+    "test_blinding.py",
+    "test_standard_dose.py",
+    "test_skull_strip.py",
+    "test_interrupted_run.py",
+    "test_workflow_run.py",
+    "test_register.py",
+    "test_predict_exam.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = {name: rank for rank, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
 def _require_shared() -> bool:
@@ -54,11 +75,26 @@ def atlas_masks(shared_data: Path) -> dict[str, Path]:
 def tiny_run(tmp_path_factory) -> Path:
     """A complete local run of the tiny workflow (tests/tiny.yaml), shared by every test that needs one.
 
-    Tests must not modify it: copy it first (shutil.copytree) to change anything.
+    Tests must not modify it: copy it first (shutil.copytree) to change anything. Under pytest-xdist the
+    first worker that asks runs it into the folder all workers share; the others wait for it (a lock).
     """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return _run_tiny_workflow(tmp_path_factory.mktemp("tiny"))
+    from filelock import FileLock
+
+    workdir = tmp_path_factory.getbasetemp().parent / "tiny"
+    done = workdir / "snakemake_run.log"
+    with FileLock(str(workdir) + ".lock"):
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir()
+            _run_tiny_workflow(workdir)
+    return workdir
+
+
+def _run_tiny_workflow(workdir: Path) -> Path:
     from workflow_helpers import REPO, snakemake
 
-    workdir = tmp_path_factory.mktemp("tiny")
     # As on a workstation with one GPU: the profile sets resources gpu=1 (tests/test_workflow_run.py checks
     # from this log that no two GPU jobs ran at once).
     proc = snakemake(workdir, "--profile", str(REPO / "profiles" / "workstation"), "--cores", "2")

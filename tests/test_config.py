@@ -226,7 +226,12 @@ def test_load_config_merges_overlays_as_snakemake_does(tmp_path):
         load_config(tmp_path / "list.yaml")
 
 
-@pytest.mark.parametrize(("option", "counterpart"), COUNTERPARTS.items(), ids=str)
+@pytest.mark.parametrize(
+    ("option", "counterpart"),
+    COUNTERPARTS.items(),
+    # Ids without the lambdas' addresses: pytest-xdist's workers must collect the same test names.
+    ids=[f"{command}--{dest}" for command, dest in COUNTERPARTS],
+)
 def test_every_cli_default_with_a_config_counterpart_is_the_schema_default(option, counterpart):
     command, dest = option
     key, value_of = counterpart
