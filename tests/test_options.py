@@ -103,3 +103,18 @@ def test_the_paper_overlay_extracts_brains_with_the_papers_tool_and_the_demo_wit
     assert (paper.skull_strip.backend, paper.skull_strip.hdbet_mode) == ("hdbet", "accurate")
     demo = resolve_backends(load_config())["brain_extraction"]
     assert (demo["configured"], demo["backend"]) == ("auto", "deepbet")
+
+
+def test_hdbet_mode_is_part_of_the_options_only_where_hdbet_v1_runs():
+    """A changed HD-BET mode re-runs HD-BET's masks, never another tool's (Snakemake compares the params)."""
+    from virtual_contrast.config import load_config
+
+    def options(backend: str, mode: str) -> PreprocessOptions:
+        return PreprocessOptions.from_config(
+            load_config({"preprocess": {"skull_strip_backend": backend, "hdbet_mode": mode}})
+        )
+
+    assert options("deepbet", "fast") == options("deepbet", "accurate")
+    assert options("deepbet", "fast").skull_strip.hdbet_mode == ""
+    assert options("hdbet", "fast") != options("hdbet", "ensemble")
+    assert options("hdbet", "fast").skull_strip.hdbet_mode == "fast"

@@ -16,6 +16,7 @@ from virtual_contrast.layout import (
     normalized_name,
 )
 from virtual_contrast.model.config import UNET_OUTPUTS
+from virtual_contrast.preprocess.commands import BACKENDS, HDBET_MODES
 
 log = logging.getLogger(__name__)
 
@@ -286,13 +287,13 @@ def _add_predict(subparsers: argparse._SubParsersAction, defaults: dict) -> None
     )
     raw.add_argument(
         "--skull-strip-backend",
-        choices=["auto", "deepbet", "hdbet", "hdbet2"],
+        choices=BACKENDS,
         default=pre["skull_strip_backend"],
         help="default: %(default)s (deepbet unless --hdbet2-weights is given)",
     )
     raw.add_argument(
         "--hdbet-mode",
-        choices=["fast", "accurate"],
+        choices=HDBET_MODES,
         help="HD-BET v1's mode (default: as recorded in the models)",
     )
     raw.add_argument("--hdbet2-weights", type=Path, help="HD-BET 2 weights folder")

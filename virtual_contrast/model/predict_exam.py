@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from virtual_contrast import sequences
+from virtual_contrast.config import schema_defaults
 from virtual_contrast.io import InputError, staged_folder
 from virtual_contrast.layout import (
     ATLAS_SPACE,
@@ -187,7 +188,12 @@ def exam_options(
 
     strip, strip_reason = resolve_extraction(tools.skull_strip_backend, tools.hdbet2_weights)
     register, register_reason = resolve_registration(tools.register_backend)
-    mode = tools.hdbet_mode or recorded.skull_strip.hdbet_mode
+    # The mode given, else the models' (when they were trained on HD-BET v1), else the schema's default.
+    mode = (
+        tools.hdbet_mode
+        or recorded.skull_strip.hdbet_mode
+        or schema_defaults("preprocess", "hdbet_mode")
+    )
     # The recorded folder's name only tells what a recorded `auto` meant; nothing is read from it.
     trained_strip, _ = resolve_extraction(
         recorded.skull_strip.backend, recorded.skull_strip.hdbet2_weights

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 #: Choices of the backends (kept here so that building the parser imports no image library; a test keeps
 #: them equal to virtual_contrast.preprocess.skull_strip.BACKENDS).
 BACKENDS = ("auto", "deepbet", "hdbet", "hdbet2")
-HDBET_MODES = ("fast", "accurate")
+HDBET_MODES = ("fast", "ensemble", "accurate")
 REGISTER_BACKENDS = ("auto", "fsl", "simpleitk")
 
 
@@ -171,8 +171,8 @@ def _add_hdbet_options(p: argparse.ArgumentParser, pre: dict) -> None:
         "--hdbet-mode",
         choices=HDBET_MODES,
         default=pre["hdbet_mode"],
-        help="HD-BET v1: fast = fold 0, no mirroring; accurate = 5 folds x 8 mirror configurations "
-        "(default: %(default)s)",
+        help="HD-BET v1: fast = fold 0, no mirroring; ensemble = 5 folds, no mirroring; accurate = 5 folds x 8 "
+        "mirror configurations (default: %(default)s)",
     )
     p.add_argument("--hdbet2-weights", type=Path, help="HD-BET 2 weights folder")
 

@@ -37,7 +37,7 @@ class SkullStripOptions:
     ``hdbet2_weights``)."""
 
     backend: str  # auto | deepbet | hdbet (HD-BET v1) | hdbet2 (HD-BET 2)
-    hdbet_mode: str  # HD-BET v1: fast (fold 0, no mirroring) | accurate (5 folds x 8 mirrorings)
+    hdbet_mode: str  # HD-BET v1: fast (fold 0) | ensemble (5 folds) | accurate (5 folds x 8 mirrorings); "" else
     hdbet2_weights: str  # HD-BET 2 weights folder; "" = none configured
 
 
@@ -77,14 +77,17 @@ class PreprocessOptions:
     def from_config(cls, config: dict) -> PreprocessOptions:
         """The options of a validated workflow config (every key present, as the schema fills them in)."""
         pre, gate = config["preprocess"], config["preprocess"]["registration_gate"]
+        strip_backend = str(pre["skull_strip_backend"])
         return cls(
             atlas_t1=str(config["atlas"]["t1"]),
             atlas_brain_mask=str(config["atlas"]["brain_mask"]),
             voxel_mm=float(config["grid"]["voxel_mm"]),
             crop_shape=tuple(int(s) for s in config["grid"]["crop_shape"]),
             skull_strip=SkullStripOptions(
-                backend=str(pre["skull_strip_backend"]),
-                hdbet_mode=str(pre["hdbet_mode"]),
+                backend=strip_backend,
+                # HD-BET v1's mode only where HD-BET v1 runs: with another tool neither the masks nor the
+                # models depend on it, and a changed mode must not re-run their jobs ("" = not HD-BET v1).
+                hdbet_mode=str(pre["hdbet_mode"]) if strip_backend == "hdbet" else "",
                 hdbet2_weights=str(pre["hdbet2_weights"]),
             ),
             register=RegisterOptions(
