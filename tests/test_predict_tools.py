@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from virtual_contrast.cli import main as cli_main
+from virtual_contrast.config import schema_defaults
 from virtual_contrast.io import InputError
 from virtual_contrast.model import predict_exam as pe
 from virtual_contrast.model.config import DEFAULT_CHANNELS
@@ -139,6 +140,14 @@ def test_hdbet_mode_is_taken_as_recorded_and_a_different_one_is_a_mismatch(no_fs
     assert check["this_run"]["brain_extraction"] == "hdbet (HD-BET v1, accurate)"
     with pytest.raises(InputError, match=r"hdbet \(HD-BET v1, fast\).*--hdbet-mode accurate"):
         pe.exam_options(recorded, _tools(skull_strip_backend="hdbet", hdbet_mode="fast"))
+
+    # Models of another tool record no HD-BET mode: HD-BET v1 chosen for them runs the schema's default mode.
+    recorded = _recorded(backend="deepbet", hdbet_mode="")
+    options, check = pe.exam_options(
+        recorded, _tools(skull_strip_backend="hdbet", accept_mismatch=True)
+    )
+    assert options.skull_strip.hdbet_mode == schema_defaults("preprocess", "hdbet_mode")
+    assert check["this_run"]["brain_extraction"] == "hdbet (HD-BET v1, ensemble)"
 
 
 def test_a_recorded_auto_means_what_its_recorded_configuration_resolves_to(no_fsl):
