@@ -16,9 +16,10 @@ Modes, HD-BET's own settings (:data:`HDBET_MODES`): ``fast`` runs fold 0 once (H
 ``-mode fast -tta 0``); ``ensemble`` averages the five folds without mirroring (``-mode accurate -tta 0``);
 ``accurate`` averages the five folds, each over the 8 mirror configurations (HD-BET's defaults, ``-mode
 accurate -tta 1``, as run in the paper's time). Measured on the three real heads of the tests (2 CPU cores), Dice
-with deepbet: fast 0.906-0.975 in about 30 s, ensemble 0.963 on BraTS-MET-00110 in 99 s, where fold 0 alone
-leaves out part of the occipital lobe, accurate 0.964-0.976 in about 1,450 CPU seconds. ``ensemble`` is the
-default: the five folds' agreement at a fourteenth of the mirrored run's cost.
+with deepbet: fast 0.906-0.975 in about 30 s (0.906 on BraTS-MET-00110, where fold 0 alone leaves out part
+of the occipital lobe), ensemble 0.963-0.976 in about 180 CPU seconds (94-99 s), accurate 0.964-0.976 in about
+1,450 CPU seconds. ``ensemble`` is the
+default: the five folds' agreement at about an eighth of the mirrored run's cost.
 """
 
 from __future__ import annotations
