@@ -15,11 +15,9 @@ the mask back to the input's voxels.
 Modes, HD-BET's own settings (:data:`HDBET_MODES`): ``fast`` runs fold 0 once (HD-BET's advice on a CPU:
 ``-mode fast -tta 0``); ``ensemble`` averages the five folds without mirroring (``-mode accurate -tta 0``);
 ``accurate`` averages the five folds, each over the 8 mirror configurations (HD-BET's defaults, ``-mode
-accurate -tta 1``, as run in the paper's time). Measured on the three real heads of the tests (2 CPU cores), Dice
-with deepbet: fast 0.906-0.975 in about 30 s (0.906 on BraTS-MET-00110, where fold 0 alone leaves out part
-of the occipital lobe), ensemble 0.963-0.976 in about 180 CPU seconds (94-99 s), accurate 0.964-0.976 in about
-1,450 CPU seconds. ``ensemble`` is the
-default: the five folds' agreement at about an eighth of the mirrored run's cost.
+accurate -tta 1``, as run in the paper's time). The config's default is ``ensemble``: on the real heads it
+agrees with deepbet as the accurate mode does, at about an eighth of its cost, where fold 0 alone can leave out
+part of a lobe (times and Dice per head: docs/brain-extraction.md).
 """
 
 from __future__ import annotations
@@ -151,7 +149,7 @@ def from_hdbet_array(mask_zyx: np.ndarray, image: nib.Nifti1Image) -> np.ndarray
 # --- the run ------------------------------------------------------------------------------------------------
 
 
-def run_hdbet(image: nib.Nifti1Image, *, mode: str = "fast", device: str = "cpu") -> np.ndarray:
+def run_hdbet(image: nib.Nifti1Image, *, mode: str, device: str = "cpu") -> np.ndarray:
     """Run HD-BET v1 on a 3D image in memory; returns the brain mask (bool) on the image's voxel grid.
 
     ``mode`` is one of :data:`HDBET_MODES`. The models are those inside the installed package, checked first
