@@ -100,7 +100,9 @@ rule register:
         channels=CHANNELS,
         alignment=register_alignment(),
         align_features=register_features(),
-    threads: 2
+    # One: the embedded backend runs ITK on one thread, so that a registration is the same to the bit on every
+    # run (with more, the metric's sums follow the threads' schedule); subjects run side by side instead.
+    threads: 1
     resources:
         mem_mb=4000,
     group:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -513,13 +514,15 @@ def test_register_command_on_a_skull_stripped_brats_t1_with_no_other_flag(
 
 
 @pytest.mark.parametrize("starts", ["all", "unrotated only"])
-def test_outline_match_escapes_the_local_minimum_of_a_cohort_head(
+def test_outline_match_escapes_the_local_minimum_of_a_turned_head(
     atlas4, tmp_path, monkeypatch, starts
 ):
-    """Embedded-cohort patient vc011 (seed 2021) acquired at 2.5 mm, its brain extracted by deepbet: from the
-    unrotated start alone the brain-outline match ended 36 degrees off (mask mismatch 0.037, brain Dice 0.87,
-    which the gate's earlier minimum of 0.8 passed); the rotated starts find the pose (0.0004, as every other
-    patient of the cohort)."""
+    """Embedded-cohort patient vc011 (seed 2021) acquired at 2.5 mm, its brain extracted by deepbet, its header
+    turned 70 degrees about the vertical axis (as a wrong orientation in a converted file would): from the
+    unrotated start alone the brain-outline match stops in a local minimum (measured: mask mismatch 0.039,
+    brain Dice 0.888); the starts rotated by 20 degrees find the pose (0.0008, Dice 0.975). Unturned, this head
+    needed them while the match compared every voxel (from the unrotated start it ended 36 degrees off); with
+    the sampled match no head of the cohort does."""
     from virtual_contrast.atlas import build_atlas
     from virtual_contrast.cohort.exam import make_exam
     from virtual_contrast.preprocess import skull_strip
@@ -532,8 +535,12 @@ def test_outline_match_escapes_the_local_minimum_of_a_cohort_head(
         {"t1": t1_path}, tmp_path / "lesions.tsv", subject="vc011", session="01", seed=2021,
         atlas=build_atlas(2.5)[0], native_voxel_mm=2.5,
     )  # fmt: skip
-    t1 = load_image(t1_path)
-    mask = skull_strip.run_deepbet(t1)
+    acquired = load_image(t1_path)
+    mask = skull_strip.run_deepbet(acquired)
+    angle = np.deg2rad(70.0)
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    t1 = nib.Nifti1Image(np.asanyarray(acquired.dataobj), turn @ acquired.affine)
     reference = nib.Nifti1Image(atlas4.t1, atlas4.affine)
     found = reg.register_images(
         t1,
@@ -552,7 +559,7 @@ def test_outline_match_escapes_the_local_minimum_of_a_cohort_head(
         assert outline["metric"] < 0.002 and brain_dice > 0.95, (outline, brain_dice)
         assert outline["start_rotation_deg"] != [0.0, 0.0, 0.0]
     else:  # the failure the extra starts are for (if this passes, the test above proves nothing)
-        assert outline["metric"] > 0.01 and brain_dice < 0.9, (outline, brain_dice)
+        assert outline["metric"] > 0.01 and brain_dice < 0.93, (outline, brain_dice)
 
 
 def test_the_gate_applies_apart_from_the_registration_and_its_rejection_names_the_subject(
@@ -709,3 +716,28 @@ def test_t2_aligns_on_edges_where_intensities_mislead(tiny_run: Path):
     assert {BY_CHANNEL[c].align_feature for c in ("FLAIR", "lowT1c", "refT1c")} == {"intensity"}
     with pytest.raises(ValueError, match="feature"):
         reg.register_rigid(t2, t1, mask, engine, feature="edges")
+
+
+def test_a_registration_is_the_same_to_the_bit_in_a_fresh_process(tiny_run: Path, tmp_path: Path):
+    """`virtual-contrast register` twice on one cohort head, each in its own process, as two workflow runs (or
+    a local and a SLURM run) would: the same transform to the last digit. With ITK on all cores the two
+    differed by up to 2e-5 mm (the metric's sums followed the threads' schedule)."""
+    from virtual_contrast import layout
+
+    subject = "vc001"
+    anat = tiny_run / "results" / "cohort" / f"sub-{subject}" / "ses-01" / "anat"
+    command = [
+        sys.executable, "-c", "import sys; from virtual_contrast.cli import main; sys.exit(main())",
+        "register", "--moving", str(anat / f"sub-{subject}_ses-01_T1w.nii.gz"),
+        "--moving-mask", str(tiny_run / layout.skull_strip_files(subject)["mask"]),
+        "--reference", str(tiny_run / "results" / "atlas" / "res-4.0mm" / "atlas_T1w.nii.gz"),
+        "--backend", "simpleitk", "--subject", subject,
+    ]  # fmt: skip
+    transforms = []
+    for run in ("first", "second"):
+        out = tmp_path / run / "t1_atlas.nii.gz"
+        out.parent.mkdir()
+        proc = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        transforms.append(reg.transform_path_for(out).read_text())
+    assert transforms[0] == transforms[1]

@@ -411,7 +411,11 @@ def _add_register(subparsers: argparse._SubParsersAction, pre: dict) -> None:
         "--order", type=int, choices=(0, 1, 3), default=3, help="spline order (default: 3)"
     )
     p.add_argument(
-        "--threads", type=int, help="threads of the embedded backend (1: bit-reproducible results)"
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of the embedded backend (default: %(default)s, bit-reproducible; more are faster and "
+        "not reproducible to the bit)",
     )
     p.add_argument("--subject", help="subject id, for messages")
     p.set_defaults(func=_register)

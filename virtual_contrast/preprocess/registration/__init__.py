@@ -32,14 +32,15 @@ def resolve_backend(name: str) -> tuple[str, str]:
 
 
 def select_backend(
-    name: str = "auto", *, threads: int | None = None, simpleitk_options: dict | None = None
+    name: str = "auto", *, threads: int | None = 1, simpleitk_options: dict | None = None
 ) -> Backend:
     """The backend called ``name`` (``auto``, ``fsl`` or ``simpleitk``); never a silent substitute.
 
     ``auto`` takes FSL when a ``flirt`` executable is found (on PATH, or in ``$FSLDIR/bin``) and the embedded
     SimpleITK backend otherwise, and logs which one and why. ``fsl`` without FSL raises
     :class:`BackendUnavailableError` at once, naming what to install. ``threads`` (SimpleITK only; FLIRT is
-    single-threaded) makes the embedded backend bit-reproducible when set to 1; ``simpleitk_options`` go to
+    single-threaded): ITK's threads while the embedded backend works; 1, the default, is bit-reproducible, more
+    threads are faster and not reproducible to the bit, ``None`` leaves ITK's default (all cores); ``simpleitk_options`` go to
     :class:`~virtual_contrast.preprocess.registration.sitk_backend.SimpleITKBackend`.
     """
     from virtual_contrast.preprocess.registration import fsl
