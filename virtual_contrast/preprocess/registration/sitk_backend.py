@@ -17,11 +17,13 @@ to moving points; :func:`_ras_from_sitk` converts with diag(-1, -1, 1) on both s
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -32,6 +34,7 @@ from virtual_contrast.preprocess.registration.base import Registration
 from virtual_contrast.preprocess.transforms import resample, voxel_sizes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # RAS <-> LPS (ITK's world) is a flip of the first two axes; it is its own inverse.
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -87,6 +90,17 @@ def itk_threads(threads: int | None) -> Iterator[None]:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
 
+def _on_itk_threads(method: Callable[..., T]) -> Callable[..., T]:
+    """A method of :class:`SimpleITKBackend` run within ``itk_threads(self.threads)``."""
+
+    @functools.wraps(method)
+    def on_threads(self, *args, **kwargs) -> T:
+        with itk_threads(self.threads):
+            return method(self, *args, **kwargs)
+
+    return on_threads
+
+
 class SimpleITKBackend:
     """Embedded backend: SimpleITK multi-resolution Mattes mutual information.
 
@@ -134,6 +148,7 @@ class SimpleITKBackend:
         self.outline_samples = outline_samples
 
     # -- public
+    @_on_itk_threads
     def register(
         self,
         moving: nib.Nifti1Image,
@@ -146,30 +161,7 @@ class SimpleITKBackend:
         initial: np.ndarray | None = None,
     ) -> Registration:
         """Estimate reference world → moving world; see :class:`~virtual_contrast.preprocess.registration.base.Backend`.
-        ITK runs on ``threads`` threads meanwhile; the stages are :meth:`_register`'s."""
-        with itk_threads(self.threads):
-            return self._register(
-                moving,
-                reference,
-                dof=dof,
-                reference_mask=reference_mask,
-                moving_outline=moving_outline,
-                reference_outline=reference_outline,
-                initial=initial,
-            )
-
-    def _register(
-        self,
-        moving: nib.Nifti1Image,
-        reference: nib.Nifti1Image,
-        *,
-        dof: int = 12,
-        reference_mask: np.ndarray | None = None,
-        moving_outline: np.ndarray | None = None,
-        reference_outline: np.ndarray | None = None,
-        initial: np.ndarray | None = None,
-    ) -> Registration:
-        """The stages (module docstring).
+        ITK runs on ``threads`` threads meanwhile (:func:`itk_threads`).
 
         After an outline match the rotation search is skipped: brain to brain, the brain-mask match alone
         found the pose of BraTS-MET-00110 and TCGA-FG-6692 at 1 mm from a start rotated by (35°, 15°, −20°)
