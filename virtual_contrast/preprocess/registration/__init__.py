@@ -40,8 +40,8 @@ def select_backend(
     SimpleITK backend otherwise, and logs which one and why. ``fsl`` without FSL raises
     :class:`BackendUnavailableError` at once, naming what to install. ``threads`` (SimpleITK only; FLIRT is
     single-threaded): ITK's threads while the embedded backend works; 1, the default, is bit-reproducible, more
-    threads are faster and not reproducible to the bit, ``None`` leaves ITK's default (all cores); ``simpleitk_options`` go to
-    :class:`~virtual_contrast.preprocess.registration.sitk_backend.SimpleITKBackend`.
+    threads are faster and not reproducible to the bit, ``None`` leaves ITK's default (all cores).
+    ``simpleitk_options`` go to :class:`~virtual_contrast.preprocess.registration.sitk_backend.SimpleITKBackend`.
     """
     from virtual_contrast.preprocess.registration import fsl
     from virtual_contrast.preprocess.registration.sitk_backend import SimpleITKBackend
