@@ -104,6 +104,7 @@ rule calibrate_uncertainty:
         calibration=layout.UNCERTAINTY_CALIBRATION,
     params:
         subjects=STUDY.train_subjects,
+    threads: 2
     log:
         layout.log("calibrate_uncertainty"),
     conda:

@@ -28,8 +28,11 @@ from virtual_contrast.model.train import train_fold
 from virtual_contrast.model.uncertainty import (
     FEATURES,
     Calibration,
+    _tree_sum,
+    edge_distance,
     expected_error,
     fit_calibration,
+    gaussian_smooth,
 )
 from virtual_contrast.model.unet import UNet3D, UNetSpec
 
@@ -96,10 +99,97 @@ def test_the_calibration_learns_which_voxels_err_and_on_which_scale(tmp_path):
     path = cal.save(tmp_path / "cal.json")
     np.testing.assert_allclose(expected_error(Calibration.load(path), features), predicted)
     raw = json.loads(path.read_text())
-    raw["values"][0] = raw["values"][0][:-1]
+    raw["trees"][0]["value"] = raw["trees"][0]["value"][:-1]
     (tmp_path / "bad.json").write_text(json.dumps(raw))
-    with pytest.raises(InputError, match="bad.json"):
+    with pytest.raises(InputError, match="bad.json.*differ in length"):
         Calibration.load(tmp_path / "bad.json")
+    raw = json.loads(path.read_text())
+    raw["trees"][1]["left"][0] = 0  # a cycle: the root its own child
+    (tmp_path / "cycle.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="child index out of order"):
+        Calibration.load(tmp_path / "cycle.json")
+    # A calibration of the earlier, binned kind is named as such.
+    (tmp_path / "old.json").write_text(json.dumps({"features": [], "edges": [], "values": []}))
+    with pytest.raises(InputError, match="old.json.*earlier version"):
+        Calibration.load(tmp_path / "old.json")
+
+
+def test_the_trees_learn_errors_that_depend_on_two_features_jointly():
+    """Large errors only where the network changed the low dose AND at an edge. A sum of one-feature
+    functions of log |error| (the calibration before the trees) cannot give 'one of the two' the value of
+    'neither' and 'both' twenty times more; the trees do."""
+    rng = np.random.default_rng(2)
+
+    def samples(n):
+        features = rng.random((n, len(FEATURES))).astype(np.float32)
+        changed = features[:, FEATURES.index("correction")] > 0.5
+        edge = features[:, FEATURES.index("gradient")] > 0.5
+        error = np.abs(rng.normal(0, np.where(changed & edge, 0.2, 0.01)))
+        return features, error, changed.astype(int) + edge
+
+    cal = fit_calibration([samples(20000)[:2] for _ in range(2)], ["a", "b"])
+    features, _, group = samples(6000)
+    predicted = expected_error(cal, features)
+    neither, one, both = (np.median(predicted[group == k]) for k in range(3))
+    assert 0.67 < one / neither < 1.5
+    assert both / neither > 8
+
+
+def _walk(tree: dict, x: np.ndarray) -> float:
+    node = 0
+    while tree["feature"][node] >= 0:
+        go_left = x[tree["feature"][node]] <= tree["threshold"][node]
+        node = tree["left"][node] if go_left else tree["right"][node]
+    return tree["value"][node]
+
+
+def test_the_trees_are_evaluated_as_a_node_by_node_walk_would():
+    """Trees of uneven depth (a leaf at the root's side, a split three levels down), padded to complete
+    trees for the tensor walk: the same sums as following each voxel's path node by node."""
+    lopsided = {"feature": [2, -1, 0, 1, -1, -1, -1], "threshold": [0.5, 0, 0.3, 0.7, 0, 0, 0],
+                "left": [1, 0, 3, 5, 0, 0, 0], "right": [2, 0, 4, 6, 0, 0, 0],
+                "value": [0, -1.0, 0, 0, 2.0, 3.0, 4.0]}  # fmt: skip
+    stump = {"feature": [-1], "threshold": [0.0], "left": [0], "right": [0], "value": [0.25]}
+    x = np.random.default_rng(3).random((500, len(FEATURES)))
+    x[:5, 2] = 0.5  # on a threshold: left, as in scikit-learn
+    got = _tree_sum(0.5, [lopsided, stump], torch.from_numpy(x.T.copy())).numpy()
+    want = [0.5 + _walk(lopsided, v) + _walk(stump, v) for v in x]
+    np.testing.assert_allclose(got, want)
+    assert set(np.round(got, 6)) == {-0.25, 2.75, 3.75, 4.75}
+
+
+def test_a_wrong_export_of_the_trees_stops_the_fit(monkeypatch):
+    import virtual_contrast.model.uncertainty as uncertainty
+
+    real = uncertainty._export_trees
+
+    def shifted(model):
+        baseline, trees = real(model)
+        return baseline + 0.1, trees
+
+    monkeypatch.setattr(uncertainty, "_export_trees", shifted)
+    with pytest.raises(RuntimeError, match="do not reproduce scikit-learn"):
+        fit_calibration(_synthetic_samples(np.random.default_rng(0), 1, 2000), ["a"])
+
+
+def test_the_smoothed_features_are_scipys_filters():
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+    volume = np.random.default_rng(4).random((12, 14, 10)).astype(np.float32)
+    np.testing.assert_allclose(
+        gaussian_smooth(torch.from_numpy(volume), 2.0).numpy(),
+        gaussian_filter(volume, 2.0, mode="nearest", truncate=4.0),
+        atol=1e-5,
+    )
+    mask = np.zeros((12, 14, 10), bool)
+    mask[2:10, 3:13, 1:10] = (
+        True  # touches the grid's border at z = 9: the border counts as outside
+    )
+    distance = edge_distance(mask)
+    assert distance[5, 7, 9] == 1 and distance[5, 7, 1] == 1 and distance[0, 0, 0] == 0
+    np.testing.assert_array_equal(
+        distance[:, :, :9], distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1][:, :, :9]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -19,4 +19,5 @@ fit_from_files(
         )
     ],
     snakemake.output.calibration,
+    threads=snakemake.threads,
 )

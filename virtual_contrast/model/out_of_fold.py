@@ -97,9 +97,12 @@ def subject_features(
     return features, vir_data, inside
 
 
-def fit_from_files(subjects: Sequence[Mapping[str, Path | str]], out: Path | str) -> Calibration:
+def fit_from_files(
+    subjects: Sequence[Mapping[str, Path | str]], out: Path | str, *, threads: int | None = None
+) -> Calibration:
     """Fit the calibration on training subjects' out-of-fold files (each a mapping with ``subject``,
-    ``vir``, ``spread``, ``low``, ``pre``, ``ref``, ``mask``) and write it to ``out``."""
+    ``vir``, ``spread``, ``low``, ``pre``, ``ref``, ``mask``) on ``threads`` threads and write it to
+    ``out``."""
     samples, ids = [], []
     for item in subjects:
         subject = str(item["subject"])
@@ -109,7 +112,7 @@ def fit_from_files(subjects: Sequence[Mapping[str, Path | str]], out: Path | str
         error = np.abs(vir - _array(item["ref"], subject))[inside]
         samples.append((features, error))
         ids.append(subject)
-    calibration = fit_calibration(samples, ids)
+    calibration = fit_calibration(samples, ids, threads=threads)
     calibration.save(out)
     return calibration
 
