@@ -6,7 +6,7 @@ Compares, in the same run and on the same random weights and input:
 Prints seconds per exam, the speed-up over naive, achieved TFLOP/s (FLOPs from torch's counter), the fraction
 of the GPU's dense bf16 peak and the largest difference to the fp32 result.
 Then the cost of the uncertainty map's spreads: tta_ensemble (the same passes plus a sum of squares per model)
-and the calibrated map from them (features, bins; a calibration fitted on random numbers: the same cost) against
+and the calibrated map from them (features, trees; a calibration fitted on random numbers: the same cost) against
 tta_predict with the default settings, timed alternately, as a ratio (goal: at most 1.10).
 
 On a CUDA GPU the grid is 160×192×160 (the paper's). Without one it runs the same code on a reduced grid

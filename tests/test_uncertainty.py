@@ -95,6 +95,12 @@ def test_the_calibration_learns_which_voxels_err_and_on_which_scale(tmp_path):
     assert spearmanr(predicted, error)[0] > 0.5
     # On the scale of |error| (Duan's smearing), not of its geometric mean.
     assert 0.8 < predicted.mean() / error.mean() < 1.25
+    assert (cal.n_voxels, cal.n_fit_voxels) == (12000, 12000)
+    # Each subject gives at most its share of max_voxels (the paper's grid has 1.5 million per subject).
+    few = fit_calibration(
+        _synthetic_samples(np.random.default_rng(0)), ["a", "b", "c"], max_voxels=3000
+    )
+    assert (few.n_voxels, few.n_fit_voxels) == (12000, 3000)
     # Stored as JSON and read back to the same map.
     path = cal.save(tmp_path / "cal.json")
     np.testing.assert_allclose(expected_error(Calibration.load(path), features), predicted)

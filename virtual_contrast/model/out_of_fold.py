@@ -20,9 +20,11 @@ from virtual_contrast.model.predict import FlipSpec, predict_subject
 from virtual_contrast.model.uncertainty import (
     SPREAD_VOLUMES,
     Calibration,
+    draw_voxels,
     fit_calibration,
     uncertainty_map,
     voxel_features,
+    voxel_quota,
 )
 
 log = logging.getLogger(__name__)
@@ -103,16 +105,18 @@ def fit_from_files(
     """Fit the calibration on training subjects' out-of-fold files (each a mapping with ``subject``,
     ``vir``, ``spread``, ``low``, ``pre``, ``ref``, ``mask``) on ``threads`` threads and write it to
     ``out``."""
-    samples, ids = [], []
-    for item in subjects:
+    samples, ids, n_voxels = [], [], 0
+    quota = voxel_quota(len(subjects))
+    for i, item in enumerate(subjects):
         subject = str(item["subject"])
         features, vir, inside = subject_features(
             **{k: Path(item[k]) for k in ("vir", "spread", "low", "pre", "mask")}, subject=subject
         )
         error = np.abs(vir - _array(item["ref"], subject))[inside]
-        samples.append((features, error))
+        n_voxels += len(error)
+        samples.append(draw_voxels(features, error, quota, i))  # what the fit draws: memory bounded
         ids.append(subject)
-    calibration = fit_calibration(samples, ids, threads=threads)
+    calibration = fit_calibration(samples, ids, threads=threads, n_voxels=n_voxels)
     calibration.save(out)
     return calibration
 

@@ -24,10 +24,10 @@ model's variance over its mirrors, which is what one model gives out of fold.
 Chosen on the training subjects only: leave-one-fold-out over the out-of-fold predictions of four demo runs
 (each of 12 training subjects scored by a calibration fitted on the other folds' subjects; median Spearman
 over subjects per run). An additive model of 16 quantile bins of the first 7 features (the calibration
-before this one): 0.20, 0.24, 0.22, 0.24; the same with all 16 features: 0.17-0.29; trees on the first 7:
-0.23-0.32; trees on all 16: 0.28, 0.37, 0.25, 0.31 (top-1 % AUC 0.95 in every case). The errors depend on
+before this one): 0.20, 0.24, 0.22, 0.24; the same with the 16 and FLAIR, ADC: 0.17-0.29; trees on the first
+7: 0.23-0.32; trees on all 16: 0.28, 0.37, 0.25, 0.31 (top-1 % AUC 0.95 in every case). The errors depend on
 the features jointly (an edge matters where the network changed the low dose, not elsewhere), which an
-additive model cannot say. Intensities of the other input channels (FLAIR, ADC) helped a little more but are
+additive model cannot say. Intensities of the other input channels (FLAIR, ADC) helped more (0.30-0.45) but are
 not in every study's channels, so they are left out.
 """
 
@@ -78,8 +78,8 @@ FEATURES = (
 N_TREES = 64
 MAX_DEPTH = 4
 LEARNING_RATE = 0.2
-#: The fit takes at most this many brain voxels, drawn evenly with a fixed seed (the paper's grid has about 1.5
-#: million per subject).
+#: The fit takes at most this many brain voxels, drawn evenly from the subjects with fixed seeds (the paper's
+#: grid has about 1.5 million per subject; the demo's 4 mm grid 20,000-30,000).
 MAX_FIT_VOXELS = 1_000_000
 #: Added to |error| before the log (normalised units; the noise floor of |vir − ref| is about 0.01).
 EPS = 1e-3
@@ -347,6 +347,22 @@ def _tree_sum(baseline: float, trees: Sequence[dict], x: torch.Tensor) -> torch.
     return total + baseline
 
 
+def voxel_quota(n_subjects: int, max_voxels: int = MAX_FIT_VOXELS) -> int:
+    """Voxels of each subject the fit takes at most: ``max_voxels`` shared evenly."""
+    return max(1, max_voxels // max(1, n_subjects))
+
+
+def draw_voxels(
+    features: np.ndarray, error: np.ndarray, quota: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``quota`` of one subject's voxels (rows), drawn without replacement with ``seed``, in their
+    order; all of them when there are no more."""
+    if len(error) <= quota:
+        return features, error
+    keep = np.sort(np.random.default_rng(seed).choice(len(error), quota, replace=False))
+    return features[keep], error[keep]
+
+
 def fit_calibration(
     samples: Sequence[tuple[np.ndarray, np.ndarray]],
     subjects: Sequence[str],
@@ -354,22 +370,28 @@ def fit_calibration(
     eps: float = EPS,
     max_voxels: int = MAX_FIT_VOXELS,
     threads: int | None = None,
+    n_voxels: int | None = None,
 ) -> Calibration:
     """Fit :class:`Calibration` on ``(voxel_features, |vir − ref|)`` pairs of training subjects' out-of-fold
-    predictions (one pair per subject, brain voxels), on at most ``threads`` threads (None: all)."""
+    predictions (one pair per subject, brain voxels), on at most ``threads`` threads (None: all). Subject i
+    gives at most :func:`voxel_quota` voxels, drawn by :func:`draw_voxels` with seed i (a caller may draw
+    them first, as it reads, to bound its memory, and give the subjects' brain voxels in ``n_voxels``)."""
     from sklearn.ensemble import HistGradientBoostingRegressor
     from threadpoolctl import threadpool_limits
 
     if not samples:
         raise InputError("no out-of-fold prediction to fit the uncertainty calibration on")
-    x = np.concatenate([f for f, _ in samples]).astype(np.float64)
-    y = np.concatenate([np.asarray(e, np.float64) for _, e in samples])
-    if x.ndim != 2 or x.shape[1] != len(FEATURES) or len(x) != len(y):
+    if any(
+        np.ndim(f) != 2 or np.shape(f)[1] != len(FEATURES) or len(f) != len(e) for f, e in samples
+    ):
         raise InputError(f"expected {len(FEATURES)} features per voxel and one error per voxel")
-    n_voxels = len(y)
-    if n_voxels > max_voxels:
-        keep = np.sort(np.random.default_rng(0).choice(n_voxels, max_voxels, replace=False))
-        x, y = x[keep], y[keep]
+    total = sum(len(e) for _, e in samples) if n_voxels is None else n_voxels
+    quota = voxel_quota(len(samples), max_voxels)
+    drawn = [
+        draw_voxels(np.asarray(f), np.asarray(e), quota, i) for i, (f, e) in enumerate(samples)
+    ]
+    x = np.concatenate([f for f, _ in drawn]).astype(np.float64)
+    y = np.concatenate([np.asarray(e, np.float64) for _, e in drawn])
     target = np.log(y + eps)
     model = HistGradientBoostingRegressor(
         max_iter=N_TREES,
@@ -390,12 +412,12 @@ def fit_calibration(
             f"largest difference {np.abs(exported - fitted).max():.3g}"
         )
     smear = float(np.mean(np.exp(target - fitted)))
-    cal = Calibration(FEATURES, baseline, trees, smear, eps, tuple(subjects), n_voxels, len(y))
+    cal = Calibration(FEATURES, baseline, trees, smear, eps, tuple(subjects), total, len(y))
     log.info(
         "uncertainty calibration fitted on %d training subjects' out-of-fold predictions (%d voxels, %d "
         "drawn), %d trees, smear %.3f",
         len(subjects),
-        n_voxels,
+        total,
         len(y),
         len(trees),
         smear,
