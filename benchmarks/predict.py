@@ -55,6 +55,15 @@ def make_models(spec: UNetSpec, n: int, device: torch.device) -> list[nn.Module]
     return models
 
 
+def brain_sized_mask(shape: tuple[int, ...]) -> np.ndarray:
+    """An ellipsoid of about 37 % of the grid's voxels, as a brain fills 40 % of the demo's crop (31,000 of
+    76,800 voxels) and about 30 % of the paper's: the map is computed on the brain's voxels only."""
+    axes = [np.linspace(-1, 1, n) for n in shape]
+    r2 = sum(a**2 for a in np.meshgrid(*axes, indexing="ij"))
+    # the unit ball fills pi/6 of its cube; the radius for 40 % (the grid's end points make it 37 %)
+    return r2 <= (0.4 / (np.pi / 6)) ** (2 / 3)
+
+
 def time_spread(models, x, kw: dict, device: torch.device, repeats: int) -> float:
     """Median time of tta_ensemble over that of tta_predict, the two timed alternately (a busy machine's
     drift falls on both)."""
@@ -66,6 +75,7 @@ def time_spread(models, x, kw: dict, device: torch.device, repeats: int) -> floa
     calibration = fit_calibration(
         [(rng.random((20000, len(FEATURES))), rng.random(20000))], ["random"]
     )
+    brain = brain_sized_mask(tuple(x.shape[2:]))
 
     def with_map():
         ens = tta_ensemble(models, x, **kw)
@@ -78,7 +88,7 @@ def time_spread(models, x, kw: dict, device: torch.device, repeats: int) -> floa
             pre=channels[-2],
             std_passes=ens.std_passes[0, 0].cpu().numpy(),
             std_mirrors=ens.std_mirrors[0, 0].cpu().numpy(),
-            mask=channels[0] > 0.2,
+            mask=brain,
         )
 
     plain, spread = [], []
