@@ -28,6 +28,7 @@ from virtual_contrast.model.train import train_fold
 from virtual_contrast.model.uncertainty import (
     FEATURES,
     Calibration,
+    _float32_below,
     _tree_sum,
     edge_distance,
     expected_error,
@@ -156,12 +157,23 @@ def test_the_trees_are_evaluated_as_a_node_by_node_walk_would():
                 "left": [1, 0, 3, 5, 0, 0, 0], "right": [2, 0, 4, 6, 0, 0, 0],
                 "value": [0, -1.0, 0, 0, 2.0, 3.0, 4.0]}  # fmt: skip
     stump = {"feature": [-1], "threshold": [0.0], "left": [0], "right": [0], "value": [0.25]}
-    x = np.random.default_rng(3).random((500, len(FEATURES)))
+    x = np.random.default_rng(3).random((500, len(FEATURES))).astype(np.float32)  # as the features
     x[:5, 2] = 0.5  # on a threshold: left, as in scikit-learn
     got = _tree_sum(0.5, [lopsided, stump], torch.from_numpy(x.T.copy())).numpy()
     want = [0.5 + _walk(lopsided, v) + _walk(stump, v) for v in x]
     np.testing.assert_allclose(got, want)
     assert set(np.round(got, 6)) == {-0.25, 2.75, 3.75, 4.75}
+
+
+def test_float32_thresholds_decide_as_float64_ones_do():
+    rng = np.random.default_rng(5)
+    threshold = rng.random(2000)  # float64, as scikit-learn's
+    below = _float32_below(threshold)
+    assert below.dtype == np.float32
+    # float32 values at, just below and just above each threshold's float32 neighbours
+    near = threshold.astype(np.float32)
+    for x in (near, np.nextafter(near, np.float32(0)), np.nextafter(near, np.float32(2))):
+        np.testing.assert_array_equal(x > below, x.astype(np.float64) > threshold)
 
 
 def test_a_wrong_export_of_the_trees_stops_the_fit(monkeypatch):
