@@ -23,12 +23,12 @@ model's variance over its mirrors, which is what one model gives out of fold.
 
 Chosen on the training subjects only: leave-one-fold-out over the out-of-fold predictions of four demo runs
 (each of 12 training subjects scored by a calibration fitted on the other folds' subjects; median Spearman
-over subjects per run). An additive model of 16 quantile bins of the first 7 features (the calibration
-before this one): 0.20, 0.24, 0.22, 0.24; the same with the 16 and FLAIR, ADC: 0.17-0.29; trees on the first
-7: 0.23-0.32; trees on all 16: 0.28, 0.37, 0.25, 0.31 (top-1 % AUC 0.95 in every case). The errors depend on
-the features jointly (an edge matters where the network changed the low dose, not elsewhere), which an
-additive model cannot say. Intensities of the other input channels (FLAIR, ADC) helped more (0.30-0.45) but are
-not in every study's channels, so they are left out.
+over subjects per run). An additive model of 16 quantile bins of the first 7 features (the calibration before
+this one): 0.20, 0.24, 0.22, 0.24; the same with the 16 and FLAIR, ADC: 0.17-0.29; trees on the first 7:
+0.23-0.32; 32 trees of depth 4 on all 16: 0.27, 0.36, 0.25, 0.31 (top-1 % AUC 0.95 in every case). The errors
+depend on the features jointly (an edge matters where the network changed the low dose, not elsewhere), which
+an additive model cannot say. Intensities of the other input channels (FLAIR, ADC) helped more (0.30-0.45) but
+are not in every study's channels, so they are left out.
 """
 
 from __future__ import annotations
