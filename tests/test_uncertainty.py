@@ -115,6 +115,16 @@ def test_the_calibration_learns_which_voxels_err_and_on_which_scale(tmp_path):
     (tmp_path / "cycle.json").write_text(json.dumps(raw))
     with pytest.raises(InputError, match="child index out of order"):
         Calibration.load(tmp_path / "cycle.json")
+    raw = json.loads(path.read_text())
+    chain = 14  # a tree 14 levels deep: 2**14 nodes per voxel as a complete tree
+    raw["trees"][0] = {"feature": [0] * chain + [-1] * (chain + 1),
+                       "threshold": [0.5] * chain + [0.0] * (chain + 1),
+                       "left": [chain + i for i in range(chain)] + [0] * (chain + 1),
+                       "right": [i + 1 for i in range(chain - 1)] + [2 * chain] + [0] * (chain + 1),
+                       "value": [0.0] * (2 * chain + 1)}  # fmt: skip
+    (tmp_path / "deep.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="deeper than 12 levels"):
+        Calibration.load(tmp_path / "deep.json")
     # A calibration of the earlier, binned kind is named as such.
     (tmp_path / "old.json").write_text(json.dumps({"features": [], "edges": [], "values": []}))
     with pytest.raises(InputError, match="old.json.*earlier version"):

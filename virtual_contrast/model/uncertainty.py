@@ -72,6 +72,8 @@ FEATURES = (
     "signed_correction",
     "low_enhancement",
 )
+#: The deepest tree a calibration file may hold (the fit makes trees of MAX_DEPTH).
+MAX_LOAD_DEPTH = 12
 #: Boosting rounds, the depth of each tree (at most 16 leaves) and the learning rate. Nearly as good out of
 #: fold as 200 trees of 31 leaves (leave-one-fold-out Spearman 0.25-0.36 against 0.23-0.39 over four demo
 #: runs; 64 trees of depth 4: 0.25-0.37) at a fifteenth of the work to evaluate.
@@ -172,6 +174,11 @@ def _check_tree(tree: dict, k: int, n_features: int) -> None:
         raise InputError(f"calibration tree {k}: a child index out of order")
     if not np.isfinite(np.asarray(tree["value"], float)).all():
         raise InputError(f"calibration tree {k}: a value that is not finite")
+    if not np.isfinite(np.asarray(tree["threshold"], float)[split]).all():
+        raise InputError(f"calibration tree {k}: a threshold that is not finite")
+    if _tree_depth(tree) > MAX_LOAD_DEPTH:
+        # evaluated as a complete tree: 2**depth nodes each
+        raise InputError(f"calibration tree {k} is deeper than {MAX_LOAD_DEPTH} levels")
 
 
 def _gaussian_kernels(
