@@ -266,9 +266,7 @@ def feature_volumes(vir, low, pre, std_mirrors, mask=None) -> torch.Tensor:
 
 def voxel_features(vir, low, pre, std_mirrors, mask) -> np.ndarray:
     """``(n_brain_voxels, len(FEATURES))`` float32 array, the brain voxels in C order."""
-    if np.shape(mask) != np.shape(vir):
-        raise InputError(f"mask {np.shape(mask)} is not on the grid {np.shape(vir)}")
-    volumes = feature_volumes(vir, low, pre, std_mirrors, mask)
+    volumes = feature_volumes(vir, low, pre, std_mirrors, mask)  # checks the mask's grid
     inside = torch.as_tensor(np.asarray(mask) > 0.5, device=volumes.device)
     return volumes[:, inside].T.cpu().numpy()
 
