@@ -6,10 +6,7 @@ the result is an image like an acquisition:
 
 1. the pre-contrast T1 is aligned rigidly to the T1c (:func:`~virtual_contrast.preprocess.register.register_images`,
    6 DOF over the head) and resampled once onto its grid (cubic spline), then matched in intensity on
-   non-enhancing tissue (:func:`~virtual_contrast.preprocess.enhancement.match_intensities`), and at the scale
-   of tissue regions (:data:`CONTRAST_SMOOTHING_MM`) the difference the line leaves is added: fully when the
-   two are different sequences (their contrasts differ), at the dose fraction when they are one sequence (it
-   is then the diffuse enhancement of normal tissue, which a smaller dose makes smaller);
+   non-enhancing tissue (:func:`~virtual_contrast.preprocess.enhancement.match_intensities`);
 2. the enhancement Δ = T1c − matched T1 is smoothed (:data:`ENHANCEMENT_SMOOTHING_VOX`) and weighted by the
    probability that it is contrast rather than noise (:data:`ENHANCEMENT_Z`), so that noise is not scaled as
    if it were contrast;
@@ -262,29 +259,21 @@ def simulate_arrays(
     else:  # no air (skull-stripped): the difference over flat, non-enhancing tissue, alike in both
         ref_noise = noise.estimate_from_difference(delta, ref, tissue & (probability < 0.05))
         pre_sigma = ref_noise.sigma
-    # What the match's line leaves at the scale of tissue regions is of two kinds. Two different sequences
-    # (public data's t1n and t1c) leave a contrast difference: the T1c's contrast then replaces the T1's, fully.
-    # One sequence leaves the diffuse enhancement of normal tissue (its blood volume; grey matter more than
-    # white), each voxel far below its noise, so the enhancement probability drops it: the simulated image had
-    # none of it where a quarter dose has a quarter (on training patients of the embedded cohort its grey matter
-    # came out 0.5 % of the normalised range darker than the acquired one's, and networks trained on it
-    # brightened acquired inputs). It is carried at the dose fraction (linear: ratios this small scale alike
-    # in the spgr model).
+    # Two different sequences (public data's t1n and t1c) leave a contrast difference that the match's line
+    # does not take out: the T1c's contrast at the scale of tissue regions then replaces the T1's.
     mismatch = match.residual_std / max(float(np.hypot(ref_noise.sigma, pre_sigma)), 1e-12)
-    contrast_weight = float(
-        np.clip((mismatch - MISMATCH_RANGE[0]) / np.ptp(MISMATCH_RANGE), 0.0, 1.0)
-    )
-    field_weight = contrast_weight + (1.0 - contrast_weight) * options.dose_fraction
-    quiet = tissue & ~ndimage.binary_dilation(probability > 0.5)
-    field = contrast_field(
-        delta,
-        quiet,
-        tissue,
-        CONTRAST_SMOOTHING_MM / np.asarray(voxel_mm),
-        clip=MISMATCH_CLIP * match.residual_std,
-    )
-    matched = matched + field_weight * field
-    delta, probability, smoothed_std = _enhancement(ref, matched, covered, support, tissue)
+    weight = float(np.clip((mismatch - MISMATCH_RANGE[0]) / np.ptp(MISMATCH_RANGE), 0.0, 1.0))
+    if weight > 0:
+        quiet = tissue & ~ndimage.binary_dilation(probability > 0.5)
+        field = contrast_field(
+            delta,
+            quiet,
+            tissue,
+            CONTRAST_SMOOTHING_MM / np.asarray(voxel_mm),
+            clip=MISMATCH_CLIP * match.residual_std,
+        )
+        matched = matched + weight * field
+        delta, probability, smoothed_std = _enhancement(ref, matched, covered, support, tissue)
     # The enhancement kept is the voxel's own, not the smoothed one: smoothing took 10-25 % of the lesions'
     # enhancement (rings' thin walls most) on training patients of the embedded cohort.
     enhancement = probability * np.maximum(delta, 0.0)
@@ -324,8 +313,7 @@ def simulate_arrays(
         "intensity_match": {
             **match.summary(),
             "contrast_mismatch": round(float(mismatch), 3),
-            "contrast_field_weight": round(field_weight, 3),
-            "sequence_contrast_weight": round(contrast_weight, 3),
+            "contrast_field_weight": round(weight, 3),
         },
         "noise": {
             **ref_noise.summary(),
