@@ -308,7 +308,8 @@ def _complete(trees: Sequence[dict], device) -> tuple[int, dict[str, torch.Tenso
     """The trees as complete binary trees of one depth D: node k's children are 2k+1 and 2k+2, the 2**D
     leaves follow the 2**D − 1 splits; a leaf above depth D becomes a subtree whose leaves all hold its value
     (its splits send everything left). Tensors (n_trees, 2**D − 1) feature and threshold, (n_trees, 2**D)
-    value: a voxel then descends D steps with index arithmetic, no child lists."""
+    value: a voxel then descends D steps with index arithmetic, no child lists. The thresholds are float32,
+    rounded down (:func:`_float32_below`), to be compared with the float32 features."""
     depth = max(_tree_depth(t) for t in trees)
     n_split, n_leaf = 2**depth - 1, 2**depth
     feature = np.zeros((len(trees), n_split), np.int64)
@@ -329,7 +330,7 @@ def _complete(trees: Sequence[dict], device) -> tuple[int, dict[str, torch.Tenso
             stack += [(tree["left"][node], 2 * slot + 1, level + 1),
                       (tree["right"][node], 2 * slot + 2, level + 1)]  # fmt: skip
     as_tensor = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-    return depth, {"feature": as_tensor(feature), "threshold": as_tensor(threshold),
+    return depth, {"feature": as_tensor(feature), "threshold": as_tensor(_float32_below(threshold)),
                    "value": as_tensor(value)}  # fmt: skip
 
 
@@ -346,16 +347,15 @@ def _tree_sum(baseline: float, trees: Sequence[dict], x: torch.Tensor) -> torch.
     """Σ_t tree_t(x) + baseline for ``x`` (len(FEATURES), n) float32 on its device, summed in float64. All
     trees descend together, one level per step."""
     depth, packed = _complete(trees, x.device)
-    threshold = torch.as_tensor(_float32_below(packed["threshold"].cpu().numpy()), device=x.device)
     x = x.float()
     total = torch.empty(x.shape[1], dtype=torch.float64, device=x.device)
     for start in range(0, x.shape[1], TREE_CHUNK):
         chunk = x[:, start : start + TREE_CHUNK]
         node = torch.zeros(len(trees), chunk.shape[1], dtype=torch.long, device=x.device)
         for _ in range(depth):
-            goes_right = chunk.gather(0, packed["feature"].gather(1, node)) > threshold.gather(
-                1, node
-            )
+            goes_right = chunk.gather(0, packed["feature"].gather(1, node)) > packed[
+                "threshold"
+            ].gather(1, node)
             node.mul_(2).add_(1).add_(goes_right)  # in place: the children of k are 2k+1 and 2k+2
         leaf = node.sub_(2**depth - 1)
         total[start : start + TREE_CHUNK] = packed["value"].gather(1, leaf).sum(0)
