@@ -144,6 +144,7 @@ rule predict:
         t1_transform=lambda wc: registration_transform(wc.subject, ANCHOR),
         native_mask=rules.skull_strip.output.mask,
         native=lambda wc: STUDY.raw_inputs(wc.subject)[BY_CHANNEL[LOW_DOSE].key],
+        t1=get_native_t1,
     output:
         **layout.predict_files("{subject}"),
     params:

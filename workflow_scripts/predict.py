@@ -36,6 +36,7 @@ grid = native_grid(
     t1_transform=snakemake.input.t1_transform,
     intensity_range=(low["low_value"], low["high_value"]),
     subject=subject,
+    t1=snakemake.input.t1,
 )
 prediction_to_native(snakemake.output.atlas, grid, snakemake.output.native)
 uncertainty_to_native(snakemake.output.uncertainty, grid, snakemake.output.uncertainty_native)

@@ -21,10 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, special
 
+from virtual_contrast.preprocess.noise import robust_std
+
 #: Voxels drawn (evenly spaced) for the intensity fit: plenty for two parameters, cheap at 1 mm.
 FIT_SAMPLES = 200_000
 #: Tukey's biweight constant (95 % efficiency under Gaussian residuals), in robust standard deviations.
 TUKEY_C = 4.685
+#: Gaussian σ (voxels) of the enhancement map before its probability is judged (:func:`enhancement_evidence`).
+ENHANCEMENT_SMOOTHING_VOX = 0.7
+#: The smoothed enhancement, in units of its own noise, at which a voxel is as likely contrast as noise.
+ENHANCEMENT_Z = 3.0
 #: Largest R1 change (s⁻¹) the SPGR inversion returns: ratios beyond the equation's saturation are noise.
 MAX_DELTA_R1 = 50.0
 
@@ -117,6 +123,18 @@ def enhancement_probability(smoothed: np.ndarray, noise_std: float, z: float) ->
         return (np.asarray(smoothed) > 0).astype(np.float32)
     score = np.asarray(smoothed, np.float64) / noise_std - z
     return (0.5 * special.erfc(-score / np.sqrt(2.0))).astype(np.float32)
+
+
+def enhancement_evidence(delta: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, float]:
+    """How likely each voxel of ``delta`` (post − matched pre) is contrast rather than noise: ``delta``
+    smoothed over ``region`` (:data:`ENHANCEMENT_SMOOTHING_VOX`) against that smoothing's own robust noise
+    (:func:`enhancement_probability` at :data:`ENHANCEMENT_Z`), 0 outside ``region``. Returns the probability
+    and the smoothed difference's noise."""
+    region = np.asarray(region, bool)
+    smoothed = smooth_within(delta, region, ENHANCEMENT_SMOOTHING_VOX)
+    smoothed_std = robust_std(smoothed[region])
+    probability = enhancement_probability(smoothed, smoothed_std, ENHANCEMENT_Z) * region
+    return probability.astype(np.float32), smoothed_std
 
 
 # ----------------------------------------------------------------------------------------------- dose

@@ -217,6 +217,7 @@ def preprocess_exam(
             t1_transform=transforms[ANCHOR],
             intensity_range=low_range,
             subject=subject,
+            t1=t1,
         )
 
     return PreparedExam(

@@ -47,11 +47,12 @@ from scipy import ndimage
 from virtual_contrast.io import InputError, save_image, write_json
 from virtual_contrast.preprocess import noise
 from virtual_contrast.preprocess.enhancement import (
+    ENHANCEMENT_SMOOTHING_VOX,
+    ENHANCEMENT_Z,
     contrast_field,
-    enhancement_probability,
+    enhancement_evidence,
     match_intensities,
     scale_enhancement,
-    smooth_within,
 )
 from virtual_contrast.preprocess.inputs import MIN_OVERLAP, check_image, fov_overlap
 from virtual_contrast.preprocess.native import largest_component
@@ -60,10 +61,6 @@ from virtual_contrast.preprocess.transforms import voxel_sizes
 log = logging.getLogger(__name__)
 
 MODELS = ("auto", "linear", "spgr")
-#: Gaussian σ (voxels) of the enhancement map before its probability is judged and it is scaled.
-ENHANCEMENT_SMOOTHING_VOX = 0.7
-#: The smoothed enhancement, in units of its own noise, at which a voxel is as likely contrast as noise.
-ENHANCEMENT_Z = 3.0
 #: Voxels of pure noise (air in the field of view) needed to measure the noise there.
 MIN_AIR_VOXELS = 2000
 #: Depth (mm) inside a raw head from which the intensities are matched: the scalp's fat and muscle take up
@@ -346,9 +343,7 @@ def _enhancement(
     """T1c − matched T1, the probability that it is contrast (its smoothing against its own noise), and the
     smoothed difference's noise."""
     delta = np.where(covered & support, ref - matched, 0.0).astype(np.float32)
-    smoothed = smooth_within(delta, tissue, ENHANCEMENT_SMOOTHING_VOX)
-    smoothed_std = noise.robust_std(smoothed[tissue])
-    probability = enhancement_probability(smoothed, smoothed_std, ENHANCEMENT_Z) * tissue
+    probability, smoothed_std = enhancement_evidence(delta, tissue)
     return delta, probability, smoothed_std
 
 
