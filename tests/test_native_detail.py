@@ -16,7 +16,7 @@ from virtual_contrast.preprocess.native import (
     prediction_to_native,
     through_grid,
 )
-from virtual_contrast.preprocess.transforms import save_transform
+from virtual_contrast.preprocess.transforms import resample, save_transform
 
 NATIVE_MM, ATLAS_MM = 2.0, 4.0
 SHAPE = (48, 56, 44)
@@ -64,8 +64,6 @@ def exam(tmp_path):
         t1_transform=tmp_path / "t1_xfm.txt",
         intensity_range=(lo, hi),
     )
-    from virtual_contrast.preprocess.transforms import resample
-
     coarse = resample(
         nib.Nifti1Image(np.where(brain, full, 0.0).astype(np.float32), affine),
         atlas_shape,
