@@ -134,16 +134,15 @@ def native_grid(
     if not hi > lo:
         raise InputError(f"empty intensity range [{lo:g}, {hi:g}]", subject=subject)
     reference = load_image(native_reference, subject=subject)
+    to_low = load_transform(low_transform, subject=subject)
     precontrast = None
-    if t1 is not None:
-        low_to_t1 = load_transform(t1_transform, subject=subject) @ np.linalg.inv(
-            load_transform(low_transform, subject=subject)
-        )
+    if t1 is not None:  # inside the brain (the T1's own mask) the T1 has data
+        low_to_t1 = load_transform(t1_transform, subject=subject) @ np.linalg.inv(to_low)
         t1_img = load_image(t1, subject=subject)
         precontrast = resample(t1_img, reference.shape, reference.affine, low_to_t1, order=3)
     return NativeGrid(
         reference=reference,
-        transform=load_transform(low_transform, subject=subject),
+        transform=to_low,
         brain=native_brain_mask(
             t1_mask, t1_transform, low_transform, native_reference, subject=subject
         ),
@@ -175,8 +174,8 @@ def native_detail(
     The low dose's enhancement is ``low − (a T1 + b)`` (the line fitted robustly over the brain, the
     enhancing voxels its outliers: :func:`~virtual_contrast.preprocess.enhancement.match_intensities`),
     weighted by the probability that it is contrast rather than noise
-    (:func:`~virtual_contrast.preprocess.enhancement.enhancement_evidence`), so that noise and the two
-    series' misalignment are not scaled as if they were contrast. The detail is ``s − through_grid(s)`` of
+    (:func:`~virtual_contrast.preprocess.enhancement.enhancement_evidence`), so that noise is not scaled as
+    if it were contrast (a misalignment of the two series at a sharp edge can be: module docstring). The detail is ``s − through_grid(s)`` of
     ``s = low + gain × enhancement`` (zero outside the brain): where the network sees a lesion only as the
     working grid keeps it (a 4 mm grid blurs a 10 mm lesion's peak to 0.4-0.9 of itself), the peak comes back
     as the low dose draws it, four times as bright in its enhancement. Returns the detail (0 outside the brain)
