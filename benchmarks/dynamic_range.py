@@ -14,8 +14,8 @@ quarter dose's native grid exactly as vir-T1c is (:func:`virtual_contrast.prepro
 the full dose's own percentiles), so that the comparison with vir-T1c is at the working grid's resolution (the
 demo's 4 mm blurs a 10 mm lesion's peak whatever the network does); since vir-T1c gets the low dose's detail
 finer than the grid (:func:`virtual_contrast.preprocess.native.native_detail`), it is compared with the full dose
-itself and the ratio through the grid says how much of the peak the grid alone would have kept. It also counts the brain voxels of each
-native vir-T1c at its maximum (a clip's plateau).
+itself and the ratio through the grid says how much of the peak the grid alone would have kept. It also counts
+the brain voxels of each native vir-T1c at its maximum (a clip's plateau).
 
 ``--brats FOLDER --models results/models``: BraTS-MET-00110 (``<case>-t1n``, ``-t1c``, ``-t2f``, ``-t2w``), the
 quarter dose simulated as T1 + 0.25 (T1c - T1), predicted by ``virtual-contrast predict`` as a raw exam. BraTS

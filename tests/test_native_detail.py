@@ -1,6 +1,6 @@
-"""vir-T1c's native detail: what the working grid cannot hold (a ring-enhancing lesion's wall on a 4 mm grid) comes back
-on the native grid from the low-dose T1c, its enhancement scaled to the full dose to first order; its noise
-and its anatomy are not amplified."""
+"""vir-T1c's native detail: what the working grid cannot hold (a ring-enhancing lesion's wall on a 4 mm grid)
+comes back on the native grid from the low-dose T1c, its enhancement scaled to the full dose to first order;
+its noise and its anatomy are not amplified."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ NATIVE_MM, ATLAS_MM = 2.0, 4.0
 SHAPE = (48, 56, 44)
 NOISE = 6.0
 LESION_RADIUS_MM = 6.0  # a 12 mm lesion
+LESION_CENTRE = (10.0, -8.0, 4.0)  # mm, in the brighter of the two tissues
 
 
 def _ball(world: np.ndarray, centre, radius: float) -> np.ndarray:
@@ -30,9 +31,10 @@ def _ball(world: np.ndarray, centre, radius: float) -> np.ndarray:
 
 @pytest.fixture
 def exam(tmp_path):
-    """A native T1 and a quarter-dose T1c on one 2 mm grid (independent noise), a 10 mm lesion that enhances
-    by 120 in its 2.5 mm wall on the quarter dose (480 on the full dose), the atlas-space prediction of a network that is exact
-    at its 4 mm grid (the full dose through that grid, normalised), and identity transforms."""
+    """A native T1 and a quarter-dose T1c on one 2 mm grid (independent noise), a 12 mm ring lesion that
+    enhances by 120 in its 2.5 mm wall on the quarter dose (480 on the full dose), the atlas-space prediction
+    of a network that is exact at its 4 mm grid (the full dose through that grid, normalised), and identity
+    transforms."""
     affine = np.diag([NATIVE_MM] * 3 + [1.0])
     affine[:3, 3] = -np.asarray(SHAPE) * NATIVE_MM / 2
     world = np.tensordot(affine[:3, :3], np.indices(SHAPE).astype(float), axes=1)
@@ -42,8 +44,8 @@ def exam(tmp_path):
     anatomy = np.where(brain, 400.0 + 150.0 * (world[0] > 0), 0.0)  # two tissues, a sharp boundary
     anatomy = ndimage.gaussian_filter(anatomy, 0.5)
     # a ring: a thin enhancing wall around a core that does not enhance, as metastases and glioblastomas do
-    centre = (10.0, -8.0, 4.0)
-    lesion = _ball(world, centre, LESION_RADIUS_MM) & ~_ball(world, centre, LESION_RADIUS_MM - 2.5)
+    lesion = _ball(world, LESION_CENTRE, LESION_RADIUS_MM)
+    lesion &= ~_ball(world, LESION_CENTRE, LESION_RADIUS_MM - 2.5)
     lesion = lesion.astype(float)
     t1 = anatomy + rng.normal(0, NOISE, SHAPE)
     low = anatomy + 120.0 * lesion + rng.normal(0, NOISE, SHAPE)
@@ -99,16 +101,15 @@ def _native(exam, *, with_t1: bool) -> np.ndarray:
 
 
 def _peak(image: np.ndarray, exam) -> float:
-    """The lesion's peak enhancement over its surroundings (P95 in the lesion, median of the tissue it lies in)."""
+    """The lesion's peak enhancement over its surroundings (P95 in the lesion, median of the tissue it lies
+    in)."""
     lesion = exam["lesion"]
-    around = _ball(exam["world"], (10.0, -8.0, 4.0), 14.0) & ~_ball(
-        exam["world"], (10.0, -8.0, 4.0), 8.0
-    )
+    around = _ball(exam["world"], LESION_CENTRE, 14.0) & ~_ball(exam["world"], LESION_CENTRE, 8.0)
     around &= exam["brain"] & (exam["world"][0] > 2.0)
     return float(np.percentile(image[lesion], 95) - np.median(image[around]))
 
 
-def test_the_working_grid_alone_blurs_a_10_mm_lesion_and_the_native_detail_brings_its_peak_back(
+def test_the_working_grid_alone_blurs_a_ring_lesion_and_the_native_detail_brings_its_peak_back(
     exam,
 ):
     """Without the detail (before), a network exact at its 4 mm grid gives the lesion about half its peak on
@@ -125,7 +126,7 @@ def test_the_detail_adds_the_low_doses_noise_once_not_scaled_by_the_dose(exam):
     not four times it."""
     native = _native(exam, with_t1=True)
     flat = ndimage.binary_erosion(exam["brain"], iterations=3) & (exam["world"][0] < -6.0)
-    flat &= ~_ball(exam["world"], (10.0, -8.0, 4.0), 14.0)
+    flat &= ~_ball(exam["world"], LESION_CENTRE, 14.0)
     residual = native - ndimage.uniform_filter(native, 5)
     noise = float(residual[flat].std())
     low_noise = float((exam["low"] - ndimage.uniform_filter(exam["low"], 5))[flat].std())
@@ -138,7 +139,7 @@ def test_the_tissue_boundary_is_not_amplified_as_if_it_enhanced(exam):
     overshoot above the brighter tissue is no larger than the low dose's own by more than the noise."""
     native = _native(exam, with_t1=True)
     band = (np.abs(exam["world"][0]) < 4.0) & ndimage.binary_erosion(exam["brain"], iterations=3)
-    band &= ~_ball(exam["world"], (10.0, -8.0, 4.0), 14.0)
+    band &= ~_ball(exam["world"], LESION_CENTRE, 14.0)
     assert np.percentile(native[band], 99) < np.percentile(exam["low"][band], 99) + 3 * NOISE
 
 

@@ -30,8 +30,8 @@ too (in a synthetic exam, a 0.5 mm shift at a step of 150 brightened the edge's 
 on the demo's exams no such rims were seen. A guard was tried and not kept: taking off the difference that a
 shift of the T1 within 0.5 mm explains (linear interpolation's bound) removed the rim of a 0.5 mm shift in that
 exam, but also the walls of the demo's ring lesions, which border a core darker than white matter on the T1
-(their peaks fell from 1.04-1.30 to 0.54-0.65 of the full dose's). The uncertainty map stays the network's (at the working grid): it
-says nothing of the detail.
+(their peaks fell from 1.04-1.30 to 0.54-0.65 of the full dose's). The uncertainty map stays the network's
+(at the working grid): it says nothing of the detail.
 
 Before (a ``data > 0`` test after the resampling), the spline's ringing in the background passed the test and
 was mapped to the low end of the range: thousands of isolated voxels around every native vir-T1c.
@@ -178,11 +178,11 @@ def native_detail(
     enhancing voxels its outliers: :func:`~virtual_contrast.preprocess.enhancement.match_intensities`),
     weighted by the probability that it is contrast rather than noise
     (:func:`~virtual_contrast.preprocess.enhancement.enhancement_evidence`), so that noise is not scaled as
-    if it were contrast (a misalignment of the two series at a sharp edge can be: module docstring). The detail is ``s − through_grid(s)`` of
-    ``s = low + gain × enhancement`` (zero outside the brain): where the network sees a lesion only as the
-    working grid keeps it (a 4 mm grid blurs a 10 mm lesion's peak to 0.4-0.9 of itself), the peak comes back
-    as the low dose draws it, four times as bright in its enhancement. Returns the detail (0 outside the brain)
-    and what was measured.
+    if it were contrast (a misalignment of the two series at a sharp edge can be: module docstring). The
+    detail is ``s − through_grid(s)`` of ``s = low + gain × enhancement`` (zero outside the brain): where
+    the network sees a lesion only as the working grid keeps it (a 4 mm grid blurs a 10 mm lesion's peak to
+    0.4-0.9 of itself), the peak comes back as the low dose draws it, four times as bright in its
+    enhancement. Returns the detail (0 outside the brain) and what was measured.
     """
     if grid.precontrast is None:
         raise ValueError("the native detail needs the native pre-contrast T1 (native_grid(t1=...))")
