@@ -22,6 +22,7 @@ from virtual_contrast.cohort.exam import make_exam
 from virtual_contrast.io import InputError, load_image, save_image
 from virtual_contrast.preprocess import low_dose, noise
 from virtual_contrast.preprocess.enhancement import (
+    local_wiener,
     match_intensities,
     scale_enhancement,
     spgr_r1,
@@ -289,3 +290,24 @@ def test_dose_model_auto_reads_the_sidecar(tmp_path):
     assert (resolved.model, resolved.tr_ms, resolved.flip_deg) == ("spgr", 6.1, 15.0)
     with pytest.raises(InputError, match="dose fraction"):
         low_dose.LowDoseOptions(1.0, "linear", 1.4, 0).resolved(image)
+
+
+def test_local_wiener_denoises_flat_regions_and_keeps_a_thin_wall():
+    """Flat noise falls to a quarter; a 1-voxel wall of 3 noise levels above its surroundings keeps three
+    quarters of its height (a Gaussian of σ 0.7 voxel, the same noise reduction, keeps 0.57); the noise is
+    measured, not given."""
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 40)
+    region = np.zeros(shape, bool)
+    region[2:-2, 2:-2, 2:-2] = True
+    wall = np.zeros(shape)
+    wall[:, 20, :] = 30.0
+    image = wall + rng.normal(0, 10.0, shape)
+    out, noise_std = local_wiener(image, region)
+    assert 9.0 < noise_std < 11.0
+    flat = region.copy()
+    flat[:, 17:24, :] = False
+    assert out[flat].std() < 0.3 * image[flat].std()
+    inner = region[:, 20, :]
+    assert out[:, 20, :][inner].mean() > 0.7 * 30.0
+    assert np.all(out[~region] == 0)
