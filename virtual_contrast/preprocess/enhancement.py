@@ -120,7 +120,9 @@ def local_wiener(
     variance = np.maximum(ndimage.uniform_filter(data * data, size) / count - mean * mean, 0.0)
     n = size**3
     noise_variance = robust_std((data - mean)[region]) ** 2 * n / (n - 1)
-    keep = np.maximum(variance - noise_variance, 0.0) / np.maximum(variance, max(noise_variance, 1e-12))
+    keep = np.maximum(variance - noise_variance, 0.0) / np.maximum(
+        variance, max(noise_variance, 1e-12)
+    )
     out = np.where(region, mean + keep * (data - mean), 0.0)
     return out.astype(np.float32), float(np.sqrt(noise_variance))
 
