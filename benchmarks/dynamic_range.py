@@ -14,8 +14,14 @@ quarter dose's native grid exactly as vir-T1c is (:func:`virtual_contrast.prepro
 the full dose's own percentiles), so that the comparison with vir-T1c is at the working grid's resolution (the
 demo's 4 mm blurs a 10 mm lesion's peak whatever the network does); since vir-T1c gets the low dose's detail
 finer than the grid (:func:`virtual_contrast.preprocess.native.native_detail`), it is compared with the full dose
-itself and the ratio through the grid says how much of the peak the grid alone would have kept. It also counts
-the brain voxels of each native vir-T1c at its maximum (a clip's plateau).
+itself and the ratio through the grid says how much of the peak the grid alone would have kept. ``fine_over_full``
+is the lesion ball's fine-scale variation (the image minus its Gaussian of 1 voxel: noise and thin walls) on
+vir-T1c over the full dose's (1 = the full dose's texture). It also counts the brain voxels of each native vir-T1c
+at its maximum (a clip's plateau).
+
+``--out-of-fold`` adds the training patients: their native vir-T1c made here, from their out-of-fold predictions
+(the fold model that did not train on them), exactly as rule ``predict`` makes the held-out patients'. Every row
+says its ``set``; design choices of the native detail are made on the training rows (never the test rows).
 
 ``--brats FOLDER --models results/models``: BraTS-MET-00110 (``<case>-t1n``, ``-t1c``, ``-t2f``, ``-t2w``), the
 quarter dose simulated as T1 + 0.25 (T1c - T1), predicted by ``virtual-contrast predict`` as a raw exam. BraTS
@@ -24,7 +30,7 @@ tissue rising linearly to 3e-3 in CSF: tissue contrast of the right sign and sca
 T1. Printed: vir-T1c's maximum against the quarter dose's 99th brain percentile (it must be above), its voxels at
 the maximum, and the brain percentiles of the three images.
 
-    .venv/bin/python benchmarks/dynamic_range.py --results results
+    .venv/bin/python benchmarks/dynamic_range.py --results results [--out-of-fold]
     .venv/bin/python benchmarks/dynamic_range.py --brats /path/to/brats_met_00110 --models results/models
 """
 
@@ -39,6 +45,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -94,7 +101,41 @@ def _native_exam(results: Path, subject: str, vir: nib.Nifti1Image) -> dict[str,
     raise SystemExit(f"no quarter dose of sub-{subject} on its native vir-T1c's grid")
 
 
-def measure_demo(results: Path, min_lesion_mm: float) -> dict:
+def fine_variation(data: np.ndarray, inside: np.ndarray) -> float:
+    """Standard deviation over ``inside`` of ``data`` minus its Gaussian of 1 voxel (noise and thin walls)."""
+    data = np.asarray(data, np.float32)
+    return float((data - ndimage.gaussian_filter(data, 1.0))[inside].std())
+
+
+def out_of_fold_native(results: Path, subject: str, out: Path) -> Path | None:
+    """A training patient's native vir-T1c from its out-of-fold prediction, made as rule predict makes a
+    held-out patient's (None when it has no out-of-fold prediction)."""
+    from virtual_contrast.preprocess.native import native_grid, prediction_to_native
+
+    def under(path: str) -> Path:
+        return results / path.removeprefix(f"{layout.RESULTS}/")
+
+    atlas = under(layout.out_of_fold_files(subject)["atlas"])
+    if not atlas.exists():
+        return None
+    ranges = json_load(under(layout.normalize_files(subject, [])["provenance"]))["lowT1c"]
+    files = next(
+        layout.bids_exam_files(results / "cohort", subject, s.name.removeprefix("ses-"))
+        for s in sorted((results / "cohort" / f"sub-{subject}").glob("ses-*"))
+    )
+    grid = native_grid(
+        files["low"],
+        under(layout.transform_file(subject, "lowT1c")),
+        t1_mask=under(layout.skull_strip_files(subject)["mask"]),
+        t1_transform=under(layout.transform_file(subject, "T1w")),
+        intensity_range=(ranges["low_value"], ranges["high_value"]),
+        subject=subject,
+        t1=files["t1"],
+    )
+    return prediction_to_native(atlas, grid, out)
+
+
+def measure_demo(results: Path, min_lesion_mm: float, out_of_fold: bool = False) -> dict:
     from virtual_contrast.preprocess.native import export_native, native_brain_mask
 
     def under(path: str) -> Path:  # a layout path (results/...) under this results folder
@@ -109,16 +150,28 @@ def measure_demo(results: Path, min_lesion_mm: float) -> dict:
     )
     if not subjects:
         raise SystemExit(f"no native vir-T1c under {results}/sub-*/predict/: run make demo first")
+    virs = {s: under(layout.predict_files(s)["native"]) for s in subjects}
+    sets = dict.fromkeys(subjects, "test")
+    scratch = tempfile.TemporaryDirectory()
+    if out_of_fold:
+        for folder in sorted(results.glob("sub-*")):
+            subject = folder.name.removeprefix("sub-")
+            if subject in virs:
+                continue
+            made = out_of_fold_native(results, subject, Path(scratch.name) / f"{subject}.nii.gz")
+            if made is not None:
+                virs[subject], sets[subject] = made, "train"
     wm_atlas = load_image(next(results.glob("atlas/res-*mm")) / "atlas_label-WM_probseg.nii.gz")
     rows, plateaus = [], []
-    for subject in subjects:
-        vir = load_image(under(layout.predict_files(subject)["native"]))
+    for subject in sorted(virs):
+        vir = load_image(virs[subject])
         files = _native_exam(results, subject, vir)
         t1_mask = under(layout.skull_strip_files(subject)["mask"])
         xfm = {c: under(layout.transform_file(subject, c)) for c in ("T1w", "lowT1c", "refT1c")}
         inside = np.asanyarray(vir.dataobj)[np.asanyarray(vir.dataobj) != 0]
         plateaus.append(
             {
+                "set": sets[subject],
                 "subject": subject,
                 "brain_voxels": int(inside.size),
                 "at_max": int((inside == inside.max()).sum()),
@@ -156,22 +209,24 @@ def measure_demo(results: Path, min_lesion_mm: float) -> dict:
         a_ref, a_low = load_transform(xfm["refT1c"]), load_transform(xfm["lowT1c"])
         to_low = a_low @ np.linalg.inv(a_ref)
         axes = lesions["long_axis_mm"].astype(float).to_numpy()
-        per_image = {}
+        per_image, fine = {}, {}
         for name, (img, grid_file, channel) in images.items():
             transform = load_transform(xfm[channel])
             brain = native_brain_mask(t1_mask, xfm["T1w"], xfm[channel], grid_file)
             wm = resample_to_native(wm_atlas, img, transform, order=1) > WM_PROBABILITY
             move = np.eye(4) if channel == "refT1c" else to_low
             centres = (move[:3, :3] @ full_centres.T + move[:3, 3:4]).T
+            world = _world_grid(img)
             per_image[name], _ = peak_enhancement(
-                np.asanyarray(img.dataobj),
-                _world_grid(img),
-                brain,
-                wm,
-                list(zip(centres, axes, strict=True)),
+                np.asanyarray(img.dataobj), world, brain, wm, list(zip(centres, axes, strict=True))
             )
+            fine[name] = [
+                fine_variation(np.asanyarray(img.dataobj), _ball(world, c, a / 2) & brain)
+                for c, a in zip(centres, axes, strict=True)
+            ]
         for k, lesion in enumerate(lesions.itertuples()):
             row = {
+                "set": sets[subject],
                 "subject": subject,
                 "lesion": str(lesion.lesion_id),
                 "kind": lesion.kind,
@@ -181,7 +236,9 @@ def measure_demo(results: Path, min_lesion_mm: float) -> dict:
             row["vir_over_full"] = row["enh_vir"] / row["enh_full"]
             row["vir_over_full_through_grid"] = row["enh_vir"] / row["enh_full_through_grid"]
             row["low_over_full"] = row["enh_low"] / row["enh_full"]
+            row["fine_over_full"] = fine["vir"][k] / fine["full"][k]
             rows.append(row)
+    scratch.cleanup()
     return {"lesions": rows, "plateaus": plateaus}
 
 
@@ -258,6 +315,11 @@ def main() -> None:
     )
     ap.add_argument("--results", type=Path, help="a results folder of make demo")
     ap.add_argument("--min-lesion-mm", type=float, default=10.0)
+    ap.add_argument(
+        "--out-of-fold",
+        action="store_true",
+        help="add the training patients, from their out-of-fold predictions (with --results)",
+    )
     ap.add_argument("--brats", type=Path, help="the BraTS-MET-00110 folder")
     ap.add_argument("--models", type=Path, help="fold models (with --brats)")
     ap.add_argument(
@@ -266,19 +328,21 @@ def main() -> None:
     args = ap.parse_args()
     report: dict = {}
     if args.results:
-        demo = measure_demo(args.results, args.min_lesion_mm)
+        demo = measure_demo(args.results, args.min_lesion_mm, args.out_of_fold)
         table = pd.DataFrame(demo["lesions"])
         plateaus = pd.DataFrame(demo["plateaus"])
         pd.set_option("display.width", 200)
         print(f"lesions >= {args.min_lesion_mm:g} mm, peak enhancement relative to white matter:")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        for column in ("vir_over_full", "vir_over_full_through_grid", "low_over_full"):
-            values = table[column]
-            within = int(((values >= 0.8) & (values <= 1.2)).sum())
-            print(
-                f"{column}: median {values.median():.3f}, range {values.min():.3f}-{values.max():.3f}, "
-                f"within ±20 %: {within} of {len(values)}"
-            )
+        for group, rows in table.groupby("set", sort=False):
+            for column in ("vir_over_full", "vir_over_full_through_grid", "low_over_full"):
+                values = rows[column]
+                within = int(((values >= 0.8) & (values <= 1.2)).sum())
+                print(
+                    f"{group} {column}: median {values.median():.3f}, range {values.min():.3f}-"
+                    f"{values.max():.3f}, within ±20 %: {within} of {len(values)}"
+                )
+            print(f"{group} fine_over_full: median {rows['fine_over_full'].median():.3f}")
         print("native vir-T1c, brain voxels at the image's maximum:")
         print(plateaus.to_string(index=False))
         print(f"largest fraction at the maximum: {plateaus['fraction_at_max'].max():.2e}")
