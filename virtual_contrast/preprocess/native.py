@@ -25,13 +25,14 @@ pulls atlas-space values onto native voxels. Then, in this order:
 
 The detail is the low dose's own (its noise, at its level, included) wherever nothing enhances; only the part
 judged to be contrast is scaled, after an adaptive Wiener filter has taken most of its noise off where it is
-flat (scaling the raw difference made the inside of enhancing lesions 4-5 times as noisy as the full dose). What it relies on: the rigid alignment of the pre-contrast T1 with the low
-dose. Where they are misaligned at a sharp edge, the difference looks like a thin enhancement and is scaled
-too (in a synthetic exam, a 0.5 mm shift at a step of 150 brightened the edge's 99th percentile by about 90);
-on the demo's exams no such rims were seen. A guard was tried and not kept: taking off the difference that a
-shift of the T1 within 0.5 mm explains (linear interpolation's bound) removed the rim of a 0.5 mm shift in that
-exam, but also the walls of the demo's ring lesions, which border a core darker than white matter on the T1
-(their peaks fell from 0.92-1.30 of the full dose's to 0.54-0.65, before the Wiener filter). The uncertainty map stays the network's
+flat (scaling the raw difference made the inside of enhancing lesions 4-5 times as noisy as the full dose).
+What it relies on: the rigid alignment of the pre-contrast T1 with the low dose. Where they are misaligned at
+a sharp edge, the difference looks like a thin enhancement and is scaled too (in a synthetic exam, a 0.5 mm
+shift at a step of 150 brightened the edge's 99th percentile by about 90); on the demo's exams no such rims
+were seen. A guard was tried and not kept: taking off the difference that a shift of the T1 within 0.5 mm
+explains (linear interpolation's bound) removed the rim of a 0.5 mm shift in that exam, but also the walls of
+the demo's ring lesions, which border a core darker than white matter on the T1 (their peaks fell from
+0.92-1.30 of the full dose's to 0.54-0.65, before the Wiener filter). The uncertainty map stays the network's
 (at the working grid): it says nothing of the detail.
 
 Before (a ``data > 0`` test after the resampling), the spline's ringing in the background passed the test and
@@ -179,17 +180,18 @@ def native_detail(
     """The detail finer than the working grid that vir-T1c gets on the native grid: that of the low-dose T1c,
     its enhancement scaled to the full dose to first order (:data:`DETAIL_ENHANCEMENT_GAIN`).
 
-    The low dose's enhancement is ``low − (a T1 + b)`` (the line fitted robustly over the brain, the
-    enhancing voxels its outliers: :func:`~virtual_contrast.preprocess.enhancement.match_intensities`),
-    weighted by the probability that it is contrast rather than noise
-    (:func:`~virtual_contrast.preprocess.enhancement.enhancement_evidence`), so that noise is not scaled as
-    if it were contrast (a misalignment of the two series at a sharp edge can be: module docstring), and
-    freed of its noise where it is flat by an adaptive Wiener filter
+    The low dose's enhancement is ``low − (a T1 + b)`` (the line fitted robustly over the brain, the enhancing
+    voxels its outliers: :func:`~virtual_contrast.preprocess.enhancement.match_intensities`), weighted by the
+    probability that it is contrast rather than noise
+    (:func:`~virtual_contrast.preprocess.enhancement.enhancement_evidence`), so that noise is not scaled as if
+    it were contrast (a misalignment of the two series at a sharp edge can be: module docstring), and freed of
+    its noise where it is flat by an adaptive Wiener filter
     (:func:`~virtual_contrast.preprocess.enhancement.local_wiener`), so that the noise inside an enhancing
-    lesion is not scaled with its contrast while a ring's thin wall keeps its peak. The detail is ``s − through_grid(s)`` of ``s = low + gain × enhancement`` (zero outside the brain): where
-    the network sees a lesion only as the working grid keeps it (a 4 mm grid blurs a 10 mm lesion's peak to
-    0.4-0.9 of itself), the peak comes back as the low dose draws it, four times as bright in its
-    enhancement. Returns the detail (0 outside the brain) and what was measured.
+    lesion is not scaled with its contrast while a ring's thin wall keeps its peak. The detail is
+    ``s − through_grid(s)`` of ``s = low + gain × enhancement`` (zero outside the brain): where the network
+    sees a lesion only as the working grid keeps it (a 4 mm grid blurs a 10 mm lesion's peak to 0.4-0.9 of itself),
+    the peak comes back as the low dose draws it, four times as bright in its enhancement. Returns the detail
+    (0 outside the brain) and what was measured.
     """
     if grid.precontrast is None:
         raise ValueError("the native detail needs the native pre-contrast T1 (native_grid(t1=...))")
@@ -199,8 +201,8 @@ def native_detail(
     delta = np.where(brain, low - match.apply(grid.precontrast), 0.0).astype(np.float32)
     probability, _ = enhancement_evidence(delta, brain)
     # The difference's noise is not scaled with its contrast: denoised where it is flat, kept where a wall or
-    # an edge makes it vary more than the noise (before, the raw difference was scaled: 4-5 times the low
-    # dose's noise inside every enhancing lesion, a speckle the full dose does not have).
+    # an edge makes it vary more than the noise (before, the raw difference was scaled: 4-5 times one
+    # acquisition's noise inside every enhancing lesion, a speckle the full dose does not have).
     denoised, difference_noise = local_wiener(delta, brain)
     enhancement = probability * np.maximum(denoised, 0.0)
     source = np.where(brain, low + DETAIL_ENHANCEMENT_GAIN * enhancement, 0.0)
