@@ -189,9 +189,9 @@ def native_detail(
     (:func:`~virtual_contrast.preprocess.enhancement.local_wiener`), so that the noise inside an enhancing
     lesion is not scaled with its contrast while a ring's thin wall keeps its peak. The detail is
     ``s − through_grid(s)`` of ``s = low + gain × enhancement`` (zero outside the brain): where the network
-    sees a lesion only as the working grid keeps it (a 4 mm grid blurs a 10 mm lesion's peak to 0.4-0.9 of itself),
-    the peak comes back as the low dose draws it, four times as bright in its enhancement. Returns the detail
-    (0 outside the brain) and what was measured.
+    sees a lesion only as the working grid keeps it (a 4 mm grid blurs a 10 mm lesion's peak to 0.4-0.9 of
+    itself), the peak comes back as the low dose draws it, four times as bright in its enhancement. Returns the
+    detail (0 outside the brain) and what was measured.
     """
     if grid.precontrast is None:
         raise ValueError("the native detail needs the native pre-contrast T1 (native_grid(t1=...))")
