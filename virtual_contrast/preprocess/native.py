@@ -233,10 +233,11 @@ def prediction_to_native(prediction: Path | str, grid: NativeGrid, out: Path | s
         native = np.maximum(native + detail, floor)
         log.info(
             "vir-T1c's native detail (the low-dose T1c's, its enhancement x%g): intensity match %s, %d "
-            "enhancing voxels, detail std %g",
+            "enhancing voxels, the difference's noise %g (Wiener-filtered before it is scaled), detail std %g",
             1 + measured["gain"],
             measured["intensity_match"],
             measured["enhancing_voxels"],
+            measured["difference_noise"],
             measured["detail_std"],
         )
     else:
