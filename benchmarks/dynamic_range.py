@@ -101,16 +101,16 @@ def _native_exam(results: Path, subject: str, vir: nib.Nifti1Image) -> dict[str,
     raise SystemExit(f"no quarter dose of sub-{subject} on its native vir-T1c's grid")
 
 
-def fine_variation(data: np.ndarray, inside: np.ndarray) -> float:
-    """Standard deviation over ``inside`` of ``data`` minus its Gaussian of 1 voxel (noise and thin walls)."""
+def fine_scale(data: np.ndarray) -> np.ndarray:
+    """``data`` minus its Gaussian of 1 voxel: noise and thin walls."""
     data = np.asarray(data, np.float32)
-    return float((data - ndimage.gaussian_filter(data, 1.0))[inside].std())
+    return data - ndimage.gaussian_filter(data, 1.0)
 
 
 def out_of_fold_native(results: Path, subject: str, out: Path) -> Path | None:
     """A training patient's native vir-T1c from its out-of-fold prediction, made as rule predict makes a
     held-out patient's (None when it has no out-of-fold prediction)."""
-    from virtual_contrast.preprocess.native import native_grid, prediction_to_native
+    from virtual_contrast.preprocess.native import export_native
 
     def under(path: str) -> Path:
         return results / path.removeprefix(f"{layout.RESULTS}/")
@@ -123,16 +123,17 @@ def out_of_fold_native(results: Path, subject: str, out: Path) -> Path | None:
         layout.bids_exam_files(results / "cohort", subject, s.name.removeprefix("ses-"))
         for s in sorted((results / "cohort" / f"sub-{subject}").glob("ses-*"))
     )
-    grid = native_grid(
+    return export_native(
+        atlas,
         files["low"],
         under(layout.transform_file(subject, "lowT1c")),
+        out,
         t1_mask=under(layout.skull_strip_files(subject)["mask"]),
         t1_transform=under(layout.transform_file(subject, "T1w")),
         intensity_range=(ranges["low_value"], ranges["high_value"]),
         subject=subject,
         t1=files["t1"],
     )
-    return prediction_to_native(atlas, grid, out)
 
 
 def measure_demo(results: Path, min_lesion_mm: float, out_of_fold: bool = False) -> dict:
@@ -220,8 +221,9 @@ def measure_demo(results: Path, min_lesion_mm: float, out_of_fold: bool = False)
             per_image[name], _ = peak_enhancement(
                 np.asanyarray(img.dataobj), world, brain, wm, list(zip(centres, axes, strict=True))
             )
+            fine_part = fine_scale(np.asanyarray(img.dataobj))
             fine[name] = [
-                fine_variation(np.asanyarray(img.dataobj), _ball(world, c, a / 2) & brain)
+                float(fine_part[_ball(world, c, a / 2) & brain].std())
                 for c, a in zip(centres, axes, strict=True)
             ]
         for k, lesion in enumerate(lesions.itertuples()):

@@ -281,8 +281,10 @@ def export_native(
     t1_transform: Path | str,
     intensity_range: tuple[float, float],
     subject: str | None = None,
+    t1: Path | str | None = None,
 ) -> Path:
-    """:func:`prediction_to_native` in one call, from the files (:func:`native_grid`)."""
+    """:func:`prediction_to_native` in one call, from the files (:func:`native_grid`; ``t1`` for the native
+    detail)."""
     grid = native_grid(
         native_reference,
         low_transform,
@@ -290,5 +292,6 @@ def export_native(
         t1_transform=t1_transform,
         intensity_range=intensity_range,
         subject=subject,
+        t1=t1,
     )
     return prediction_to_native(prediction, grid, out)
