@@ -216,6 +216,12 @@ def test_load_config_merges_overlays_as_snakemake_does(tmp_path):
     )
     assert paper["grid"]["crop_shape"] == [160, 192, 160] and paper["train"]["seed"] == 7
     assert paper["model"]["output"] == "direct" and paper["split"]["folds"] == 5
+    # The real-data overlay validates, and nothing in its model or loss reads T1c minus T1 as enhancement
+    # (public data's T1 and T1c are often different sequences): docs/real-data.md.
+    real = load_config(REPO / "config.real.yaml")
+    assert real["low_dose"]["simulate"] and "ADC" not in real["model"]["channels"]
+    assert real["model"]["output"] == "residual" and real["train"]["rank_weight"] == 0
+    assert real["train"]["enhancement_weight"] == 0
     assert load_config()["model"]["width"] == 8  # nothing leaks between calls
     with pytest.raises(InputError, match=r"config train: Additional properties .*'epoch'"):
         load_config({"train": {"epoch": 3}})
