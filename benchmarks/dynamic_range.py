@@ -64,6 +64,11 @@ def _world_grid(img: nib.Nifti1Image) -> np.ndarray:
     return (img.affine[:3, :3] @ ijk + img.affine[:3, 3:4]).T.reshape(*img.shape, 3)
 
 
+def _under(results: Path, path: str) -> Path:
+    """A layout path (``results/...``) under this results folder."""
+    return results / path.removeprefix(f"{layout.RESULTS}/")
+
+
 def _ball(world: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
     return np.linalg.norm(world - centre, axis=-1) <= radius
 
@@ -112,13 +117,10 @@ def out_of_fold_native(results: Path, subject: str, out: Path) -> Path | None:
     held-out patient's (None when it has no out-of-fold prediction)."""
     from virtual_contrast.preprocess.native import export_native
 
-    def under(path: str) -> Path:
-        return results / path.removeprefix(f"{layout.RESULTS}/")
-
-    atlas = under(layout.out_of_fold_files(subject)["atlas"])
+    atlas = _under(results, layout.out_of_fold_files(subject)["atlas"])
     if not atlas.exists():
         return None
-    ranges = json_load(under(layout.normalize_files(subject, [])["provenance"]))["lowT1c"]
+    ranges = json_load(_under(results, layout.normalize_files(subject, [])["provenance"]))["lowT1c"]
     files = next(
         layout.bids_exam_files(results / "cohort", subject, s.name.removeprefix("ses-"))
         for s in sorted((results / "cohort" / f"sub-{subject}").glob("ses-*"))
@@ -126,10 +128,10 @@ def out_of_fold_native(results: Path, subject: str, out: Path) -> Path | None:
     return export_native(
         atlas,
         files["low"],
-        under(layout.transform_file(subject, "lowT1c")),
+        _under(results, layout.transform_file(subject, "lowT1c")),
         out,
-        t1_mask=under(layout.skull_strip_files(subject)["mask"]),
-        t1_transform=under(layout.transform_file(subject, "T1w")),
+        t1_mask=_under(results, layout.skull_strip_files(subject)["mask"]),
+        t1_transform=_under(results, layout.transform_file(subject, "T1w")),
         intensity_range=(ranges["low_value"], ranges["high_value"]),
         subject=subject,
         t1=files["t1"],
@@ -138,9 +140,6 @@ def out_of_fold_native(results: Path, subject: str, out: Path) -> Path | None:
 
 def measure_demo(results: Path, min_lesion_mm: float, out_of_fold: bool = False) -> dict:
     from virtual_contrast.preprocess.native import export_native, native_brain_mask
-
-    def under(path: str) -> Path:  # a layout path (results/...) under this results folder
-        return results / path.removeprefix(f"{layout.RESULTS}/")
 
     truth = pd.read_csv(results / "cohort" / "lesions.tsv", sep="\t", dtype=str)
     truth["session"] = truth["session"].fillna("")
@@ -151,7 +150,7 @@ def measure_demo(results: Path, min_lesion_mm: float, out_of_fold: bool = False)
     )
     if not subjects:
         raise SystemExit(f"no native vir-T1c under {results}/sub-*/predict/: run make demo first")
-    virs = {s: under(layout.predict_files(s)["native"]) for s in subjects}
+    virs = {s: _under(results, layout.predict_files(s)["native"]) for s in subjects}
     sets = dict.fromkeys(subjects, "test")
     scratch = tempfile.TemporaryDirectory()
     if out_of_fold:
@@ -167,8 +166,11 @@ def measure_demo(results: Path, min_lesion_mm: float, out_of_fold: bool = False)
     for subject in sorted(virs):
         vir = load_image(virs[subject])
         files = _native_exam(results, subject, vir)
-        t1_mask = under(layout.skull_strip_files(subject)["mask"])
-        xfm = {c: under(layout.transform_file(subject, c)) for c in ("T1w", "lowT1c", "refT1c")}
+        t1_mask = _under(results, layout.skull_strip_files(subject)["mask"])
+        xfm = {
+            c: _under(results, layout.transform_file(subject, c))
+            for c in ("T1w", "lowT1c", "refT1c")
+        }
         inside = np.asanyarray(vir.dataobj)[np.asanyarray(vir.dataobj) != 0]
         plateaus.append(
             {
@@ -184,11 +186,13 @@ def measure_demo(results: Path, min_lesion_mm: float, out_of_fold: bool = False)
         if lesions.empty:
             continue
         # the full dose through the working grid, back on the quarter dose's grid as vir-T1c is
-        ranges = json_load(under(layout.normalize_files(subject, [])["provenance"]))["refT1c"]
+        ranges = json_load(_under(results, layout.normalize_files(subject, [])["provenance"]))[
+            "refT1c"
+        ]
         with tempfile.TemporaryDirectory() as tmp:
             through = load_image(
                 export_native(
-                    under(layout.normalize_files(subject, ["refT1c"])["refT1c"]),
+                    _under(results, layout.normalize_files(subject, ["refT1c"])["refT1c"]),
                     files["low"],
                     xfm["lowT1c"],
                     Path(tmp) / "ref_through_grid.nii.gz",
